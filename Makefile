@@ -1,0 +1,30 @@
+# Fresh machine: `make train` sets up .venv and trains the tiny default; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test lint clean
+
+setup: $(STAMP)
+
+# torch first and pinned: it is the CPU wheel here, and an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e '.[dev,tensorboard]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m fsdp_kit.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fsdp_kit tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,41 @@
+"""Turn a sharded DCP checkpoint into a HF ``save_pretrained`` folder, on one machine without a GPU.
+
+The model is built on the meta device from the config the checkpoint recorded, allocated once on CPU,
+and DCP reads the shards straight into it (no process group, no second copy of the weights).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from fsdp_kit.checkpoint.manager import read_marker
+from fsdp_kit.data.tokenizer import build_tokenizer
+from fsdp_kit.errors import CheckpointError
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    source, target = Path(checkpoint), Path(out_dir)
+    meta = read_marker(source)
+    if target.exists() and any(target.iterdir()):
+        raise CheckpointError(f"{target} exists and is not empty", "choose a new output folder; nothing was written")
+    hf_config = dict(meta["hf_config"])
+    config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    model.to_empty(device="cpu")
+    state = model.state_dict()
+    try:
+        dcp.load({"model": state}, checkpoint_id=str(source), no_dist=True)
+    except Exception as err:  # DCP raises many types for missing/corrupt shards
+        raise CheckpointError(f"reading the weights of {source} failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:300]})", "export another checkpoint") from None
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(target)
+    build_tokenizer(meta["tokenizer"]).save_pretrained(target)
+    return target

@@ -1,0 +1,84 @@
+"""Who am I (rank, world, device), the process group, and the device mesh."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from fsdp_kit.config import DistConfig, ShardingConfig
+from fsdp_kit.policies.sharding import mesh_layout
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the launcher (torchrun, submitit, or nothing) tells this process about the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+
+@dataclass(frozen=True)
+class DistEnv(Runtime):
+    """A ``Runtime`` with its process group up and the data-parallel mesh built."""
+
+    mesh: DeviceMesh | None = None
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def detect() -> Runtime:
+    """Read the launcher's environment (RANK/WORLD_SIZE/LOCAL_RANK, as torchrun and submitit export)."""
+    env = os.environ
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world_size = int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return Runtime(rank, world_size, local_rank, local_world_size, device)
+
+
+@contextmanager
+def session(runtime: Runtime, cfg: DistConfig, sharding: ShardingConfig) -> Iterator[DistEnv]:
+    """Start the process group and mesh; tear the group down on exit, also on errors."""
+    backend = cfg.backend or ("nccl" if runtime.device_type == "cuda" else "gloo")
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    if runtime.device_type == "cuda":
+        torch.cuda.set_device(runtime.device)
+    started_here = not dist.is_initialized()
+    if started_here:
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=runtime.rank, world_size=runtime.world_size, timeout=timeout,
+                                    device_id=runtime.device if backend == "nccl" else None)
+        else:  # a plain `python -m fsdp_kit.train`: a group of one, no rendezvous needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    try:
+        shape, names = mesh_layout(sharding, runtime.world_size, runtime.local_world_size)
+        mesh = init_device_mesh(runtime.device_type, shape, mesh_dim_names=names)
+        yield DistEnv(runtime.rank, runtime.world_size, runtime.local_rank, runtime.local_world_size,
+                      runtime.device, mesh)
+    finally:
+        if started_here and dist.is_initialized():
+            dist.destroy_process_group()

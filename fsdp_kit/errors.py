@@ -1,0 +1,22 @@
+"""User-facing errors: one line naming the problem and the fix, never a traceback."""
+
+from __future__ import annotations
+
+
+class FsdpKitError(Exception):
+    """A problem the user can fix; the CLI prints ``str(error)`` and exits non-zero."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}. Fix: {fix}.")
+        self.problem = problem
+        self.fix = fix
+
+
+class ConfigError(FsdpKitError):
+    """The configuration (overrides, presets, data paths) cannot work."""
+
+
+class CheckpointError(FsdpKitError):
+    """A checkpoint is missing, partial, corrupt or does not match the model."""

@@ -1,0 +1,61 @@
+"""Model FLOPs per batch, counted by torch's FlopCounterMode on a meta-device copy of the model.
+
+Counting on meta costs no memory and no compute (about 2 s for T5-3B) and counts exactly what the model
+does in forward and backward; it never counts activation recompute (those are not model FLOPs), and it
+avoids CPU attention kernels that have no FLOP formula. One count per batch shape, cached.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import PretrainedConfig
+
+from fsdp_kit.config import ModelConfig
+from fsdp_kit.models.build import build
+from fsdp_kit.models.objective import token_loss
+
+
+class FlopCounter:
+    def __init__(self, model_cfg: ModelConfig, config: PretrainedConfig) -> None:
+        self._model = build(model_cfg, device="meta", config=config)
+        self._cache: dict[tuple, int] = {}
+
+    def flops(self, batch: dict[str, torch.Tensor]) -> int:
+        """Forward + backward FLOPs of one training step on ``batch`` (shapes only)."""
+        key = tuple(sorted((name, tuple(tensor.shape)) for name, tensor in batch.items()))
+        if key not in self._cache:
+            self._cache[key] = self._count(batch)
+        return self._cache[key]
+
+    def _count(self, batch: dict[str, torch.Tensor]) -> int:
+        # Masks change no matmul shape, and HF inspects their values (impossible on meta): leave them out.
+        meta_batch = {name: torch.zeros(tensor.shape, dtype=tensor.dtype, device="meta")
+                      for name, tensor in batch.items() if not name.endswith("attention_mask")}
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss_sum, _ = token_loss(self._model, meta_batch)
+            loss_sum.backward()
+        self._model.zero_grad(set_to_none=True)
+        return int(counter.get_total_flops())
+
+
+def t5_closed_form_flops(config: PretrainedConfig, batch: int, source_len: int, target_len: int) -> int:
+    """Training FLOPs of a T5 step (forward + backward = 3x forward), from the shapes alone.
+
+    6 x (parameters a token passes through) x tokens for the dense layers, plus the attention score and
+    value products; see DESIGN.md. Used to check the counter, and by the planner.
+    """
+    d, d_ff, inner = config.d_model, config.d_ff, config.num_heads * config.d_kv
+    enc_layers, dec_layers = config.num_layers, config.num_decoder_layers
+    ff_mats = 3 if config.is_gated_act else 2
+    attn = 4 * d * inner
+    enc_block = attn + ff_mats * d * d_ff
+    xattn_kv = 2 * d * inner
+    dec_block = 2 * attn + ff_mats * d * d_ff
+    dense = (enc_layers * enc_block * batch * source_len
+             + dec_layers * (dec_block - xattn_kv) * batch * target_len
+             + dec_layers * xattn_kv * batch * source_len
+             + d * config.vocab_size * batch * target_len)
+    attention = (enc_layers * source_len**2 + dec_layers * (target_len**2 + source_len * target_len)) * inner * batch
+    return 6 * dense + 12 * attention

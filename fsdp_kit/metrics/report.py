@@ -1,0 +1,114 @@
+"""Where numbers go: metrics.jsonl, the console (rich), TensorBoard. Only the main rank reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fsdp_kit.config import MetricsConfig
+
+Record = dict[str, Any]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return str(value)
+
+
+class Reporter:
+    """Writes every record to ``<run_dir>/metrics.jsonl`` and shows it; a no-op where ``enabled`` is False."""
+
+    def __init__(self, run_dir: str | Path, cfg: MetricsConfig, total_steps: int, enabled: bool,
+                 console: Console | None = None) -> None:
+        self.enabled = enabled
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.console = console or Console(soft_wrap=True)
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._tensorboard: Any = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def __enter__(self) -> Reporter:
+        if self.enabled and self.cfg.progress and self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[stats]}"), console=self.console, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total_steps, stats="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False)
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def log(self, record: Record) -> None:
+        if not self.enabled:
+            return
+        self._write(record)
+        line = (f"loss {_fmt(record['loss'], 4)} | lr {record['lr']:.2e} | {_fmt(record['tokens_per_s'], 0)} tok/s | "
+                f"{_fmt(record['tflops_per_gpu'], 2)} TFLOPS/GPU | MFU {_fmt(_percent(record['mfu']), 1)}% | "
+                f"mem {_fmt(record['peak_mem_gb'], 2)} GB")
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["step"], stats=line)
+        elif self.cfg.progress:
+            self.console.print(f"step {record['step']}/{self.total_steps} | {line}", highlight=False)
+
+    def eval(self, record: Record) -> None:
+        if not self.enabled:
+            return
+        self._write(record)
+        parts = [f"{key} {_fmt(value, 4)}" for key, value in record.items() if key != "step"]
+        self.console.print(f"[bold]eval[/bold] step {record['step']} | " + " | ".join(parts), highlight=False)
+
+    def summary(self, record: Record) -> None:
+        """The final line of metrics.jsonl (``"summary": true``) and a table on the console."""
+        if not self.enabled:
+            return
+        self._write({**record, "summary": True})
+        table = Table(title="fsdp_kit run summary", show_header=False)
+        for key, value in record.items():
+            shown = f"{_fmt(_percent(value), 1)}%" if key == "mfu" and value is not None else _fmt(value, 4)
+            table.add_row(key, shown)
+        self.console.print(table)
+
+    def _write(self, record: Record) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(key, value, record["step"])
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value

@@ -1,0 +1,107 @@
+"""Hydra entry point: ``python -m fsdp_kit.train [overrides]`` (also ``fsdp-kit train``, and under torchrun).
+
+Config -> validation -> meta-device model -> process group -> policies (AC -> compile -> FSDP) ->
+weights into the local shards -> optimizer -> data -> Trainer.fit().
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+import transformers
+from omegaconf import DictConfig
+from rich.console import Console
+
+from fsdp_kit import data, distributed, models
+from fsdp_kit.checkpoint import EXIT_REQUEUE, Manager, RunIdentity
+from fsdp_kit.config import TrainConfig, to_yaml
+from fsdp_kit.errors import FsdpKitError
+from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
+from fsdp_kit.optim import build_optimizer, build_schedule
+from fsdp_kit.policies import Policies, apply_policies, check_policies
+from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
+from fsdp_kit.run_dir import register_resolvers
+from fsdp_kit.trainer import FitResult, Trainer
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PREEMPTED_MARKER = "preempted"
+
+
+def run(job: TrainConfig, console: Console | None = None) -> FitResult:
+    """Train ``job`` in this process (one rank of however many the launcher started)."""
+    runtime = distributed.detect()
+    if not runtime.is_main:
+        warnings.filterwarnings("ignore")  # one copy of each warning, from rank 0
+        transformers.logging.set_verbosity_error()
+    job.validated(world_size=runtime.world_size, device_type=runtime.device_type)
+
+    config = models.hf_config(job.model)
+    model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
+    policies = Policies(job.precision, job.sharding, job.wrap, job.ac, compile=job.trainer.compile)
+    check_policies(model, policies)
+    identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer)
+    dataset = data.build(job.data, config)
+
+    with distributed.session(runtime, job.dist, job.sharding) as env:
+        run_dir = _agreed_run_dir(job.run_dir, env.world_size, env.is_main)
+        reporter = Reporter(run_dir, job.metrics, job.trainer.max_steps, enabled=env.is_main, console=console)
+        applied = apply_policies(model, policies, env.mesh)
+        models.materialize(model, job.model, env.device, env.rank, seed=job.trainer.seed)
+        torch.manual_seed(job.trainer.seed + env.rank)  # each rank draws its own dropout masks
+        optimizer = build_optimizer(model, job.optim)
+        schedule = build_schedule(optimizer, job.trainer)
+        grad_scaler = torch.amp.GradScaler(env.device_type) if needs_grad_scaler(job.precision) else None
+        checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity)
+        if env.is_main:
+            (run_dir / "resolved_config.yaml").write_text(to_yaml(job))
+        reporter.info(
+            f"[bold]{job.model.name}[/] {identity.num_params / 1e6:,.1f}M params | "
+            f"{env.world_size} x {env.device_type} | precision={job.precision.name} "
+            f"sharding={job.sharding.strategy} wrap={job.wrap.policy} ({applied.fsdp_units} FSDP units) "
+            f"ac={job.ac.mode} ({applied.checkpointed_layers} layers) compile={applied.compiled_layers} layers "
+            f"optim={job.optim.name} | run dir {run_dir}")
+        trainer = Trainer(model, optimizer, schedule, dataset, job.trainer, env, FlopCounter(job.model, config),
+                          Tracker(env.device, env.world_size, job.metrics.peak_tflops), reporter, checkpoints,
+                          grad_scaler)
+        result = trainer.fit()
+        if result.preempted and env.is_main:
+            (run_dir / PREEMPTED_MARKER).write_text(f"{trainer.state.step}\n")
+            reporter.info(f"preempted: saved step {trainer.state.step}; exiting with {EXIT_REQUEUE} to be requeued")
+        return result
+
+
+def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> Path:
+    """Rank 0's run dir for everyone: ranks on different nodes may have resolved different time stamps."""
+    holder = [proposed]
+    if world_size > 1:
+        dist.broadcast_object_list(holder, src=0)
+    path = Path(holder[0])
+    if is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / PREEMPTED_MARKER).unlink(missing_ok=True)
+    return path
+
+
+register_resolvers()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        result = run(TrainConfig.from_hydra(cfg))
+    except FsdpKitError as err:
+        logging.getLogger("fsdp_kit").debug("user error", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    if result.preempted:
+        sys.exit(EXIT_REQUEUE)
+
+
+if __name__ == "__main__":
+    main()
