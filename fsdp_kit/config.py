@@ -294,10 +294,9 @@ def validate(job: TrainConfig, world_size: int | None = None, device_type: str |
         raise ConfigError(f"model.dropout={job.model.dropout} must be in [0, 1)", "pass e.g. model.dropout=0.1")
     if job.metrics.peak_tflops is not None:
         _positive(job.metrics.peak_tflops, "metrics.peak_tflops")
-    if job.trainer.warmup_steps >= job.trainer.max_steps and job.trainer.max_steps > 1:
-        raise ConfigError(
-            f"trainer.warmup_steps={job.trainer.warmup_steps} is not below trainer.max_steps={job.trainer.max_steps}",
-            "lower trainer.warmup_steps or raise trainer.max_steps")
+    if job.trainer.warmup_steps >= job.trainer.max_steps:
+        warnings.warn(f"trainer.warmup_steps={job.trainer.warmup_steps} >= trainer.max_steps={job.trainer.max_steps}: "
+                      "the learning rate never reaches its peak", stacklevel=2)
     if job.data.eval_examples < job.trainer.batch_size * world_size:
         raise ConfigError(
             f"data.eval_examples={job.data.eval_examples} is less than one global batch "

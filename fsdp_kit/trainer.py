@@ -27,7 +27,8 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass
 class FitResult:
-    """What a run produced (the same numbers on every rank)."""
+    """What a run produced. Losses and evals are global (equal on every rank); timings and memory are each
+    rank's own, and rank 0's are the ones reported."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)

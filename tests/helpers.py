@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -60,7 +61,9 @@ def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, queue: 
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(*args)))
+        # Plain pickle: torch's multiprocessing reductions would pass tensors as shared-memory handles,
+        # which die with this process.
+        queue.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException as err:  # report everything, SystemExit included, to the parent
         queue.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
 
@@ -82,7 +85,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
         for _ in range(world):
             rank, status, value = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}: {value}")
                 break

@@ -1,6 +1,6 @@
 """Model FLOPs per batch, counted by torch's FlopCounterMode on a meta-device copy of the model.
 
-Counting on meta costs no memory and no compute (about 2 s for T5-3B) and counts exactly what the model
+Counting on meta (as fake tensors) costs no memory and no compute (about 2 s for T5-3B) and counts exactly what the model
 does in forward and backward; it never counts activation recompute (those are not model FLOPs), and it
 avoids CPU attention kernels that have no FLOP formula. One count per batch shape, cached.
 """
@@ -8,6 +8,7 @@ avoids CPU attention kernels that have no FLOP formula. One count per batch shap
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PretrainedConfig
 
@@ -29,13 +30,13 @@ class FlopCounter:
         return self._cache[key]
 
     def _count(self, batch: dict[str, torch.Tensor]) -> int:
-        # Masks change no matmul shape, and HF inspects their values (impossible on meta): leave them out.
-        meta_batch = {name: torch.zeros(tensor.shape, dtype=tensor.dtype, device="meta")
-                      for name, tensor in batch.items() if not name.endswith("attention_mask")}
         counter = FlopCounterMode(display=False)
-        with counter:
-            loss_sum, _ = token_loss(self._model, meta_batch)
-            loss_sum.backward()
+        # Fake tensors on meta: no memory, no compute, and HF skips its value-reading checks for them.
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake_batch = {name: torch.zeros(t.shape, dtype=t.dtype, device="meta") for name, t in batch.items()}
+            with counter:
+                loss_sum, _ = token_loss(self._model, fake_batch)
+                loss_sum.backward()
         self._model.zero_grad(set_to_none=True)
         return int(counter.get_total_flops())
 

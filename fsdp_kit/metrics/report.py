@@ -94,17 +94,17 @@ class Reporter:
         """The final line of metrics.jsonl (``"summary": true``) and a table on the console."""
         if not self.enabled:
             return
-        self._write({**record, "summary": True})
+        self._write({**record, "summary": True}, scalars=False)
         table = Table(title="fsdp_kit run summary", show_header=False)
         for key, value in record.items():
             shown = f"{_fmt(_percent(value), 1)}%" if key == "mfu" and value is not None else _fmt(value, 4)
             table.add_row(key, shown)
         self.console.print(table)
 
-    def _write(self, record: Record) -> None:
+    def _write(self, record: Record, scalars: bool = True) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._tensorboard is not None:
+        if self._tensorboard is not None and scalars:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tensorboard.add_scalar(key, value, record["step"])

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
 from fsdp_kit.config import ShardingConfig
@@ -37,4 +38,5 @@ def reshard_after_forward(cfg: ShardingConfig) -> bool:
 
 
 def offload_policy(cfg: ShardingConfig) -> OffloadPolicy:
-    return CPUOffloadPolicy(pin_memory=True) if cfg.cpu_offload else OffloadPolicy()
+    # Pinned host memory speeds up host<->GPU copies; it needs a GPU to exist.
+    return CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload else OffloadPolicy()

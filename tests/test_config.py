@@ -1,0 +1,157 @@
+"""Every shipped config composes and validates; every bad input gets one clear line naming the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import CONFIG_DIR, compose_cfg, job
+
+from fsdp_kit import models
+from fsdp_kit.config import TrainConfig
+from fsdp_kit.errors import ConfigError
+from fsdp_kit.policies import Policies, check_policies
+
+GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+
+
+def _extra_for(group: str, option: str, tmp_path: Path) -> list[str]:
+    if group == "data" and option in ("csv", "jsonl"):
+        path = tmp_path / f"d.{option}"
+        rows = [("text", "headline")] + [(f"article {i}", f"title {i}") for i in range(300)]
+        if option == "csv":
+            path.write_text("\n".join(",".join(r) for r in rows))
+        else:
+            path.write_text("\n".join(f'{{"text": "{a}", "headline": "{b}"}}' for a, b in rows[1:]))
+        return [f"data.path={path}"]
+    if group == "data" and option == "hf":
+        return ["data.hf_name=some/dataset"]
+    return []
+
+
+CASES = [(group, option) for group, options in sorted(GROUPS.items()) for option in options if group != "experiment"]
+
+
+@pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_every_group_option_composes_and_validates(group, option, tmp_path):
+    extra = _extra_for(group, option, tmp_path)
+    cfg = job(tmp_path, f"{group}={option}", *extra, fast=False)
+    assert isinstance(cfg, TrainConfig)
+    try:
+        cfg.validated(world_size=1, device_type="cpu")
+    except ConfigError as err:  # data=hf needs the optional datasets package; anything else must validate
+        assert group == "data" and option == "hf" and "datasets" in str(err)
+    if group == "model":
+        meta = models.build(cfg.model)  # on meta: no memory, even for T5-11B
+        check_policies(meta, Policies(cfg.precision, cfg.sharding, cfg.wrap, cfg.ac))
+        assert sum(p.numel() for p in meta.parameters()) > 0
+
+
+@pytest.mark.parametrize("experiment", GROUPS["experiment"])
+def test_experiment_presets_compose_validate_and_have_the_blog_shape(experiment, tmp_path):
+    cfg = job(tmp_path, f"experiment={experiment}", fast=False)
+    cfg.validated(world_size=8, device_type="cpu")
+    assert (cfg.precision.name, cfg.wrap.policy, cfg.ac.mode) == ("bf16", "transformer", "full")
+    assert (cfg.data.max_source_len, cfg.data.max_target_len) == (512, 128)
+    meta = models.build(cfg.model)
+    expected = {"t5_3b_a100_1node": 2_851_598_336, "t5_11b_a100_3nodes": 11_307_321_344}[experiment]
+    assert sum(p.numel() for p in meta.parameters()) == expected
+
+
+def test_preset_shapes_match_public_t5_parameter_counts(tmp_path):
+    # Public counts (tied embeddings): t5-small 60.5M, t5-base 222.9M, t5-large 737.7M.
+    expected = {"t5_small": 60_506_624, "t5_base": 222_903_552, "t5_large": 737_668_096}
+    for name, count in expected.items():
+        meta = models.build(job(tmp_path, f"model={name}", fast=False).model)
+        assert sum(p.numel() for p in meta.parameters()) == count
+
+
+def test_defaults_are_the_tiny_t5_on_the_builtin_task(tmp_path):
+    cfg = job(tmp_path, fast=False)
+    assert (cfg.model.name, cfg.data.source, cfg.precision.name, cfg.sharding.strategy) == (
+        "t5_tiny", "builtin", "fp32", "full_shard")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["wrap.layer_cls=[FooBlock]"], 1, "FooBlock, which T5ForConditionalGeneration does not have"),
+        (["sharding=hybrid_shard", "sharding.shard_group_size=2"], 3, "world size 3 is not divisible"),
+        (["sharding.shard_group_size=2"], 2, "only applies to hybrid strategies"),
+        (["data=csv", "data.path=/nonexistent/wikihow.csv"], 1, "does not exist"),
+        (["trainer.batch_size=0"], 1, "trainer.batch_size=0 must be > 0"),
+        (["optim.betas=[0.9]"], 1, "optim.betas"),
+        (["precision.name=bf8"], 1, "precision.name='bf8' is not one of"),
+        (["data.eval_examples=4", "trainer.batch_size=4"], 2, "less than one global batch"),
+        (["checkpoint.resume=/nonexistent/step_5"], 1, "does not exist"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_fix(overrides, world, message, tmp_path):
+    cfg = job(tmp_path, *overrides)
+    with pytest.raises(Exception) as info:
+        cfg.validated(world_size=world, device_type="cpu")
+        check_policies(models.build(cfg.model), Policies(cfg.precision, cfg.sharding, cfg.wrap, cfg.ac))
+    assert message in str(info.value)
+    assert "Fix:" in str(info.value)
+
+
+def test_missing_csv_column_names_the_columns_it_has(tmp_path):
+    path = tmp_path / "w.csv"
+    path.write_text("title,body\nA,B\n")
+    with pytest.raises(ConfigError, match=r"no column 'text', 'headline' \(it has 'title', 'body'\)"):
+        job(tmp_path, "data=csv", f"data.path={path}").validated(world_size=1, device_type="cpu")
+
+
+def test_fp16_with_t5_warns_about_overflow(tmp_path):
+    with pytest.warns(UserWarning, match="overflow"):
+        job(tmp_path, "precision=fp16").validated(world_size=1, device_type="cpu")
+
+
+def test_pure_bf16_with_plain_adamw_warns_about_stagnation(tmp_path):
+    with pytest.warns(UserWarning, match="stagnates"):
+        job(tmp_path, "precision=bf16_pure", "optim=adamw").validated(world_size=1, device_type="cpu")
+
+
+def test_unknown_hf_model_type_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="model.arch='not_a_model' is not a transformers model type"):
+        models.hf_config(job(tmp_path, "model.arch=not_a_model").model)
+
+
+def test_missing_pretrained_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        models.hf_config(job(tmp_path, f"model.pretrained={tmp_path / 'nothing-here'}").model)
+
+
+def test_csv_path_is_required(tmp_path):
+    cfg = TrainConfig.from_hydra(compose_cfg(["data=csv", f"run_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"data=csv needs a file. Fix: pass data.path=/path/to/file.csv"):
+        cfg.validated(world_size=1, device_type="cpu")
+
+
+def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "fsdp_kit.train", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["trainer.batch_sise=4"], {}, "batch_sise"),
+        (["precision=bf61"], {}, "Could not find 'precision/bf61'"),
+        (["trainer.batch_size=abc"], {}, "trainer.batch_size"),
+        (["wrap.layer_cls=[FooBlock]"], {}, "error: wrap.layer_cls names FooBlock"),
+        (["data=csv", "data.path=missing.csv"], {}, "error: data.path='missing.csv' does not exist"),
+        (["sharding=hybrid_shard", "sharding.shard_group_size=2"], {"WORLD_SIZE": "3"}, "not divisible"),
+    ],
+    ids=["unknown-key", "unknown-option", "wrong-type", "layer-class", "missing-file", "hybrid-divisibility"],
+)
+def test_cli_rejects_bad_input_with_one_line_and_no_traceback(args, env, expected, tmp_path):
+    result = _cli(f"hydra.run.dir={tmp_path}", *args, env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
