@@ -115,7 +115,7 @@ def test_pure_bf16_with_plain_adamw_warns_about_stagnation(tmp_path):
 
 
 def test_unknown_hf_model_type_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="model.arch='not_a_model' is not a transformers model type"):
+    with pytest.raises(ConfigError, match=r"model\.arch='not_a_model' is not a transformers model type"):
         models.hf_config(job(tmp_path, "model.arch=not_a_model").model)
 
 

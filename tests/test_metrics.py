@@ -53,7 +53,8 @@ def test_metrics_jsonl_has_the_documented_keys_and_a_summary_line(tmp_path):
     steps = [r for r in lines if "loss" in r and "summary" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     for record in steps:
-        assert {"step", "loss", "lr", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gb", "step_time_s"} <= set(record)
+        documented = {"step", "loss", "lr", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gb", "step_time_s"}
+        assert documented <= set(record)
         assert record["tflops_per_gpu"] > 0 and record["tokens_per_s"] > 0 and record["peak_mem_gb"] > 0
         assert record["mfu"] == pytest.approx(record["tflops_per_gpu"] / 2.0)
     assert any("eval_loss" in r for r in lines)

@@ -136,7 +136,7 @@ def test_fp16_uses_a_gradient_scaler_that_works_with_fsdp2(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in results[0].losses.values())
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="torch.compile needs a C compiler")
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
 def test_compiled_layers_give_the_eager_losses(tmp_path):
     eager = run_ranks(train, 1, job(tmp_path / "eager", "trainer.max_steps=2"))[0].losses
     compiled = run_ranks(train, 1, job(tmp_path / "compiled", "trainer.max_steps=2", "trainer.compile=true"),

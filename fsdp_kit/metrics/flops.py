@@ -1,8 +1,8 @@
 """Model FLOPs per batch, counted by torch's FlopCounterMode on a meta-device copy of the model.
 
-Counting on meta (as fake tensors) costs no memory and no compute (about 2 s for T5-3B) and counts exactly what the model
-does in forward and backward; it never counts activation recompute (those are not model FLOPs), and it
-avoids CPU attention kernels that have no FLOP formula. One count per batch shape, cached.
+Counting on meta (fake tensors) costs no memory and no compute (about 2 s for T5-3B) and counts exactly
+what the model does in forward and backward; it never counts activation recompute (those are not model
+FLOPs), and it avoids CPU attention kernels that have no FLOP formula. One count per batch shape, cached.
 """
 
 from __future__ import annotations
