@@ -5,7 +5,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import queue as queue_module
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -81,16 +83,22 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
         proc.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, status, value = queue.get(timeout=timeout)
+        while len(results) < world and not errors:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
+                if dead:
+                    errors.append("; ".join(f"rank {r} exited with code {code} without a result" for r, code in dead))
+                elif time.monotonic() > deadline:
+                    errors.append(f"no result within {timeout}s")
+                continue
             if status == "ok":
                 results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}: {value}")
-                break
-    except Exception as err:
-        errors.append(f"no result within {timeout}s ({type(err).__name__})")
     finally:
         for proc in procs:
             proc.join(timeout=5 if not errors else 0.5)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from fsdp_kit.checkpoint.manager import read_marker
@@ -31,7 +32,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | 
     state = model.state_dict()
     try:
         dcp.load({"model": state}, checkpoint_id=str(source), no_dist=True)
-    except Exception as err:  # DCP raises many types for missing/corrupt shards
+    except (Exception, CheckpointException) as err:  # DCP raises many types for damaged shards
         raise CheckpointError(f"reading the weights of {source} failed ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:300]})", "export another checkpoint") from None
     if dtype is not None:

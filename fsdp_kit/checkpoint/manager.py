@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from transformers import PretrainedConfig
 
 from fsdp_kit import __version__
@@ -104,7 +105,7 @@ class Manager:
         try:
             payload = state.state_dict()
             dcp.load(payload, checkpoint_id=str(source))
-        except Exception as err:  # DCP reports missing/corrupt shards with many exception types
+        except (Exception, CheckpointException) as err:  # DCP raises many types for damaged shards
             raise CheckpointError(f"loading {source} failed ({type(err).__name__}: {str(err).splitlines()[0][:300]})",
                                   "the shards are damaged or incomplete; resume from another checkpoint") from None
         state.load_state_dict(payload)
@@ -144,7 +145,7 @@ class Manager:
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
             if partial.exists():
-                shutil.rmtree(partial)  # a save of this step that was killed before commit
+                _remove(partial)  # a save of this step that was killed before commit
             (partial / "rng").mkdir(parents=True)
         self._barrier()
         save_rng(partial / "rng" / f"rank_{self.rank}.pt")
@@ -179,11 +180,12 @@ class Manager:
             os.rename(partial, final)
             _fsync(self.root)
             for old in complete_checkpoints(self.root)[: -self.cfg.keep]:
-                shutil.rmtree(old)
+                _remove(old)
         self._barrier()
 
     def _cpu_group(self) -> Any:
-        if self.world_size > 1 and dist.get_backend() != "gloo" and self._async_group is None:
+        """A gloo group of its own: the background save's collectives must never interleave with training's."""
+        if self.world_size > 1 and self._async_group is None:
             self._async_group = dist.new_group(backend="gloo")
         return self._async_group
 
@@ -199,6 +201,16 @@ class Manager:
 
     def should_stop(self) -> bool:
         return self.flag.agreed()
+
+
+def _remove(path: Path) -> None:
+    """Rename first (atomic), then delete: a kill mid-delete leaves no half-deleted folder that still looks
+    complete."""
+    doomed = path.with_name(path.name + ".deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def _fsync(path: Path) -> None:

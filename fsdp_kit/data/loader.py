@@ -184,16 +184,20 @@ class DataBundle:
                      pin_memory: bool = False) -> DataLoader:
         sampler = GlobalBatchSampler(len(self.train), batch_size, rank, world_size, self.cfg.seed,
                                      start_sample=start_sample)
+        # Its own generator: creating the loader must not draw from the global RNG that dropout uses, or a
+        # resumed run (which creates it after restoring the RNG) would shift every dropout mask.
         return DataLoader(self.train, batch_sampler=sampler, collate_fn=self.collate,
                           num_workers=self.cfg.num_workers, pin_memory=pin_memory,
-                          persistent_workers=self.cfg.num_workers > 0)
+                          persistent_workers=self.cfg.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def eval_loader(self, batch_size: int, rank: int, world_size: int) -> DataLoader:
         sampler = EvalBatchSampler(len(self.eval), batch_size, rank, world_size)
         if len(sampler) == 0:
             raise ConfigError(f"the held-out set has {len(self.eval)} examples, fewer than one global batch "
                               f"({batch_size * world_size})", "raise data.eval_examples or lower trainer.batch_size")
-        return DataLoader(self.eval, batch_sampler=sampler, collate_fn=self.collate)
+        return DataLoader(self.eval, batch_sampler=sampler, collate_fn=self.collate,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
 
 
 def build(cfg: DataConfig, model_config: PretrainedConfig) -> DataBundle:

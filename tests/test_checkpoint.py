@@ -1,0 +1,264 @@
+"""Checkpoints lose nothing: exact resume, resharding, preemption, kill -9 mid-save, HF export, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import job, run_ranks, train
+
+from fsdp_kit.checkpoint import EXIT_REQUEUE, complete_checkpoints
+from fsdp_kit.errors import CheckpointError, ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 6
+
+
+def _losses(result, start: int = 1) -> list[float]:
+    return [result.losses[s] for s in range(start, STEPS + 1)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """2 ranks, dropout on (RNG matters), a checkpoint every 3 steps."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    cfg = job(run_dir, f"trainer.max_steps={STEPS}", "model.dropout=0.1", "checkpoint.every=3", "checkpoint.keep=5")
+    return run_dir, run_ranks(train, 2, cfg)[0]
+
+
+def test_checkpoints_are_committed_with_a_marker(uninterrupted):
+    run_dir, _ = uninterrupted
+    found = complete_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in found] == ["step_3", "step_6"]
+    marker = json.loads((found[0] / "fsdp_kit.json").read_text())
+    assert (marker["step"], marker["world_size"], marker["samples_seen"]) == (3, 2, 3 * 8)
+    assert sorted(p.name for p in (found[0] / "rng").iterdir()) == ["rank_0.pt", "rank_1.pt"]
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(uninterrupted, tmp_path):
+    run_dir, reference = uninterrupted
+    cfg = job(tmp_path, f"trainer.max_steps={STEPS}", "model.dropout=0.1",
+              f"checkpoint.resume={run_dir / 'checkpoints' / 'step_3'}")
+    resumed = run_ranks(train, 2, cfg)[0]
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert abs(resumed.losses[step] - reference.losses[step]) <= 1e-6, (step, resumed.losses, reference.losses)
+
+
+def test_resume_auto_continues_from_the_newest_complete_checkpoint(tmp_path):
+    first = job(tmp_path, f"trainer.max_steps={STEPS}", "checkpoint.every=2")
+    reference = run_ranks(train, 2, first)[0]
+    shutil.rmtree(tmp_path / "checkpoints" / "step_6")
+    (tmp_path / "checkpoints" / "step_8.partial").mkdir()  # an interrupted save is never picked
+    resumed = run_ranks(train, 2, first)[0]
+    assert sorted(resumed.losses) == [5, 6]
+    assert all(abs(resumed.losses[s] - reference.losses[s]) <= 1e-6 for s in (5, 6))
+
+
+@pytest.mark.parametrize(("save_world", "load_world"), [(2, 1), (1, 2)])
+def test_resume_at_a_different_world_size(save_world, load_world, tmp_path):
+    """Same global batch (8) at both sizes; dropout off since each rank has its own dropout stream."""
+    def cfg(world: int, run_dir: Path, *extra: str):
+        return job(run_dir, f"trainer.max_steps={STEPS}", f"trainer.batch_size={8 // world}", "optim=anyprecision",
+                   "optim.momentum_dtype=float32", "optim.variance_dtype=float32",
+                   "optim.compensation_buffer_dtype=float32", *extra)
+
+    reference = run_ranks(train, save_world, cfg(save_world, tmp_path / "a", "checkpoint.every=3"))[0]
+    resumed = run_ranks(train, load_world, cfg(load_world, tmp_path / "b",
+                                               f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'step_3'}"))[0]
+    assert all(abs(resumed.losses[s] - reference.losses[s]) <= 1e-5 for s in (4, 5, 6)), (resumed.losses,
+                                                                                          reference.losses)
+
+
+def test_keep_last_k_and_async_save(tmp_path):
+    run_ranks(train, 2, job(tmp_path, "trainer.max_steps=5", "checkpoint.every=1", "checkpoint.keep=2",
+                            "checkpoint.async_save=true"))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_4", "step_5"]
+    resumed = run_ranks(train, 2, job(tmp_path, "trainer.max_steps=6", "checkpoint.every=1", "checkpoint.keep=2"))
+    assert sorted(resumed[0].losses) == [6]
+
+
+def _preempt_rank1(cfg):
+    """Rank body: rank 1 signals itself with SIGTERM once training is under way."""
+    import torch.distributed as dist
+
+    from fsdp_kit.train import run
+
+    if int(os.environ["RANK"]) == 1:
+        def fire() -> None:
+            while not dist.is_initialized() or not (Path(cfg.run_dir) / "metrics.jsonl").exists():
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=fire, daemon=True).start()
+    result = run(cfg)
+    return result.preempted, max(result.losses) if result.losses else None
+
+
+def test_sigterm_on_one_rank_makes_all_ranks_save_and_stop(tmp_path):
+    cfg = job(tmp_path, "trainer.max_steps=500", "data.num_examples=256")
+    outcomes = run_ranks(_preempt_rank1, 2, cfg)
+    assert outcomes[0][0] and outcomes[1][0], "both ranks agreed to stop"
+    saved = complete_checkpoints(tmp_path / "checkpoints")
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("_")[1]) < 500
+    marker = json.loads((saved[0] / "fsdp_kit.json").read_text())
+    assert marker["reason"] == "preemption"
+    assert (tmp_path / "preempted").read_text().strip() == str(marker["step"])
+
+
+def test_sigusr2_through_the_cli_saves_and_exits_with_the_requeue_code(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fsdp_kit.train", f"hydra.run.dir={tmp_path}",
+                             "trainer.max_steps=100000", "trainer.log_every=1", "trainer.eval_every=0",
+                             "data.num_examples=256", "data.eval_examples=32"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR2)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_REQUEUE, output[-2000:]
+    assert len(complete_checkpoints(tmp_path / "checkpoints")) == 1
+
+
+KILL_MID_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from helpers import job
+    from fsdp_kit.checkpoint import manager
+    from fsdp_kit.train import run
+
+    commit = manager.Manager._commit
+    def commit_or_die(self, partial, final, meta):
+        if final.name == "step_4":  # the shards of step 4 are written; die before they are committed
+            os.kill(os.getpid(), signal.SIGKILL)
+        commit(self, partial, final, meta)
+    manager.Manager._commit = commit_or_die
+    run(job({run_dir!r}, "trainer.max_steps=6", "checkpoint.every=2"))
+""")
+
+
+def test_kill_9_mid_save_loses_only_the_steps_since_the_last_complete_checkpoint(tmp_path):
+    script = tmp_path / "kill_mid_save.py"
+    script.write_text(KILL_MID_SAVE.format(tests=str(ROOT / "tests"), run_dir=str(tmp_path / "run")))
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step_2"]
+    assert (checkpoints / "step_4.partial").is_dir()
+    resumed = run_ranks(train, 1, job(tmp_path / "run", "trainer.max_steps=6", "checkpoint.every=2"))[0]
+    reference = run_ranks(train, 1, job(tmp_path / "reference", "trainer.max_steps=6"))[0]
+    assert sorted(resumed.losses) == [3, 4, 5, 6]
+    assert all(abs(resumed.losses[s] - reference.losses[s]) <= 1e-6 for s in (3, 4, 5, 6))
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step_4", "step_6"]
+
+
+def _logits_after_training(cfg):
+    """Rank body: train, then return the trained model's logits on a fixed batch (rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    import fsdp_kit.trainer as trainer_module
+    from fsdp_kit.train import run
+
+    captured = {}
+    original = trainer_module.Trainer.fit
+
+    def fit(self):
+        result = original(self)
+        captured["state"] = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                        cpu_offload=True))
+        return result
+
+    trainer_module.Trainer.fit = fit
+    run(cfg)
+    return {k: v.clone() for k, v in captured["state"].items()}
+
+
+def test_export_writes_a_hf_folder_that_loads_with_identical_weights_and_logits(tmp_path):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    trained = run_ranks(_logits_after_training, 2, job(tmp_path / "run", "checkpoint.at_end=true"))[0]
+    out = tmp_path / "hf"
+    result = subprocess.run([str(Path(sys.executable).parent / "fsdp-kit"), "export",
+                             str(tmp_path / "run" / "checkpoints" / "step_4"), str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    model = T5ForConditionalGeneration.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0, msg=name)
+    reference = T5ForConditionalGeneration(model.config)
+    reference.load_state_dict(trained, strict=False)
+    batch = tokenizer(["digits: one two"], return_tensors="pt")
+    decoder = torch.zeros((1, 3), dtype=torch.long)
+    torch.testing.assert_close(model(**batch, decoder_input_ids=decoder).logits,
+                               reference(**batch, decoder_input_ids=decoder).logits, rtol=0, atol=0)
+    again = subprocess.run([str(Path(sys.executable).parent / "fsdp-kit"), "export",
+                            str(tmp_path / "run" / "checkpoints" / "step_4"), str(out)],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode != 0 and "not empty" in again.stderr  # never overwrites
+
+
+@pytest.fixture()
+def saved(tmp_path) -> Path:
+    run_ranks(train, 1, job(tmp_path / "run", "trainer.max_steps=2", "checkpoint.at_end=true"))
+    return tmp_path / "run" / "checkpoints" / "step_2"
+
+
+def _resume(tmp_path: Path, checkpoint: Path, *extra: str):
+    return run_ranks(train, 1, job(tmp_path / "resume", "trainer.max_steps=3", f"checkpoint.resume={checkpoint}",
+                                   *extra))
+
+
+def test_corrupt_marker_is_named(saved, tmp_path):
+    (saved / "fsdp_kit.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"fsdp_kit\.json is corrupt"):
+        job(tmp_path, f"checkpoint.resume={saved}").validated(world_size=1, device_type="cpu")
+
+
+def test_missing_dcp_index_is_named(saved, tmp_path):
+    (saved / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
+        job(tmp_path, f"checkpoint.resume={saved}").validated(world_size=1, device_type="cpu")
+
+
+def test_partial_checkpoint_is_refused(saved, tmp_path):
+    partial = saved.with_name("step_9.partial")
+    shutil.copytree(saved, partial)
+    with pytest.raises(CheckpointError, match="incomplete save"):
+        job(tmp_path, f"checkpoint.resume={partial}").validated(world_size=1, device_type="cpu")
+
+
+def test_truncated_shard_fails_with_a_clear_error_and_deletes_nothing(saved, tmp_path):
+    shard = next(p for p in saved.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+    before = sorted(p.name for p in saved.parent.iterdir())
+    with pytest.raises(AssertionError, match=r"CheckpointError: loading .* failed"):
+        _resume(tmp_path, saved)
+    assert sorted(p.name for p in saved.parent.iterdir()) == before
+
+
+def test_checkpoint_from_a_different_model_shape_is_refused(saved, tmp_path):
+    expected = r"saved from a different model .*saved \[384, 128\] vs model \[384, 64\]"
+    with pytest.raises(AssertionError, match=expected):
+        _resume(tmp_path, saved, "model.hf_config.d_model=64")
+
+
+def test_resume_never_refuses_to_overwrite_existing_checkpoints(saved, tmp_path):
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        job(saved.parent.parent, "checkpoint.resume=never").validated(world_size=1, device_type="cpu")
