@@ -1,6 +1,6 @@
 """Pure bf16 with AnyPrecision (Kahan) vs fp32, bf16 mixed and plain pure bf16: same model, data, seed, steps.
 
-    python benchmarks/convergence.py                         # CPU: a few minutes
+    python benchmarks/convergence.py                         # CPU: about 10 minutes (4 recipes x 3 seeds)
     python benchmarks/convergence.py --steps 2000 model=t5_small data.tokenizer=byt5   # longer / bigger (GPU)
 
 Writes benchmarks/results/convergence_<device>.{json,md,png}: final eval loss, exact match, tokens/s, peak
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +35,8 @@ RECIPES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=3, help="average over this many seeds (init and data order)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--work", type=Path, default=Path("outputs/convergence"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every recipe")
@@ -46,13 +48,21 @@ def main() -> None:
     rows, curves = [], {}
     for name, recipe in RECIPES.items():
         slug = "".join(c if c.isalnum() else "_" for c in name)
-        job = compose_job([*common, *recipe, *args.overrides, f"run_dir={args.work / slug}"])
-        result = run(job)
-        final = result.evals[-1]
-        rows.append({"recipe": name, "final_eval_loss": final["eval_loss"], "exact_match": final.get("exact_match"),
-                     "tokens_per_s": result.summary["tokens_per_s"], "peak_mem_gb": result.summary["peak_mem_gb"]})
-        curves[name] = {"train": [(r["step"], r["loss"]) for r in result.history],
-                        "eval": [(e["step"], e["eval_loss"]) for e in result.evals]}
+        finals, matches, speeds, memories = [], [], [], []
+        for seed in range(args.seeds):
+            job = compose_job([*common, *recipe, *args.overrides, f"trainer.seed={seed}", f"data.seed={seed}",
+                               f"run_dir={args.work / slug / str(seed)}"])
+            result = run(job)
+            finals.append(result.evals[-1]["eval_loss"])
+            matches.append(result.evals[-1].get("exact_match"))
+            speeds.append(result.summary["tokens_per_s"])
+            memories.append(result.summary["peak_mem_gb"])
+            if seed == 0:
+                curves[name] = {"train": [(r["step"], r["loss"]) for r in result.history],
+                                "eval": [(e["step"], e["eval_loss"]) for e in result.evals]}
+        rows.append({"recipe": name, "final_eval_loss": statistics.mean(finals), "per_seed_eval_loss": finals,
+                     "exact_match": None if None in matches else statistics.mean(matches),
+                     "tokens_per_s": statistics.median(speeds), "peak_mem_gb": max(memories)})
     fp32 = rows[0]["final_eval_loss"]
     for row in rows:
         row["vs_fp32"] = row["final_eval_loss"] / fp32 - 1.0
@@ -66,13 +76,14 @@ def main() -> None:
 
 def _markdown(rows: list[dict], info: dict, args: argparse.Namespace) -> str:
     lines = [f"Convergence on {info['device']} ({info['cpu']}), torch {info['torch']}, transformers "
-             f"{info['transformers']}, {args.steps} steps, {info['date']}.",
+             f"{info['transformers']}, {args.steps} steps, mean of {args.seeds} seeds, {info['date']}.",
              f"Command: `{info['command']}`", "",
-             "| recipe | final eval loss | vs fp32 | exact match | tokens/s | peak mem GB |",
-             "|---|---|---|---|---|---|"]
+             "| recipe | final eval loss (mean) | vs fp32 | per seed | exact match | tokens/s | peak mem GB |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         match = "n/a" if r["exact_match"] is None else f"{100 * r['exact_match']:.1f}%"
-        lines.append(f"| {r['recipe']} | {r['final_eval_loss']:.4f} | {100 * r['vs_fp32']:+.1f}% | {match} | "
+        seeds = ", ".join(f"{x:.4f}" for x in r["per_seed_eval_loss"])
+        lines.append(f"| {r['recipe']} | {r['final_eval_loss']:.4f} | {100 * r['vs_fp32']:+.1f}% | {seeds} | {match} | "
                      f"{r['tokens_per_s']:,.0f} | {r['peak_mem_gb']:.2f} |")
     return "\n".join(lines) + "\n"
 
