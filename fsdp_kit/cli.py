@@ -2,6 +2,8 @@
 
   fsdp-kit train [hydra overrides]          train (the Hydra app ``python -m fsdp_kit.train``)
   fsdp-kit export CHECKPOINT OUT_DIR        sharded checkpoint -> HF save_pretrained folder
+  fsdp-kit slurm [-o FILE] [overrides]      render a ready sbatch file for the overrides
+  fsdp-kit submit [overrides]               submit a multi-node job through submitit
 """
 
 from __future__ import annotations
@@ -29,6 +31,46 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def _slurm(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fsdp-kit slurm", description="Render an sbatch file from Hydra overrides "
+                                     "(cluster=p4d cluster.nodes=3 slurm.partition=... plus training overrides).")
+    parser.add_argument("-o", "--output", help="write here (default: stdout)")
+    parser.add_argument("--no-local-checks", action="store_true",
+                        help="skip checks only this machine can do (data paths, Slurm partitions): for another cluster")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    import shlex
+    from pathlib import Path
+
+    from fsdp_kit.launch.sbatch import render
+    from fsdp_kit.launch.slurm import check, compose_job
+
+    job = compose_job(args.overrides)
+    check(job, local_checks=not args.no_local_checks)
+    text = render(job, args.overrides, render_args=" ".join(map(shlex.quote, argv)),
+                  file_hint=args.output or "job.sbatch")
+    Path(job.slurm.log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create the log folder
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}; submit with: sbatch {shlex.quote(args.output)}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _submit(argv: list[str]) -> int:
+    from fsdp_kit.launch.submit import submit
+
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: fsdp-kit submit [hydra overrides]  (cluster=..., cluster.nodes=..., slurm.*, training overrides)")
+        return 0
+    job, cfg = submit(argv)
+    print(f"submitted Slurm job {job.job_id}: {cfg.cluster.nodes} node(s), run dir "
+          f"{cfg.slurm.output_root}/{cfg.slurm.job_name or 'fsdp-' + cfg.model.name}-{job.job_id}")
+    print(f"logs: {job.paths.stdout} (stdout), {job.paths.stderr} (stderr)")
+    return 0
+
+
 def _train(argv: list[str]) -> int:
     from fsdp_kit import train
 
@@ -37,7 +79,7 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "export": _export}
+COMMANDS = {"train": _train, "export": _export, "slurm": _slurm, "submit": _submit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,6 +209,66 @@ class DistConfig:
 
 
 @dataclass
+class ClusterConfig:
+    name: str = "local"
+    """Preset name: local (this machine, CPU), p4d, p4de, p5, h100, h200, or your own YAML in configs/cluster/."""
+    instance_type: str | None = None
+    """Cloud instance type, for the record (p4d.24xlarge, p5.48xlarge)."""
+    nodes: int = 1
+    """Nodes the job uses."""
+    gpus_per_node: int = 0
+    """GPUs one node has; 0 for a CPU-only machine."""
+    gpu: str | None = None
+    """GPU model, e.g. A100-SXM4-40GB."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU in GB."""
+    peak_tflops: float | None = None
+    """Dense bf16 peak of one GPU, TFLOPS."""
+    intra_node_gbps: float | None = None
+    """GPU-to-GPU bandwidth inside a node (NVLink), GB/s per GPU."""
+    inter_node_gbps: float | None = None
+    """Network bandwidth between nodes (EFA), Gb/s per node."""
+    efa: bool = False
+    """The nodes talk over AWS EFA (sets the libfabric/NCCL environment in sbatch files)."""
+    cpus_per_node: int | None = None
+    """CPU cores (vCPUs) per node."""
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None
+    """Partition (queue) to submit to; null uses the cluster's default."""
+    account: str | None = None
+    """Slurm account to charge; null for none."""
+    time: str = "04:00:00"
+    """Time limit (HH:MM:SS or D-HH:MM:SS)."""
+    job_name: str | None = None
+    """Job name; null gives fsdp-<model name>."""
+    procs_per_node: int | None = None
+    """Training processes per node; null gives one per GPU (cluster.gpus_per_node), or 1 on CPU."""
+    cpus_per_task: int | None = None
+    """CPU cores for each node's task (sbatch) or each process (submit); null leaves Slurm's default."""
+    exclusive: bool = True
+    """Whole nodes only (no other jobs on them)."""
+    setup: str = "source .venv/bin/activate"
+    """Shell line that makes fsdp_kit importable on the nodes (venv, conda, module load, container)."""
+    output_root: str = "outputs/slurm"
+    """Run dirs go to <output_root>/<job name>-<job id> (the same after a requeue, so training resumes)."""
+    log_dir: str = "logs/slurm"
+    """Where Slurm/submitit write job logs."""
+    signal_before_s: int = 90
+    """Send SIGUSR2 this many seconds before the time limit: the trainer saves and the job requeues."""
+    requeue: bool = True
+    """Let the job be requeued after preemption or a timeout save."""
+    max_requeues: int = 10
+    """submit: give up after this many preemptions/timeouts."""
+    rdzv_port: int = 29500
+    """Port of torchrun's c10d rendezvous on the first compute node."""
+    nccl_debug: bool = False
+    """Export NCCL_DEBUG=INFO (for debugging hangs)."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """What to train."""
@@ -232,6 +292,10 @@ class TrainConfig:
     """Saving and resuming."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Process group."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """The machines (for Slurm files, submission and the planner)."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Slurm job settings (fsdp-kit slurm / fsdp-kit submit)."""
     run_dir: str = "outputs/manual"
     """Where metrics, the config dump and checkpoints go; Hydra sets it to its output dir."""
 
@@ -246,9 +310,13 @@ class TrainConfig:
         except ValidationError as err:
             raise ConfigError(f"{err.full_key}: {err.msg}", f"give {err.full_key} a valid value") from None
 
-    def validated(self, world_size: int | None = None, device_type: str | None = None) -> TrainConfig:
-        """Check what types cannot express; raise ConfigError naming the problem and the fix."""
-        validate(self, world_size=world_size, device_type=device_type)
+    def validated(self, world_size: int | None = None, device_type: str | None = None, probe_device: bool = True,
+                  check_files: bool = True) -> TrainConfig:
+        """Check what types cannot express; raise ConfigError naming the problem and the fix.
+
+        ``probe_device=False`` skips asking this machine's GPU (the job runs elsewhere); ``check_files=False``
+        skips data and checkpoint paths that only the job's machines can see."""
+        validate(self, world_size, device_type, probe_device, check_files)
         return self
 
 
@@ -263,7 +331,8 @@ def _positive(value: int | float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value} must be {bound}", f"pass {key}=<a number {bound}>")
 
 
-def validate(job: TrainConfig, world_size: int | None = None, device_type: str | None = None) -> None:
+def validate(job: TrainConfig, world_size: int | None = None, device_type: str | None = None,
+             probe_device: bool = True, check_files: bool = True) -> None:
     """All checks that need no process group, no data read beyond a header and no model memory."""
     world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -302,19 +371,21 @@ def validate(job: TrainConfig, world_size: int | None = None, device_type: str |
             f"data.eval_examples={job.data.eval_examples} is less than one global batch "
             f"(trainer.batch_size={job.trainer.batch_size} x {world_size} ranks)",
             "raise data.eval_examples or lower trainer.batch_size")
-    _validate_precision(job, device_type)
+    _validate_precision(job, device_type if probe_device else None)
     _validate_sharding(job, world_size)
-    _validate_data(job)
+    if check_files:
+        _validate_data(job)
     if job.metrics.tensorboard:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("metrics.tensorboard=true needs the tensorboard package",
                               "pip install 'fsdp_kit[tensorboard]' or set metrics.tensorboard=false") from None
-    _validate_resume(job)
+    if check_files:
+        _validate_resume(job)
 
 
-def _validate_precision(job: TrainConfig, device_type: str) -> None:
+def _validate_precision(job: TrainConfig, device_type: str | None) -> None:
     name = job.precision.name
     if name in ("bf16", "bf16_pure") and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"precision={name} needs bf16, which {torch.cuda.get_device_name()} does not support",

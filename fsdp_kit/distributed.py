@@ -47,8 +47,13 @@ class DistEnv(Runtime):
 
 
 def detect() -> Runtime:
-    """Read the launcher's environment (RANK/WORLD_SIZE/LOCAL_RANK, as torchrun and submitit export)."""
+    """Read the launcher's environment: RANK/WORLD_SIZE/LOCAL_RANK from torchrun, or submitit's job environment
+    (one task per GPU, as `fsdp-kit submit` and Hydra's submitit launcher start them)."""
     env = os.environ
+    if "RANK" not in env and (env.get("SUBMITIT_EXECUTOR") == "slurm" or "SUBMITIT_LOCAL_JOB_ID" in env):
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world_size = int(env.get("WORLD_SIZE", "1"))
     rank = int(env.get("RANK", "0"))
     local_rank = int(env.get("LOCAL_RANK", "0"))

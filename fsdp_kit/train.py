@@ -22,6 +22,7 @@ from fsdp_kit import data, distributed, models
 from fsdp_kit.checkpoint import EXIT_REQUEUE, Manager, RunIdentity
 from fsdp_kit.config import TrainConfig, to_yaml
 from fsdp_kit.errors import FsdpKitError
+from fsdp_kit.launch.requeue import request_requeue
 from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
 from fsdp_kit.optim import build_optimizer, build_schedule
 from fsdp_kit.policies import Policies, apply_policies, check_policies
@@ -72,7 +73,7 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
         result = trainer.fit()
         if result.preempted and env.is_main:
             (run_dir / PREEMPTED_MARKER).write_text(f"{trainer.state.step}\n")
-            reporter.info(f"preempted: saved step {trainer.state.step}; exiting with {EXIT_REQUEUE} to be requeued")
+            reporter.info(f"preempted: saved step {trainer.state.step}; {request_requeue()}")
         return result
 
 

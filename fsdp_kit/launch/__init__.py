@@ -1,0 +1,1 @@
+"""Launchers: sbatch files rendered from config, submitit submission, requeue after preemption."""

@@ -1,0 +1,19 @@
+"""After a preemption save: who brings the job back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from fsdp_kit.checkpoint import EXIT_REQUEUE
+
+
+def request_requeue() -> str:
+    """Under submitit (fsdp-kit submit, Hydra's submitit launcher) ask Slurm to requeue the job now; elsewhere
+    the launcher acts on the exit code (the sbatch template requeues on the run dir's ``preempted`` marker).
+    Returns what was done, for the log."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and job_id:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
+        return f"requeued Slurm job {job_id}" if done.returncode == 0 else f"scontrol requeue failed: {done.stderr}"
+    return f"exiting with {EXIT_REQUEUE} so the launcher requeues the job"

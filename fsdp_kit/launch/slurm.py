@@ -1,0 +1,97 @@
+"""What a Slurm job looks like for a config, and the checks that run before anything is submitted."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, OverrideParseException
+from omegaconf.errors import OmegaConfBaseException
+
+from fsdp_kit.config import TrainConfig
+from fsdp_kit.errors import ConfigError
+from fsdp_kit.run_dir import register_resolvers
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+
+
+def compose_job(overrides: list[str]) -> TrainConfig:
+    """The typed config the job will compose from ``overrides`` (outside a Hydra app)."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose("train", overrides=[*overrides, "run_dir=outputs/unsubmitted"])
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse the override {err.override!r} ({str(err).splitlines()[0]})",
+                          "quote values with spaces, '=' or brackets the Hydra way: key='a value'") from None
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # unknown keys/options, bad values
+        raise ConfigError(str(err).strip().splitlines()[0], "check the override's key and value") from None
+    return TrainConfig.from_hydra(cfg)
+
+
+def job_name(job: TrainConfig) -> str:
+    return job.slurm.job_name or f"fsdp-{job.model.name}"
+
+
+def procs_per_node(job: TrainConfig) -> int:
+    return job.slurm.procs_per_node or job.cluster.gpus_per_node or 1
+
+
+def world_size(job: TrainConfig) -> int:
+    return job.cluster.nodes * procs_per_node(job)
+
+
+def available_partitions() -> list[str] | None:
+    """Partition names of the Slurm this machine talks to; None where there is no Slurm client."""
+    if shutil.which("sinfo") is None:
+        return None
+    result = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise ConfigError(f"sinfo failed ({result.stderr.strip() or result.returncode})",
+                          "check that the Slurm controller is reachable (SLURM_CONF, munge)")
+    return sorted(set(result.stdout.split()))
+
+
+def check(job: TrainConfig, local_checks: bool = True) -> None:
+    """Reject a job Slurm or the trainer would refuse, before anything is submitted.
+
+    ``local_checks`` also checks what only this machine can see (data files, the Slurm partitions); turn it
+    off when rendering a file for another cluster.
+    """
+    cluster, slurm = job.cluster, job.slurm
+    if cluster.nodes < 1:
+        raise ConfigError(f"cluster.nodes={cluster.nodes} must be at least 1", "pass cluster.nodes=<n>")
+    wanted = procs_per_node(job)
+    if cluster.gpus_per_node and wanted > cluster.gpus_per_node:
+        raise ConfigError(
+            f"slurm.procs_per_node={wanted} asks for more GPUs per node than {cluster.instance_type or cluster.name} "
+            f"has ({cluster.gpus_per_node})", f"use slurm.procs_per_node<={cluster.gpus_per_node} or add nodes")
+    if not _valid_time(slurm.time):
+        raise ConfigError(f"slurm.time={slurm.time!r} is not a Slurm time limit",
+                          "use HH:MM:SS or D-HH:MM:SS, e.g. slurm.time=04:00:00")
+    if job.trainer.batch_size < 1:
+        raise ConfigError("trainer.batch_size must be set for a Slurm job", "pass trainer.batch_size=<n>")
+    device_type = "cuda" if cluster.gpus_per_node else "cpu"
+    job.validated(world_size=world_size(job), device_type=device_type, probe_device=False,
+                  check_files=local_checks)
+    if local_checks and slurm.partition:
+        partitions = available_partitions()
+        if partitions is not None and slurm.partition not in partitions:
+            raise ConfigError(f"slurm.partition={slurm.partition!r} does not exist on this cluster",
+                              f"use one of {', '.join(partitions) or '(none found)'}")
+
+
+def timeout_minutes(time_limit: str) -> int:
+    """Minutes in a Slurm time limit (submitit wants minutes)."""
+    days, _, clock = time_limit.rpartition("-")
+    hours, minutes, seconds = map(int, clock.split(":"))
+    return (int(days or 0) * 24 + hours) * 60 + minutes + (1 if seconds else 0)
+
+
+def _valid_time(value: str) -> bool:
+    return bool(re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", value))

@@ -1,0 +1,225 @@
+"""A real, private Slurm cluster on localhost for the tests (Debian's slurm-wlm + munge).
+
+It never touches a real installation: its own config folder (clients find it through SLURM_CONF), its own
+state and spool folders and ports, never a write to /etc/slurm. It skips, saying why, where a Slurm already
+runs or where it cannot be installed. It stops only the daemons it started, by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+NEEDED = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged")
+
+
+class Unavailable(Exception):
+    """The cluster cannot run here; the message says why (the tests skip with it)."""
+
+
+def _alive(pid: int) -> bool:
+    """Alive and not a zombie (daemons we started leave zombies until reaped; kill -0 cannot tell)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+def _pid_of(name: str) -> list[int]:
+    result = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True)
+    return [int(p) for p in result.stdout.split()]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalSlurm:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.host = socket.gethostname().split(".")[0]
+        self.started: list[Path] = []  # pid files of the daemons we started, and only those
+
+    # -- setup -----------------------------------------------------------------------------------------
+    def start(self) -> LocalSlurm:
+        self._ensure_installed()
+        running = [name for name in ("slurmctld", "slurmd") if _pid_of(name)]
+        if running:
+            raise Unavailable(f"a Slurm is already running here ({', '.join(running)}); "
+                              "the tests never touch a real installation")
+        self._ensure_hostname()
+        self._ensure_munge()
+        self._write_config()
+        os.environ["SLURM_CONF"] = str(self.conf)
+        self._daemon("slurmctld", ["slurmctld", "-f", str(self.conf), "-c"])
+        self._daemon("slurmd", ["slurmd", "-f", str(self.conf)])
+        self._wait_for_idle_node()
+        return self
+
+    def _ensure_installed(self) -> None:
+        missing = [tool for tool in NEEDED if shutil.which(tool) is None]
+        if not missing:
+            return
+        may_install = os.geteuid() == 0 and (os.environ.get("CI") == "true"
+                                             or os.environ.get("FSDP_KIT_INSTALL_SLURM") == "1")
+        if not may_install or shutil.which("apt-get") is None:
+            raise Unavailable(f"{', '.join(missing)} not installed; install Debian's slurm-wlm and munge, or run "
+                              "as root with CI=true or FSDP_KIT_INSTALL_SLURM=1 to let the tests install them")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        result = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"],
+                                capture_output=True, text=True, env=env, timeout=600)
+        if result.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+            result = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm",
+                                     "munge"], capture_output=True, text=True, env=env, timeout=600)
+        if result.returncode != 0:
+            raise Unavailable(f"apt-get install slurm-wlm munge failed: {result.stderr[-500:]}")
+
+    def _ensure_hostname(self) -> None:
+        try:
+            socket.gethostbyname(self.host)
+            return
+        except OSError:
+            pass
+        if os.environ.get("CI") != "true" and os.environ.get("FSDP_KIT_EDIT_HOSTS") != "1":
+            raise Unavailable(f"hostname {self.host!r} does not resolve; set FSDP_KIT_EDIT_HOSTS=1 to let the tests "
+                              "add it to /etc/hosts")
+        with open("/etc/hosts", "a") as hosts:
+            hosts.write(f"\n127.0.0.1 {self.host}\n")
+
+    def _ensure_munge(self) -> None:
+        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+            return  # a munged already serves this machine; use it, do not stop it
+        if os.geteuid() != 0:
+            raise Unavailable("munged is not running and starting it needs root")
+        subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"], check=True)
+        pid_file = Path("/run/munge/munged.pid")
+        subprocess.run(["runuser", "-u", "munge", "--", "munged", f"--pid-file={pid_file}"], check=True)
+        self.started.append(pid_file)
+        for _ in range(50):
+            if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise Unavailable("munged did not start")
+
+    def _write_config(self) -> None:
+        for sub in ("state", "spool", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        memory = self._node_memory_mb()
+        self.conf.write_text(f"""\
+ClusterName=fsdpkit-test
+SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=cred_expire=10
+StateSaveLocation={self.root / 'state'}
+SlurmdSpoolDir={self.root / 'spool'}
+SlurmctldPidFile={self.root / 'slurmctld.pid'}
+SlurmdPidFile={self.root / 'slurmd.pid'}
+SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}
+SlurmdLogFile={self.root / 'log' / 'slurmd.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=1
+JobRequeue=1
+ReturnToService=2
+MailProg=/bin/true
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
+KillWait=30
+InactiveLimit=0
+MinJobAge=300
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN
+PartitionName=low Nodes={self.host} Default=YES PriorityTier=1 GraceTime=10 MaxTime=INFINITE State=UP
+PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
+""")
+
+    @staticmethod
+    def _node_memory_mb() -> int:
+        result = subprocess.run(["slurmd", "-C"], capture_output=True, text=True)
+        for field in result.stdout.split():
+            if field.startswith("RealMemory="):
+                return int(int(field.split("=")[1]) * 0.9)
+        return 1024
+
+    def _daemon(self, name: str, command: list[str]) -> None:
+        pid_file = self.root / f"{name}.pid"
+        env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise Unavailable(f"{name} failed to start: {result.stderr.strip()[-500:]}")
+        for _ in range(100):
+            if pid_file.is_file() and pid_file.read_text().strip():
+                self.started.append(pid_file)
+                return
+            time.sleep(0.05)
+        raise Unavailable(f"{name} wrote no pid file; see {self.root / 'log'}")
+
+    def _wait_for_idle_node(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            result = self.run("sinfo", "-h", "-N", "-o", "%t", check=False)
+            state = result.stdout.strip()
+            if state.startswith("idle"):
+                return
+            time.sleep(0.2)
+        raise Unavailable(f"the node never became idle (state {state!r}); see {self.root / 'log'}")
+
+    # -- use ---------------------------------------------------------------------------------------------
+    def run(self, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), capture_output=True, text=True, check=check,
+                              env={**os.environ, "SLURM_CONF": str(self.conf)}, **kwargs)
+
+    def job_state(self, job_id: str) -> str:
+        result = self.run("scontrol", "show", "job", job_id, check=False)
+        for field in result.stdout.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return "GONE"
+
+    def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float = 300.0) -> str:
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.job_state(job_id)
+            if state in states:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} still {state} after {timeout}s (wanted {states})")
+
+    # -- teardown ----------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self.run("scancel", "--user=root", check=False)
+        for pid_file in reversed(self.started):
+            try:
+                pid = int(pid_file.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if _alive(pid):
+                os.kill(pid, 15)
+                for _ in range(100):
+                    if not _alive(pid):
+                        break
+                    time.sleep(0.05)
+        self.started.clear()
+        os.environ.pop("SLURM_CONF", None)

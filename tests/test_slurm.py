@@ -1,0 +1,239 @@
+"""Slurm: rendered sbatch files, submitit, Hydra sweeps; checked against a real Slurm started on localhost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import job, run_ranks, train
+from slurm_cluster import LocalSlurm, Unavailable
+
+from fsdp_kit.errors import ConfigError
+from fsdp_kit.launch.sbatch import fill, render
+from fsdp_kit.launch.slurm import check, compose_job, timeout_minutes
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SHIPPED = {"slurm/t5_3b.sbatch": "experiment=t5_3b_a100_1node", "slurm/t5_11b.sbatch": "experiment=t5_11b_a100_3nodes"}
+# Equal global batch (2 ranks x 4) and no dropout, so a Slurm run and a reference run give the same losses.
+TRAIN = ["trainer.batch_size=4", "trainer.eval_every=0", "trainer.eval_generate=false", "trainer.log_every=1",
+         "data.num_examples=512", "data.eval_examples=32", "data.pad_to_max_length=true", "data.max_source_len=48",
+         "data.max_target_len=8", "metrics.progress=false", "trainer.warmup_steps=1",
+         "trainer.lr_schedule=constant"]  # so a shorter run follows the reference exactly
+
+
+def _fsdp_kit(*args: str, check_rc: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "fsdp-kit"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check_rc:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _local_overrides(tmp_path: Path, steps: int) -> list[str]:
+    return ["cluster=local", "slurm.procs_per_node=2", "slurm.exclusive=false", "slurm.time=00:20:00",
+            f"slurm.setup='export PATH={BIN}:$PATH'", f"slurm.output_root={tmp_path / 'runs'}",
+            f"slurm.log_dir={tmp_path / 'logs'}", f"trainer.max_steps={steps}", *TRAIN]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(run_dir) if "loss" in r and not r.get("summary")}
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted run on 2 forked ranks, 40 steps."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    cfg = job(run_dir, *TRAIN, "trainer.max_steps=40", "checkpoint.at_end=false", fast=False)
+    return run_ranks(train, 2, cfg)[0].losses
+
+
+# -- rendering (no Slurm needed) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted(SHIPPED))
+def test_shipped_sbatch_files_are_what_the_renderer_makes(path):
+    rendered = _fsdp_kit("slurm", "--no-local-checks", "-o", "/dev/stdout", SHIPPED[path]).stdout
+    expected = (ROOT / path).read_text().replace(f"-o {path}", "-o /dev/stdout").replace(
+        f"sbatch {path}", "sbatch /dev/stdout")
+    assert rendered == expected, f"{path} is stale: run `fsdp-kit slurm --no-local-checks -o {path} {SHIPPED[path]}`"
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED))
+def test_sbatch_files_pass_bash_n_and_shellcheck(path):
+    assert subprocess.run(["bash", "-n", str(ROOT / path)]).returncode == 0
+    shellcheck = shutil.which("shellcheck") or str(BIN / "shellcheck")
+    result = subprocess.run([shellcheck, str(ROOT / path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_efa_environment_only_for_efa_clusters():
+    p4d = render(compose_job(["cluster=p4d"]), ["cluster=p4d"])
+    local = render(compose_job(["cluster=local"]), ["cluster=local"])
+    for line in ("export FI_PROVIDER=efa", "export FI_EFA_USE_HUGE_PAGE=0", "export FI_EFA_SET_CUDA_SYNC_MEMOPS=0"):
+        assert line in p4d and line not in local
+    assert "FI_EFA_USE_DEVICE_RDMA" not in p4d and "FI_EFA_FORK_SAFE" not in p4d  # obsolete
+    assert "#SBATCH --gpus-per-node=8" in p4d and "--gpus-per-node" not in local
+    assert "#SBATCH --signal=USR2@90" in p4d and "#SBATCH --requeue" in p4d and "#SBATCH --exclusive" in p4d
+
+
+def test_override_values_never_run_as_shell(tmp_path):
+    """Run the rendered script with stand-ins for srun/scontrol: the override arrives verbatim, nothing runs."""
+    marker = tmp_path / "PWNED"
+    evil = f"data.source_prefix='$(touch {marker}); `touch {marker}` \"x'"  # Hydra-quoted: a legal value
+    overrides = ["cluster=local", f"slurm.output_root={tmp_path / 'runs'}", "slurm.setup='cd .'", evil]
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(compose_job(overrides), overrides))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in (("srun", f'printf "%s\\n" "$@" > {tmp_path / "argv"}'), ("scontrol", "echo node1")):
+        (fake / name).write_text(f"#!/bin/bash\n{body}\n")
+        (fake / name).chmod(stat.S_IRWXU)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "t",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1"}
+    result = subprocess.run(["bash", str(script), "extra=$(touch X)"], env={**env}, cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert evil in argv and "extra=$(touch X)" in argv
+    assert not marker.exists() and not (tmp_path / "X").exists()
+
+
+def test_too_many_gpus_per_node_is_rejected():
+    with pytest.raises(ConfigError, match=r"asks for more GPUs per node than p4d.24xlarge has \(8\)"):
+        check(compose_job(["cluster=p4d", "slurm.procs_per_node=16"]), local_checks=False)
+
+
+def test_bad_time_limit_is_rejected():
+    with pytest.raises(ConfigError, match="is not a Slurm time limit"):
+        check(compose_job(["slurm.time=4h"]), local_checks=False)
+    assert timeout_minutes("1-02:30:00") == 26 * 60 + 30 and timeout_minutes("00:10:01") == 11
+
+
+def test_unset_template_variable_is_an_error():
+    with pytest.raises(ConfigError, match="template variable\\(s\\) setup have no value"):
+        fill("SETUP={{setup}}", {"setup": None})
+
+
+def test_training_errors_surface_before_rendering(tmp_path):
+    result = _fsdp_kit("slurm", "cluster=p4d", "cluster.nodes=3", "sharding=hybrid_shard",
+                       "sharding.shard_group_size=5", "trainer.batch_size=4", check_rc=False)
+    assert result.returncode == 2 and "world size 24 is not divisible by sharding.shard_group_size=5" in result.stderr
+    result = _fsdp_kit("slurm", "data=csv", "data.path=/nonexistent.csv", check_rc=False)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+# -- against a real Slurm -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except Unavailable as why:
+        cluster.stop()
+        pytest.skip(f"no local Slurm: {why}")
+    yield cluster
+    cluster.stop()
+
+
+def _sbatch(slurm: LocalSlurm, script: Path, *args: str) -> str:
+    result = slurm.run("sbatch", "--parsable", *args, str(script), cwd=ROOT)
+    return result.stdout.strip().split(";")[0]
+
+
+@pytest.mark.slurm
+def test_unknown_partition_is_rejected_before_submission(slurm):
+    result = _fsdp_kit("slurm", "slurm.partition=gpu-nonexistent", check_rc=False)
+    assert result.returncode == 2
+    assert "slurm.partition='gpu-nonexistent' does not exist" in result.stderr and "high, low" in result.stderr
+
+
+@pytest.mark.slurm
+def test_rendered_sbatch_trains_and_finishes(slurm, tmp_path, reference_losses):
+    script = tmp_path / "job.sbatch"
+    _fsdp_kit("slurm", "-o", str(script), *_local_overrides(tmp_path, 6))
+    job_id = _sbatch(slurm, script)
+    state = slurm.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+    log = (tmp_path / "logs" / f"fsdp-t5_tiny-{job_id}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    run_dir = tmp_path / "runs" / f"fsdp-t5_tiny-{job_id}"
+    assert _records(run_dir)[-1]["world_size"] == 2
+    losses = _losses(run_dir)
+    assert all(abs(losses[s] - reference_losses[s]) < 1e-5 for s in range(1, 7))
+
+
+def _wait_for_training(run_dir_glob: Path, timeout: float = 180) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p for p in run_dir_glob.parent.glob(run_dir_glob.name) if (p / "metrics.jsonl").is_file()]
+        if found and len(_losses(found[0])) >= 3:
+            return found[0]
+        time.sleep(0.2)
+    raise TimeoutError(f"no training under {run_dir_glob}")
+
+
+@pytest.mark.slurm
+def test_preempted_job_saves_requeues_resumes_and_matches_the_uninterrupted_run(slurm, tmp_path, reference_losses):
+    script = tmp_path / "job.sbatch"
+    _fsdp_kit("slurm", "-o", str(script), "slurm.partition=low", *_local_overrides(tmp_path, 40))
+    job_id = _sbatch(slurm, script)
+    run_dir = _wait_for_training(tmp_path / "runs" / f"*-{job_id}")
+    # A job in the higher-priority partition takes the whole node: Slurm signals, then requeues ours.
+    blocker = slurm.run("sbatch", "--parsable", "-p", "high", "--exclusive", "--wrap", "sleep 3",
+                        f"--output={tmp_path / 'blocker.out'}").stdout.strip()
+    slurm.wait_for(blocker, ("COMPLETED",), timeout=300)
+    state = slurm.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=400)
+    log = (tmp_path / "logs" / f"fsdp-t5_tiny-{job_id}.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    markers = sorted((run_dir / "checkpoints").iterdir())
+    assert markers, "the preempted run saved a checkpoint"
+    restarts = [json.loads(p.joinpath("fsdp_kit.json").read_text()) for p in markers]
+    assert any(m["reason"] == "preemption" for m in restarts) or "requeueing" in log, log[-4000:]
+    losses = _losses(run_dir)
+    assert abs(losses[40] - reference_losses[40]) < 1e-5, (losses[40], reference_losses[40])
+
+
+@pytest.mark.slurm
+def test_fsdp_kit_submit_runs_resumes_after_a_usr2_and_matches(slurm, tmp_path, reference_losses):
+    result = _fsdp_kit("submit", *_local_overrides(tmp_path, 40))
+    assert "submitted Slurm job" in result.stdout and "logs:" in result.stdout
+    job_id = result.stdout.split("submitted Slurm job ")[1].split(":")[0]
+    _wait_for_training(tmp_path / "runs" / f"*-{job_id}")
+    slurm.run("scancel", "--signal=USR2", job_id)
+    state = slurm.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=400)
+    logs = "\n".join(p.read_text() for p in (tmp_path / "logs").rglob("*.out"))
+    assert state == "COMPLETED", logs[-4000:]
+    run_dir = tmp_path / "runs" / f"fsdp-t5_tiny-{job_id}"
+    reasons = [json.loads((p / "fsdp_kit.json").read_text())["reason"] for p in (run_dir / "checkpoints").iterdir()]
+    assert "preemption" in reasons, reasons
+    assert abs(_losses(run_dir)[40] - reference_losses[40]) < 1e-5
+
+
+@pytest.mark.slurm
+def test_hydra_sweep_through_the_slurm_launcher(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "fsdp_kit.train", "-m", "hydra/launcher=slurm", "precision=fp32,bf16",
+         f"hydra.sweep.dir={sweep}", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=15",
+         "trainer.max_steps=3", *TRAIN], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [_records(sweep / str(i))[-1] for i in (0, 1)]
+    assert all(s["summary"] and s["world_size"] == 2 and s["final_step"] == 3 for s in summaries)
+
+
+def test_hydra_sweep_with_the_local_launcher(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "fsdp_kit.train", "-m", "hydra/launcher=local", "wrap=transformer,none",
+         f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", *TRAIN], capture_output=True, text=True, cwd=ROOT,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(_records(sweep / str(i))[-1]["final_step"] == 2 for i in (0, 1))
