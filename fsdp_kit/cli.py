@@ -4,6 +4,7 @@
   fsdp-kit export CHECKPOINT OUT_DIR        sharded checkpoint -> HF save_pretrained folder
   fsdp-kit slurm [-o FILE] [overrides]      render a ready sbatch file for the overrides
   fsdp-kit submit [overrides]               submit a multi-node job through submitit
+  fsdp-kit pcluster-check FILE [--set K=V]  check a ParallelCluster YAML offline (needs the [aws] extra)
 """
 
 from __future__ import annotations
@@ -71,6 +72,25 @@ def _submit(argv: list[str]) -> int:
     return 0
 
 
+def _pcluster_check(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fsdp-kit pcluster-check",
+                                     description="Check a ParallelCluster YAML with ParallelCluster's own schema.")
+    parser.add_argument("file")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="fill a ${NAME} placeholder (repeatable)")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from fsdp_kit.launch.pcluster import check_cluster_yaml, fill_placeholders
+
+    values = dict(item.split("=", 1) for item in args.set)
+    warnings = check_cluster_yaml(fill_placeholders(Path(args.file).read_text(), values))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{args.file}: valid for ParallelCluster")
+    return 0
+
+
 def _train(argv: list[str]) -> int:
     from fsdp_kit import train
 
@@ -79,7 +99,8 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "export": _export, "slurm": _slurm, "submit": _submit}
+COMMANDS = {"train": _train, "export": _export, "slurm": _slurm, "submit": _submit,
+            "pcluster-check": _pcluster_check}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,65 @@
+"""Check a ParallelCluster YAML offline with aws-parallelcluster's own schema and validators (the [aws] extra).
+
+Runs without AWS credentials or network: the schema load and the validators below make no AWS call (a
+CapacityReservationTarget would, so the shipped files have none).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from fsdp_kit.errors import ConfigError
+
+PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill_placeholders(text: str, values: dict[str, str]) -> str:
+    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def check_cluster_yaml(text: str, cluster_name: str = "fsdp-kit") -> list[str]:
+    """Raise ConfigError for unreplaced placeholders, schema errors and failed validators; return warnings."""
+    left = sorted(set(PLACEHOLDER.findall(text)))
+    if left:
+        raise ConfigError(f"unreplaced placeholder(s) {', '.join('${' + name + '}' for name in left)}",
+                          "fill them in (envsubst < cluster.yaml > my-cluster.yaml) or pass --set NAME=value")
+    try:
+        from marshmallow import ValidationError
+        from pcluster.models.common import parse_config
+        from pcluster.validators.cluster_validators import (
+            ComputeResourceSizeValidator,
+            EfaPlacementGroupValidator,
+            NameValidator,
+        )
+        from pcluster.validators.common import FailureLevel
+    except ImportError:
+        raise ConfigError("checking a ParallelCluster file needs aws-parallelcluster",
+                          "pip install -e '.[aws]'") from None
+    config_dict = parse_config(text)
+    os.environ.setdefault("AWS_DEFAULT_REGION", str(config_dict.get("Region") or "us-east-1"))
+    from pcluster.schemas.cluster_schema import ClusterSchema
+
+    try:
+        config = ClusterSchema(cluster_name=cluster_name).load(config_dict)
+    except ValidationError as err:
+        raise ConfigError(f"ParallelCluster schema rejects the file: {err.messages}",
+                          "fix the named keys (see the ParallelCluster 3 configuration reference)") from None
+    failures = []
+    for queue in config.scheduling.queues:
+        # queue.multi_az_enabled asks EC2 for the subnets' zones; offline, more than one subnet counts as multi-AZ.
+        multi_az = len(set(queue.networking.subnet_ids)) > 1
+        failures += NameValidator().execute(name=queue.name)
+        for resource in queue.compute_resources:
+            failures += ComputeResourceSizeValidator().execute(
+                min_count=resource.min_count, max_count=resource.max_count, capacity_type=queue.capacity_type)
+            chosen = queue.get_chosen_placement_group_setting_for_compute_resource(resource)
+            failures += EfaPlacementGroupValidator().execute(
+                efa_enabled=resource.efa.enabled,
+                placement_group_key=queue.get_placement_group_settings_for_compute_resource(resource).get("key"),
+                placement_group_disabled=chosen.enabled is False, multi_az_enabled=multi_az,
+                capacity_type=queue.capacity_type, queue_name=queue.name)
+    errors = [f.message for f in failures if f.level == FailureLevel.ERROR]
+    if errors:
+        raise ConfigError("ParallelCluster validators failed: " + " | ".join(errors), "fix the named settings")
+    return [f.message for f in failures]

@@ -1,0 +1,69 @@
+"""The ParallelCluster YAMLs pass aws-parallelcluster's own schema and offline validators; bad ones do not."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fsdp_kit.errors import ConfigError
+from fsdp_kit.launch.pcluster import check_cluster_yaml, fill_placeholders
+
+pytest.importorskip("pcluster", reason="the [aws] extra (aws-parallelcluster) is not installed")
+
+ROOT = Path(__file__).resolve().parent.parent
+FILES = sorted((ROOT / "parallelcluster").glob("cluster*.yaml"))
+VALUES = {"AWS_REGION": "us-east-1", "HEAD_SUBNET_ID": "subnet-0123456789abcdef0",
+          "COMPUTE_SUBNET_ID": "subnet-0fedcba9876543210", "SSH_KEY_NAME": "my-key", "S3_BUCKET": "my-bucket",
+          "FSDP_KIT_REPO": "https://github.com/example/fsdp_kit.git"}
+
+
+def _filled(path: Path) -> str:
+    return fill_placeholders(path.read_text(), VALUES)
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_shipped_cluster_files_are_valid_once_filled(path):
+    assert check_cluster_yaml(_filled(path)) == []
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_unreplaced_placeholders_are_rejected(path):
+    with pytest.raises(ConfigError, match=r"unreplaced placeholder\(s\) \$\{AWS_REGION\}"):
+        check_cluster_yaml(path.read_text())
+
+
+def test_shipped_files_hold_no_credentials():
+    for path in [*FILES, ROOT / "parallelcluster" / "node_setup.sh"]:
+        text = path.read_text()
+        assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|subnet-[0-9a-f]{8,}|\d{12}", text), path
+
+
+def test_schema_errors_are_reported():
+    bad = _filled(FILES[0]).replace("Os: ubuntu2204", "Os: windows95")
+    with pytest.raises(ConfigError, match=r"schema rejects the file.*Os"):
+        check_cluster_yaml(bad)
+
+
+def test_efa_without_an_explicit_placement_group_is_rejected():
+    bad = _filled(FILES[0]).replace("        PlacementGroup:\n          Enabled: true\n", "")
+    with pytest.raises(ConfigError, match=r"placement group for EFA-enabled compute resources .* must be explicit"):
+        check_cluster_yaml(bad)
+
+
+def test_max_count_below_min_count_is_rejected():
+    bad = _filled(FILES[0]).replace("MinCount: 0", "MinCount: 5")
+    with pytest.raises(ConfigError, match="Max count must be greater than or equal to min count"):
+        check_cluster_yaml(bad)
+
+
+def test_cli_checks_a_file(tmp_path):
+    sets = [arg for key, value in VALUES.items() for arg in ("--set", f"{key}={value}")]
+    fsdp_kit = str(Path(sys.executable).parent / "fsdp-kit")
+    ok = subprocess.run([fsdp_kit, "pcluster-check", str(FILES[0]), *sets], capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid for ParallelCluster" in ok.stdout, ok.stderr
+    missing = subprocess.run([fsdp_kit, "pcluster-check", str(FILES[0])], capture_output=True, text=True)
+    assert missing.returncode == 2 and "unreplaced placeholder" in missing.stderr
