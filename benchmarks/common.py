@@ -12,21 +12,11 @@ from typing import Any
 
 import torch
 import transformers
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from fsdp_kit.config import TrainConfig
+from fsdp_kit.config import compose_job
 from fsdp_kit.metrics.peak import device_name
-from fsdp_kit.run_dir import register_resolvers
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
-
-def compose_job(overrides: list[str]) -> TrainConfig:
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return TrainConfig.from_hydra(compose("train", overrides=overrides))
+__all__ = ["compose_job", "device_slug", "provenance", "write_json"]
 
 
 def provenance() -> dict[str, Any]:

@@ -5,6 +5,7 @@
   fsdp-kit slurm [-o FILE] [overrides]      render a ready sbatch file for the overrides
   fsdp-kit submit [overrides]               submit a multi-node job through submitit
   fsdp-kit pcluster-check FILE [--set K=V]  check a ParallelCluster YAML offline (needs the [aws] extra)
+  fsdp-kit plan [overrides]                 per-GPU memory, largest batch and step time for a cluster
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ def _pcluster_check(argv: list[str]) -> int:
     return 0
 
 
+def _plan(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: fsdp-kit plan [hydra overrides]   e.g. model=t5_11b precision=bf16 ac=full cluster=p4de "
+              "cluster.nodes=3 trainer.batch_size=8")
+        return 0
+    from fsdp_kit.launch.slurm import compose_job
+    from fsdp_kit.plan import make_plan
+    from fsdp_kit.plan.report import show
+
+    show(make_plan(compose_job(argv)))
+    return 0
+
+
 def _train(argv: list[str]) -> int:
     from fsdp_kit import train
 
@@ -100,7 +114,7 @@ def _train(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "export": _export, "slurm": _slurm, "submit": _submit,
-            "pcluster-check": _pcluster_check}
+            "pcluster-check": _pcluster_check, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -433,6 +433,32 @@ def _validate_data(job: TrainConfig) -> None:
     check_source(job.data)
 
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def compose_job(overrides: list[str]) -> TrainConfig:
+    """The typed config that ``python -m fsdp_kit.train <overrides>`` would compose, outside a Hydra app
+    (for launchers, the planner and benchmarks). ``run_dir`` defaults to outputs/unsubmitted."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fsdp_kit.run_dir import register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose("train", overrides=["run_dir=outputs/unsubmitted", *overrides])
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse the override {err.override!r} ({str(err).splitlines()[0]})",
+                          "quote values with spaces, '=' or brackets the Hydra way: key='a value'") from None
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # unknown keys/options, bad values
+        raise ConfigError(str(err).strip().splitlines()[0], "check the override's key and value") from None
+    return TrainConfig.from_hydra(cfg)
+
+
 def register_configs() -> None:
     """Register the schema so that configs/train.yaml composes against the dataclasses."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)

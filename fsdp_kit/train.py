@@ -20,7 +20,7 @@ from rich.console import Console
 
 from fsdp_kit import data, distributed, models
 from fsdp_kit.checkpoint import EXIT_REQUEUE, Manager, RunIdentity
-from fsdp_kit.config import TrainConfig, to_yaml
+from fsdp_kit.config import CONFIG_DIR, TrainConfig, to_yaml
 from fsdp_kit.errors import FsdpKitError
 from fsdp_kit.launch.requeue import request_requeue
 from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
@@ -30,7 +30,6 @@ from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
 from fsdp_kit.run_dir import register_resolvers
 from fsdp_kit.trainer import FitResult, Trainer
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PREEMPTED_MARKER = "preempted"
 
 

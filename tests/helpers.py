@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from fsdp_kit.config import TrainConfig
+from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.run_dir import register_resolvers
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -49,7 +49,7 @@ def compose_cfg(overrides: list[str]):
 
 def job(run_dir: Path | str, *overrides: str, fast: bool = True) -> TrainConfig:
     """A typed job from the shipped configs plus overrides (later overrides win)."""
-    return TrainConfig.from_hydra(compose_cfg([*(FAST if fast else []), f"run_dir={run_dir}", *overrides]))
+    return compose_job([*(FAST if fast else []), f"run_dir={run_dir}", *overrides])
 
 
 def free_port() -> int:

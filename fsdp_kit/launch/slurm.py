@@ -5,33 +5,12 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import HydraException, OverrideParseException
-from omegaconf.errors import OmegaConfBaseException
-
-from fsdp_kit.config import TrainConfig
+from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.errors import ConfigError
-from fsdp_kit.run_dir import register_resolvers
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
-
-
-def compose_job(overrides: list[str]) -> TrainConfig:
-    """The typed config the job will compose from ``overrides`` (outside a Hydra app)."""
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = compose("train", overrides=[*overrides, "run_dir=outputs/unsubmitted"])
-    except OverrideParseException as err:
-        raise ConfigError(f"cannot parse the override {err.override!r} ({str(err).splitlines()[0]})",
-                          "quote values with spaces, '=' or brackets the Hydra way: key='a value'") from None
-    except (HydraException, OmegaConfBaseException, ValueError) as err:  # unknown keys/options, bad values
-        raise ConfigError(str(err).strip().splitlines()[0], "check the override's key and value") from None
-    return TrainConfig.from_hydra(cfg)
+__all__ = ["available_partitions", "check", "compose_job", "job_name", "procs_per_node", "timeout_minutes",
+           "world_size"]
 
 
 def job_name(job: TrainConfig) -> str:

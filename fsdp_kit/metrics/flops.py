@@ -24,16 +24,19 @@ class FlopCounter:
 
     def flops(self, batch: dict[str, torch.Tensor]) -> int:
         """Forward + backward FLOPs of one training step on ``batch`` (shapes only)."""
-        key = tuple(sorted((name, tuple(tensor.shape)) for name, tensor in batch.items()))
+        return self.flops_for_shapes({name: tuple(tensor.shape) for name, tensor in batch.items()})
+
+    def flops_for_shapes(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        key = tuple(sorted(shapes.items()))
         if key not in self._cache:
-            self._cache[key] = self._count(batch)
+            self._cache[key] = self._count(shapes)
         return self._cache[key]
 
-    def _count(self, batch: dict[str, torch.Tensor]) -> int:
+    def _count(self, shapes: dict[str, tuple[int, ...]]) -> int:
         counter = FlopCounterMode(display=False)
         # Fake tensors on meta: no memory, no compute, and HF skips its value-reading checks for them.
         with FakeTensorMode(allow_non_fake_inputs=True):
-            fake_batch = {name: torch.zeros(t.shape, dtype=t.dtype, device="meta") for name, t in batch.items()}
+            fake_batch = {name: torch.zeros(shape, dtype=torch.long, device="meta") for name, shape in shapes.items()}
             with counter:
                 loss_sum, _ = token_loss(self._model, fake_batch)
                 loss_sum.backward()

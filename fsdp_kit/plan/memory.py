@@ -1,0 +1,113 @@
+"""Per-GPU memory of a training step, broken down, from the model's real shapes and the policies.
+
+Assumptions (printed with every plan): FSDP2 keeps sharded gradients in the parameter dtype; optimizer states
+follow the optimizer's dtypes; with resharding, two units are unsharded at a time (the running one and the
+prefetched next) plus the running unit's full gradient before its reduce-scatter; without resharding
+(shard_grad_op, hybrid_shard_zero2, no_shard) every unit stays unsharded from forward to backward. CPU offload
+moves parameters, gradients and optimizer states to host memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from fsdp_kit.config import TrainConfig
+from fsdp_kit.plan.activations import ActivationProfile
+from fsdp_kit.policies.precision import compute_dtype, mixed_precision_policy, param_dtype
+from fsdp_kit.policies.sharding import reshard_after_forward
+from fsdp_kit.policies.wrapping import fsdp_units
+
+GB = 1e9
+# cuBLAS/cuDNN workspaces, NCCL buffers and allocator slack that max_memory_allocated sees; see
+# benchmarks/results/plan_vs_measured.md for how this single constant compares with measurements.
+WORKSPACE_BYTES = 1.0 * GB
+_OPTIM_STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs from the model: parameter count and the sizes of the FSDP units."""
+
+    params: int
+    largest_unit: int
+    units: int
+
+    @classmethod
+    def of(cls, model: nn.Module, job: TrainConfig, layer_cls: tuple[type[nn.Module], ...]) -> ModelShape:
+        units = fsdp_units(model, job.wrap, layer_cls)
+        unit_params = [sum(p.numel() for p in unit.parameters()) for unit in units]
+        total = sum(p.numel() for p in model.parameters())
+        root = total - sum(unit_params)
+        return cls(total, max([root, *unit_params]), len(units) + 1)
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    params: float
+    grads: float
+    optimizer: float
+    unsharded_units: float
+    activations: float
+    workspace: float
+
+    @property
+    def total(self) -> float:
+        return sum(asdict(self).values())
+
+    def as_gb(self) -> dict[str, float]:
+        return {**{k: v / GB for k, v in asdict(self).items()}, "total": self.total / GB}
+
+
+def shard_factor(job: TrainConfig, world_size: int, gpus_per_node: int) -> int:
+    """Over how many ranks parameters, gradients and optimizer states are divided."""
+    strategy = job.sharding.strategy
+    if strategy == "no_shard":
+        return 1
+    if strategy.startswith("hybrid"):
+        return job.sharding.shard_group_size or gpus_per_node or world_size
+    return world_size
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def optimizer_bytes_per_param(job: TrainConfig) -> int:
+    if job.optim.name == "anyprecision":
+        states = [job.optim.momentum_dtype, job.optim.variance_dtype]
+        if job.optim.use_kahan_summation:
+            states.append(job.optim.compensation_buffer_dtype)
+        return sum(_OPTIM_STATE_BYTES[s] for s in states)
+    return 2 * _bytes(param_dtype(job.precision))  # torch AdamW keeps both moments in the parameter dtype
+
+
+def checkpointed_layers(job: TrainConfig, layer_count: int) -> set[int]:
+    if job.ac.mode == "none":
+        return set()
+    stride = job.ac.every_n if job.ac.mode == "every_n" else 1
+    return set(range(0, layer_count, stride))
+
+
+def breakdown(job: TrainConfig, shape: ModelShape, activations: ActivationProfile, batch: int, world_size: int,
+              gpus_per_node: int) -> MemoryBreakdown:
+    factor = shard_factor(job, world_size, gpus_per_node)
+    pbytes = _bytes(param_dtype(job.precision))
+    cbytes = _bytes(compute_dtype(job.precision))
+    reduce_dtype = mixed_precision_policy(job.precision).reduce_dtype
+    rbytes = _bytes(reduce_dtype) if reduce_dtype is not None else cbytes
+    on_gpu = 0.0 if job.sharding.cpu_offload else 1.0
+    params = on_gpu * shape.params * pbytes / factor
+    grads = on_gpu * shape.params * pbytes / factor
+    optimizer = on_gpu * shape.params * optimizer_bytes_per_param(job) / factor
+    if factor == 1 and cbytes == pbytes and not job.sharding.cpu_offload:
+        unsharded = 0.0  # nothing to gather: the "unsharded" parameters are the parameters themselves
+    elif reshard_after_forward(job.sharding):
+        unsharded = (min(2, shape.units) * cbytes + rbytes) * shape.largest_unit
+    else:
+        unsharded = shape.params * cbytes + shape.largest_unit * rbytes
+    checkpointed = checkpointed_layers(job, len(activations.per_layer))
+    act = batch * (activations.saved(checkpointed) + activations.backward_working_set(checkpointed))
+    return MemoryBreakdown(params, grads, optimizer, unsharded, act, WORKSPACE_BYTES)
