@@ -18,7 +18,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, ValidationError
 
-from fsdp_kit.errors import ConfigError
+from fsdp_kit.errors import ConfigError, first_line
 
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16_pure")
 SHARDING_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard")
@@ -452,10 +452,10 @@ def compose_job(overrides: list[str]) -> TrainConfig:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = compose("train", overrides=["run_dir=outputs/unsubmitted", *overrides])
     except OverrideParseException as err:
-        raise ConfigError(f"cannot parse the override {err.override!r} ({str(err).splitlines()[0]})",
+        raise ConfigError(f"cannot parse the override {err.override!r} ({first_line(err)})",
                           "quote values with spaces, '=' or brackets the Hydra way: key='a value'") from None
     except (HydraException, OmegaConfBaseException, ValueError) as err:  # unknown keys/options, bad values
-        raise ConfigError(str(err).strip().splitlines()[0], "check the override's key and value") from None
+        raise ConfigError(first_line(err), "check the override's key and value") from None
     return TrainConfig.from_hydra(cfg)
 
 

@@ -20,3 +20,9 @@ class ConfigError(FsdpKitError):
 
 class CheckpointError(FsdpKitError):
     """A checkpoint is missing, partial, corrupt or does not match the model."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type), for one-line user errors."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]

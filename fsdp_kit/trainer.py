@@ -56,7 +56,7 @@ class Trainer:
         if self.state.step >= self.cfg.max_steps:
             self.reporter.info(f"already trained to step {self.state.step} (trainer.max_steps={self.cfg.max_steps})")
         if self.state.step == 0 and self.cfg.eval_every:
-            result.evals.append(self._evaluate(0, generate=False))  # the starting point "it learned" is judged by
+            result.evals.append(self._evaluate(0, generate=False))  # the starting point learning is judged against
         batches = iter(self.data.train_loader(self.cfg.batch_size, self.env.rank, self.env.world_size,
                                               start_sample=self.state.samples_seen,
                                               pin_memory=self.env.device_type == "cuda"))

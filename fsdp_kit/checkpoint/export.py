@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from fsdp_kit.checkpoint.manager import read_marker
 from fsdp_kit.data.tokenizer import build_tokenizer
-from fsdp_kit.errors import CheckpointError
+from fsdp_kit.errors import CheckpointError, first_line
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -34,7 +34,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | 
         dcp.load({"model": state}, checkpoint_id=str(source), no_dist=True)
     except (Exception, CheckpointException) as err:  # DCP raises many types for damaged shards
         raise CheckpointError(f"reading the weights of {source} failed ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:300]})", "export another checkpoint") from None
+                              f"{first_line(err)})", "export another checkpoint") from None
     if dtype is not None:
         model.to(dtype)
     model.save_pretrained(target)

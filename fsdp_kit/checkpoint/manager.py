@@ -31,7 +31,7 @@ from fsdp_kit import __version__
 from fsdp_kit.checkpoint.preemption import PreemptionFlag
 from fsdp_kit.checkpoint.state import TrainState, load_rng, save_rng
 from fsdp_kit.config import CheckpointConfig
-from fsdp_kit.errors import CheckpointError
+from fsdp_kit.errors import CheckpointError, first_line
 
 MARKER = "fsdp_kit.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -106,7 +106,7 @@ class Manager:
             payload = state.state_dict()
             dcp.load(payload, checkpoint_id=str(source))
         except (Exception, CheckpointException) as err:  # DCP raises many types for damaged shards
-            raise CheckpointError(f"loading {source} failed ({type(err).__name__}: {str(err).splitlines()[0][:300]})",
+            raise CheckpointError(f"loading {source} failed ({type(err).__name__}: {first_line(err)})",
                                   "the shards are damaged or incomplete; resume from another checkpoint") from None
         state.load_state_dict(payload)
         load_rng(source / "rng" / f"rank_{self.rank}.pt")

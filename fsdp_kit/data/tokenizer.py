@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
-from fsdp_kit.errors import ConfigError
+from fsdp_kit.errors import ConfigError, first_line
 
 
 def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -13,6 +13,5 @@ def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"data.tokenizer={name!r} cannot be loaded ({first_line})",
+        raise ConfigError(f"data.tokenizer={name!r} cannot be loaded ({first_line(err)})",
                           "use data.tokenizer=byt5 (offline), a local tokenizer folder or a hub name") from None

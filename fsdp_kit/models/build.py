@@ -8,7 +8,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
 
 from fsdp_kit.config import ModelConfig
-from fsdp_kit.errors import ConfigError
+from fsdp_kit.errors import ConfigError, first_line
 
 _DROPOUT_SUFFIXES = ("dropout", "dropout_rate", "_pdrop", "dropout_prob")
 
@@ -19,9 +19,8 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         try:
             config = AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(
-                f"model.pretrained={cfg.pretrained!r} cannot be loaded ({first_line})",
+                f"model.pretrained={cfg.pretrained!r} cannot be loaded ({first_line(err)})",
                 "pass a local folder holding config.json and weights, or a hub name reachable from this machine",
             ) from None
     else:
