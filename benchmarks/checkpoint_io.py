@@ -23,8 +23,8 @@ from fsdp_kit import distributed, models
 from fsdp_kit.checkpoint import Manager, RunIdentity, TrainState
 from fsdp_kit.metrics import synchronize
 from fsdp_kit.optim import build_optimizer, build_schedule
-from fsdp_kit.policies import Policies, apply_policies
 from fsdp_kit.policies.precision import param_dtype
+from fsdp_kit.train import shard_and_materialize
 
 
 def main() -> None:
@@ -39,8 +39,7 @@ def main() -> None:
     identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer)
     runtime = distributed.detect()
     with distributed.session(runtime, job.dist, job.sharding) as env:
-        apply_policies(model, Policies(job.precision, job.sharding, job.wrap, job.ac), env.mesh)
-        models.materialize(model, job.model, env.device, env.rank, seed=0)
+        shard_and_materialize(model, job, env)
         optimizer = build_optimizer(model, job.optim)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)

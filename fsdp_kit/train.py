@@ -17,15 +17,17 @@ import torch.distributed as dist
 import transformers
 from omegaconf import DictConfig
 from rich.console import Console
+from transformers import PreTrainedModel
 
 from fsdp_kit import data, distributed, models
 from fsdp_kit.checkpoint import EXIT_REQUEUE, Manager, RunIdentity
 from fsdp_kit.config import CONFIG_DIR, TrainConfig, to_yaml
+from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import FsdpKitError
 from fsdp_kit.launch.requeue import request_requeue
 from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
 from fsdp_kit.optim import build_optimizer, build_schedule
-from fsdp_kit.policies import Policies, apply_policies, check_policies
+from fsdp_kit.policies import Applied, Policies, apply_policies, check_policies
 from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
 from fsdp_kit.run_dir import register_resolvers
 from fsdp_kit.trainer import FitResult, Trainer
@@ -43,16 +45,14 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
 
     config = models.hf_config(job.model)
     model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
-    policies = Policies(job.precision, job.sharding, job.wrap, job.ac, compile=job.trainer.compile)
-    check_policies(model, policies)
+    check_policies(model, Policies.of(job))
     identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer)
     dataset = data.build(job.data, config)
 
     with distributed.session(runtime, job.dist, job.sharding) as env:
         run_dir = _agreed_run_dir(job.run_dir, env.world_size, env.is_main)
         reporter = Reporter(run_dir, job.metrics, job.trainer.max_steps, enabled=env.is_main, console=console)
-        applied = apply_policies(model, policies, env.mesh)
-        models.materialize(model, job.model, env.device, env.rank, seed=job.trainer.seed)
+        applied = shard_and_materialize(model, job, env)
         torch.manual_seed(job.trainer.seed + env.rank)  # each rank draws its own dropout masks
         optimizer = build_optimizer(model, job.optim)
         schedule = build_schedule(optimizer, job.trainer)
@@ -74,6 +74,13 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
             (run_dir / PREEMPTED_MARKER).write_text(f"{trainer.state.step}\n")
             reporter.info(f"preempted: saved step {trainer.state.step}; {request_requeue()}")
         return result
+
+
+def shard_and_materialize(model: PreTrainedModel, job: TrainConfig, env: DistEnv) -> Applied:
+    """Apply the policies to the meta-device ``model`` (AC -> compile -> FSDP) and fill its local shards."""
+    applied = apply_policies(model, Policies.of(job), env.mesh)
+    models.materialize(model, job.model, env.device, env.rank, seed=job.trainer.seed)
+    return applied
 
 
 def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> Path:

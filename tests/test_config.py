@@ -45,7 +45,7 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
         assert group == "data" and option == "hf" and "datasets" in str(err)
     if group == "model":
         meta = models.build(cfg.model)  # on meta: no memory, even for T5-11B
-        check_policies(meta, Policies(cfg.precision, cfg.sharding, cfg.wrap, cfg.ac))
+        check_policies(meta, Policies.of(cfg))
         assert sum(p.numel() for p in meta.parameters()) > 0
 
 
@@ -92,7 +92,7 @@ def test_bad_config_is_rejected_with_a_fix(overrides, world, message, tmp_path):
     cfg = job(tmp_path, *overrides)
     with pytest.raises(Exception) as info:
         cfg.validated(world_size=world, device_type="cpu")
-        check_policies(models.build(cfg.model), Policies(cfg.precision, cfg.sharding, cfg.wrap, cfg.ac))
+        check_policies(models.build(cfg.model), Policies.of(cfg))
     assert message in str(info.value)
     assert "Fix:" in str(info.value)
 

@@ -119,13 +119,12 @@ def _state_bytes_per_rank(cfg):
     """Rank body: bytes of this rank's parameter, gradient and optimizer-state shards after one step."""
     from fsdp_kit import distributed, models
     from fsdp_kit.optim import build_optimizer
-    from fsdp_kit.policies import Policies, apply_policies
     from fsdp_kit.policies.precision import param_dtype
+    from fsdp_kit.train import shard_and_materialize
 
     model = models.build(cfg.model, dtype=param_dtype(cfg.precision))
     with distributed.session(distributed.detect(), cfg.dist, cfg.sharding) as env:
-        apply_policies(model, Policies(cfg.precision, cfg.sharding, cfg.wrap, cfg.ac), env.mesh)
-        models.materialize(model, cfg.model, env.device, env.rank, seed=0)
+        shard_and_materialize(model, cfg, env)
         optimizer = build_optimizer(model, cfg.optim)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)

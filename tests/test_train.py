@@ -87,13 +87,11 @@ def _materialized_state(cfg):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from fsdp_kit import distributed, models
-    from fsdp_kit.policies import Policies, apply_policies
+    from fsdp_kit.train import shard_and_materialize
 
-    runtime = distributed.detect()
     model = models.build(cfg.model)
-    with distributed.session(runtime, cfg.dist, cfg.sharding) as env:
-        apply_policies(model, Policies(cfg.precision, cfg.sharding, cfg.wrap, cfg.ac), env.mesh)
-        models.materialize(model, cfg.model, env.device, env.rank, seed=0)
+    with distributed.session(distributed.detect(), cfg.dist, cfg.sharding) as env:
+        shard_and_materialize(model, cfg, env)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.clone() for k, v in state.items()}
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from fsdp_kit.config import ActivationCheckpointConfig, PrecisionConfig, ShardingConfig, WrapConfig
+from fsdp_kit.config import ActivationCheckpointConfig, PrecisionConfig, ShardingConfig, TrainConfig, WrapConfig
 from fsdp_kit.models.build import layer_classes, layers
 from fsdp_kit.policies.activation import apply_checkpointing
 from fsdp_kit.policies.precision import mixed_precision_policy
@@ -26,6 +26,10 @@ class Policies:
     wrap: WrapConfig
     ac: ActivationCheckpointConfig
     compile: bool = False
+
+    @classmethod
+    def of(cls, job: TrainConfig) -> Policies:
+        return cls(job.precision, job.sharding, job.wrap, job.ac, compile=job.trainer.compile)
 
     @property
     def needs_layer_classes(self) -> bool:
