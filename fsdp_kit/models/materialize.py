@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -77,28 +78,25 @@ def _post_order(module: nn.Module, stop_at: set[int]) -> Iterator[nn.Module]:
     yield module
 
 
-class _full_size_parameters:
-    """Temporarily replace the modules' sharded parameters with full-size plain ones (tied ones stay tied)."""
-
-    def __init__(self, modules: list[nn.Module], device: torch.device) -> None:
-        self.modules = modules
-        self.device = device
-        self.swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-        self.full: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-
-    def __enter__(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        for module in self.modules:
-            for name, param in list(module._parameters.items()):
-                if param is None:
-                    continue
-                if id(param) not in self.full:
-                    self.full[id(param)] = (param, torch.empty(param.shape, dtype=param.dtype, device=self.device))
-                module._parameters[name] = nn.Parameter(self.full[id(param)][1], requires_grad=False)
-                self.swapped.append((module, name, param))
-        return list(self.full.values())
-
-    def __exit__(self, *exc: object) -> None:
-        for module, name, param in self.swapped:
+@contextmanager
+def _full_size_parameters(modules: list[nn.Module], device: torch.device) -> Iterator[list[tuple[nn.Parameter,
+                                                                                                  torch.Tensor]]]:
+    """Temporarily replace the modules' sharded parameters with full-size plain ones (tied ones stay tied);
+    yields (sharded parameter, full tensor) pairs."""
+    full: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    for module in modules:
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in full:
+                full[id(param)] = (param, torch.empty(param.shape, dtype=param.dtype, device=device))
+            module._parameters[name] = nn.Parameter(full[id(param)][1], requires_grad=False)
+            swapped.append((module, name, param))
+    try:
+        yield list(full.values())
+    finally:
+        for module, name, param in swapped:
             module._parameters[name] = param
 
 

@@ -71,7 +71,7 @@ def shard_factor(job: TrainConfig, world_size: int, gpus_per_node: int) -> int:
     return world_size
 
 
-def _bytes(dtype: torch.dtype) -> int:
+def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -81,7 +81,7 @@ def optimizer_bytes_per_param(job: TrainConfig) -> int:
         if job.optim.use_kahan_summation:
             states.append(job.optim.compensation_buffer_dtype)
         return sum(_OPTIM_STATE_BYTES[s] for s in states)
-    return 2 * _bytes(param_dtype(job.precision))  # torch AdamW keeps both moments in the parameter dtype
+    return 2 * dtype_bytes(param_dtype(job.precision))  # torch AdamW keeps both moments in the parameter dtype
 
 
 def checkpointed_layers(job: TrainConfig, layer_count: int) -> set[int]:
@@ -94,10 +94,10 @@ def checkpointed_layers(job: TrainConfig, layer_count: int) -> set[int]:
 def breakdown(job: TrainConfig, shape: ModelShape, activations: ActivationProfile, batch: int, world_size: int,
               gpus_per_node: int) -> MemoryBreakdown:
     factor = shard_factor(job, world_size, gpus_per_node)
-    pbytes = _bytes(param_dtype(job.precision))
-    cbytes = _bytes(compute_dtype(job.precision))
+    pbytes = dtype_bytes(param_dtype(job.precision))
+    cbytes = dtype_bytes(compute_dtype(job.precision))
     reduce_dtype = mixed_precision_policy(job.precision).reduce_dtype
-    rbytes = _bytes(reduce_dtype) if reduce_dtype is not None else cbytes
+    rbytes = dtype_bytes(reduce_dtype) if reduce_dtype is not None else cbytes
     on_gpu = 0.0 if job.sharding.cpu_offload else 1.0
     params = on_gpu * shape.params * pbytes / factor
     grads = on_gpu * shape.params * pbytes / factor
