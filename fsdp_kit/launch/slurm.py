@@ -53,8 +53,6 @@ def check(job: TrainConfig, local_checks: bool = True) -> None:
     if not _valid_time(slurm.time):
         raise ConfigError(f"slurm.time={slurm.time!r} is not a Slurm time limit",
                           "use HH:MM:SS or D-HH:MM:SS, e.g. slurm.time=04:00:00")
-    if job.trainer.batch_size < 1:
-        raise ConfigError("trainer.batch_size must be set for a Slurm job", "pass trainer.batch_size=<n>")
     device_type = "cuda" if cluster.gpus_per_node else "cpu"
     job.validated(world_size=world_size(job), device_type=device_type, probe_device=False,
                   check_files=local_checks)

@@ -75,6 +75,14 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def precision_bytes(job: TrainConfig) -> tuple[int, int, int]:
+    """Bytes per element of (master parameters and gradients, compute copies, gradient reductions)."""
+    compute = dtype_bytes(compute_dtype(job.precision))
+    reduce_dtype = mixed_precision_policy(job.precision).reduce_dtype
+    return (dtype_bytes(param_dtype(job.precision)), compute,
+            dtype_bytes(reduce_dtype) if reduce_dtype is not None else compute)
+
+
 def optimizer_bytes_per_param(job: TrainConfig) -> int:
     if job.optim.name == "anyprecision":
         states = [job.optim.momentum_dtype, job.optim.variance_dtype]
@@ -94,10 +102,7 @@ def checkpointed_layers(job: TrainConfig, layer_count: int) -> set[int]:
 def breakdown(job: TrainConfig, shape: ModelShape, activations: ActivationProfile, batch: int, world_size: int,
               gpus_per_node: int) -> MemoryBreakdown:
     factor = shard_factor(job, world_size, gpus_per_node)
-    pbytes = dtype_bytes(param_dtype(job.precision))
-    cbytes = dtype_bytes(compute_dtype(job.precision))
-    reduce_dtype = mixed_precision_policy(job.precision).reduce_dtype
-    rbytes = dtype_bytes(reduce_dtype) if reduce_dtype is not None else cbytes
+    pbytes, cbytes, rbytes = precision_bytes(job)
     on_gpu = 0.0 if job.sharding.cpu_offload else 1.0
     params = on_gpu * shape.params * pbytes / factor
     grads = on_gpu * shape.params * pbytes / factor

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fsdp_kit.config import TrainConfig
-from fsdp_kit.plan.memory import ModelShape, dtype_bytes, shard_factor
-from fsdp_kit.policies.precision import compute_dtype, mixed_precision_policy
+from fsdp_kit.plan.memory import ModelShape, precision_bytes, shard_factor
 from fsdp_kit.policies.sharding import reshard_after_forward
 
 RESULTS = Path(__file__).resolve().parent.parent.parent / "benchmarks" / "results"
@@ -78,9 +77,7 @@ def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, b
 
     factor = shard_factor(job, world, cluster.gpus_per_node)
     replicas = world // factor
-    cbytes = dtype_bytes(compute_dtype(job.precision))
-    reduce_dtype = mixed_precision_policy(job.precision).reduce_dtype
-    rbytes = dtype_bytes(reduce_dtype) if reduce_dtype is not None else cbytes
+    _, cbytes, rbytes = precision_bytes(job)
     gathers = 2 if reshard_after_forward(job.sharding) else 1
     shard_traffic = shape.params * (gathers * cbytes + rbytes) * (factor - 1) / factor
     replica_traffic = 2 * shape.params / factor * rbytes * (replicas - 1) / replicas if replicas > 1 else 0.0
