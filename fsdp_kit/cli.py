@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fsdp_kit.errors import FsdpKitError
+from fsdp_kit.errors import ConfigError, FsdpKitError
 
 
 def _export(argv: list[str]) -> int:
@@ -66,9 +66,10 @@ def _submit(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("usage: fsdp-kit submit [hydra overrides]  (cluster=..., cluster.nodes=..., slurm.*, training overrides)")
         return 0
+    from fsdp_kit.launch.slurm import run_dir
+
     job, cfg = submit(argv)
-    print(f"submitted Slurm job {job.job_id}: {cfg.cluster.nodes} node(s), run dir "
-          f"{cfg.slurm.output_root}/{cfg.slurm.job_name or 'fsdp-' + cfg.model.name}-{job.job_id}")
+    print(f"submitted Slurm job {job.job_id}: {cfg.cluster.nodes} node(s), run dir {run_dir(cfg, job.job_id)}")
     print(f"logs: {job.paths.stdout} (stdout), {job.paths.stderr} (stderr)")
     return 0
 
@@ -84,6 +85,11 @@ def _pcluster_check(argv: list[str]) -> int:
 
     from fsdp_kit.launch.pcluster import check_cluster_yaml, fill_placeholders
 
+    bad = [item for item in args.set if "=" not in item]
+    if bad:
+        raise ConfigError(f"--set {bad[0]!r} is not NAME=VALUE", "pass e.g. --set SUBNET_ID=subnet-0123")
+    if not Path(args.file).is_file():
+        raise ConfigError(f"{args.file} does not exist", "pass the path of a ParallelCluster YAML file")
     values = dict(item.split("=", 1) for item in args.set)
     warnings = check_cluster_yaml(fill_placeholders(Path(args.file).read_text(), values))
     for warning in warnings:

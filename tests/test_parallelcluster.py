@@ -67,3 +67,8 @@ def test_cli_checks_a_file(tmp_path):
     assert ok.returncode == 0 and "valid for ParallelCluster" in ok.stdout, ok.stderr
     missing = subprocess.run([fsdp_kit, "pcluster-check", str(FILES[0])], capture_output=True, text=True)
     assert missing.returncode == 2 and "unreplaced placeholder" in missing.stderr
+    absent = subprocess.run([fsdp_kit, "pcluster-check", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert absent.returncode == 2 and "nope.yaml does not exist" in absent.stderr and "Traceback" not in absent.stderr
+    bad_set = subprocess.run([fsdp_kit, "pcluster-check", str(FILES[0]), "--set", "REGION"], capture_output=True,
+                             text=True)
+    assert bad_set.returncode == 2 and "is not NAME=VALUE" in bad_set.stderr

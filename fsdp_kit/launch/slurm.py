@@ -5,16 +5,22 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.errors import ConfigError
 
-__all__ = ["available_partitions", "check", "compose_job", "job_name", "procs_per_node", "timeout_minutes",
+__all__ = ["available_partitions", "check", "compose_job", "job_name", "procs_per_node", "run_dir", "timeout_minutes",
            "world_size"]
 
 
 def job_name(job: TrainConfig) -> str:
     return job.slurm.job_name or f"fsdp-{job.model.name}"
+
+
+def run_dir(job: TrainConfig, job_id: str) -> Path:
+    """Where a Slurm job trains: the same after a requeue (same job id), so it finds its checkpoints."""
+    return Path(job.slurm.output_root) / f"{job_name(job)}-{job_id}"
 
 
 def procs_per_node(job: TrainConfig) -> int:

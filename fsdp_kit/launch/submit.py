@@ -10,7 +10,7 @@ from typing import Any
 import submitit
 
 from fsdp_kit.config import TrainConfig
-from fsdp_kit.launch.slurm import check, compose_job, job_name, procs_per_node, timeout_minutes
+from fsdp_kit.launch.slurm import check, compose_job, job_name, procs_per_node, run_dir, timeout_minutes
 
 
 @dataclass
@@ -25,7 +25,7 @@ class TrainJob:
         from fsdp_kit.train import run
 
         job = compose_job(self.overrides)
-        job.run_dir = str(Path(job.slurm.output_root) / f"{job_name(job)}-{os.environ['SLURM_JOB_ID']}")
+        job.run_dir = str(run_dir(job, os.environ["SLURM_JOB_ID"]))
         result = run(job)  # on preemption it saved and asked Slurm to requeue
         return None if result.preempted else result.summary
 
