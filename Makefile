@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint clean
+.PHONY: setup train test lint wheel clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,11 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+wheel: $(STAMP)
+	$(PIP) wheel --no-deps --no-build-isolation -w dist .
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fsdp_kit tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun .pytest_cache build dist

@@ -1,29 +1,47 @@
-"""``fsdp-kit``: one console script for the user's paths.
+"""``fsdp-kit``: one console script for the user's paths, one argparse parser with a subcommand each.
 
-  fsdp-kit train [hydra overrides]          train (the Hydra app ``python -m fsdp_kit.train``)
-  fsdp-kit export CHECKPOINT OUT_DIR        sharded checkpoint -> HF save_pretrained folder
-  fsdp-kit slurm [-o FILE] [overrides]      render a ready sbatch file for the overrides
-  fsdp-kit submit [overrides]               submit a multi-node job through submitit
-  fsdp-kit pcluster-check FILE [--set K=V]  check a ParallelCluster YAML offline (needs the [aws] extra)
-  fsdp-kit plan [overrides]                 per-GPU memory, largest batch and step time for a cluster
+``fsdp-kit train`` hands its arguments to the Hydra app (``python -m fsdp_kit.train``); the other commands take
+Hydra overrides too, composed against the same configs. ``--config-dir DIR`` adds a folder of your own configs
+(e.g. ``DIR/cluster/mine.yaml``, used as ``cluster=mine``) beside the shipped ones, for every command.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-from fsdp_kit.errors import ConfigError, FsdpKitError
+from fsdp_kit.errors import ConfigError, FsdpKitError, report_error
+
+_OVERRIDES_HELP = "Hydra overrides, e.g. model=t5_3b precision=bf16 cluster=p4d cluster.nodes=3"
+_CONFIG_DIR_HELP = "a folder of your own configs, searched beside the shipped ones (e.g. DIR/cluster/mine.yaml)"
 
 
-def _export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fsdp-kit export",
-                                     description="Write a HF save_pretrained folder from a sharded checkpoint.")
-    parser.add_argument("checkpoint", help="a complete checkpoint folder, e.g. RUN_DIR/checkpoints/step_500")
-    parser.add_argument("out_dir", help="new (or empty) output folder")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="cast the weights (default: as saved)")
-    args = parser.parse_args(argv)
+def _with_config_dir(args: argparse.Namespace) -> list[str]:
+    from fsdp_kit.config import search_path_override
+
+    return ([search_path_override(args.config_dir)] if args.config_dir else []) + list(args.overrides)
+
+
+def _compose(args: argparse.Namespace):
+    from fsdp_kit.config import compose_job
+
+    overrides = _with_config_dir(args)
+    return compose_job(overrides), overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fsdp_kit import train
+
+    extra = ["--config-dir", str(Path(args.config_dir).resolve())] if args.config_dir else []
+    sys.argv = ["fsdp-kit train", *extra, *args.overrides]
+    train.main()
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
     import torch
 
     from fsdp_kit.checkpoint.export import export_hf
@@ -33,23 +51,13 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
-def _slurm(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fsdp-kit slurm", description="Render an sbatch file from Hydra overrides "
-                                     "(cluster=p4d cluster.nodes=3 slurm.partition=... plus training overrides).")
-    parser.add_argument("-o", "--output", help="write here (default: stdout)")
-    parser.add_argument("--no-local-checks", action="store_true",
-                        help="skip checks only this machine can do (data paths, Slurm partitions): for another cluster")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    import shlex
-    from pathlib import Path
-
+def _slurm(args: argparse.Namespace) -> int:
     from fsdp_kit.launch.sbatch import render
-    from fsdp_kit.launch.slurm import check, compose_job
+    from fsdp_kit.launch.slurm import check
 
-    job = compose_job(args.overrides)
+    job, overrides = _compose(args)
     check(job, local_checks=not args.no_local_checks)
-    text = render(job, args.overrides, render_args=" ".join(map(shlex.quote, argv)),
+    text = render(job, overrides, render_args=" ".join(map(shlex.quote, args.argv)),
                   file_hint=args.output or "job.sbatch")
     Path(job.slurm.log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create the log folder
     if args.output:
@@ -60,29 +68,17 @@ def _slurm(argv: list[str]) -> int:
     return 0
 
 
-def _submit(argv: list[str]) -> int:
+def _submit(args: argparse.Namespace) -> int:
+    from fsdp_kit.launch.slurm import run_dir
     from fsdp_kit.launch.submit import submit
 
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: fsdp-kit submit [hydra overrides]  (cluster=..., cluster.nodes=..., slurm.*, training overrides)")
-        return 0
-    from fsdp_kit.launch.slurm import run_dir
-
-    job, cfg = submit(argv)
+    job, cfg = submit(_with_config_dir(args))
     print(f"submitted Slurm job {job.job_id}: {cfg.cluster.nodes} node(s), run dir {run_dir(cfg, job.job_id)}")
     print(f"logs: {job.paths.stdout} (stdout), {job.paths.stderr} (stderr)")
     return 0
 
 
-def _pcluster_check(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fsdp-kit pcluster-check",
-                                     description="Check a ParallelCluster YAML with ParallelCluster's own schema.")
-    parser.add_argument("file")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="fill a ${NAME} placeholder (repeatable)")
-    args = parser.parse_args(argv)
-    from pathlib import Path
-
+def _pcluster_check(args: argparse.Namespace) -> int:
     from fsdp_kit.launch.pcluster import check_cluster_yaml, fill_placeholders
 
     bad = [item for item in args.set if "=" not in item]
@@ -91,48 +87,101 @@ def _pcluster_check(argv: list[str]) -> int:
     if not Path(args.file).is_file():
         raise ConfigError(f"{args.file} does not exist", "pass the path of a ParallelCluster YAML file")
     values = dict(item.split("=", 1) for item in args.set)
-    warnings = check_cluster_yaml(fill_placeholders(Path(args.file).read_text(), values))
-    for warning in warnings:
+    for warning in check_cluster_yaml(fill_placeholders(Path(args.file).read_text(), values)):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.file}: valid for ParallelCluster")
     return 0
 
 
-def _plan(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: fsdp-kit plan [hydra overrides]   e.g. model=t5_11b precision=bf16 ac=full cluster=p4de "
-              "cluster.nodes=3 trainer.batch_size=8")
-        return 0
-    from fsdp_kit.launch.slurm import compose_job
+def _plan(args: argparse.Namespace) -> int:
     from fsdp_kit.plan import make_plan
     from fsdp_kit.plan.report import show
 
-    show(make_plan(compose_job(argv)))
+    job, _ = _compose(args)
+    show(make_plan(job))
     return 0
 
 
-def _train(argv: list[str]) -> int:
-    from fsdp_kit import train
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the command, exit code 2 (argparse's own convention)."""
 
-    sys.argv = ["fsdp-kit train", *argv]
-    train.main()
-    return 0
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}. Fix: see `{self.prog} --help`.\n")
 
 
-COMMANDS = {"train": _train, "export": _export, "slurm": _slurm, "submit": _submit,
-            "pcluster-check": _pcluster_check, "plan": _plan}
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config-dir", metavar="DIR", help=_CONFIG_DIR_HELP)
+    parser.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fsdp-kit", description=__doc__.splitlines()[0].strip("`: "),
+                     epilog="`fsdp-kit COMMAND --help` describes each command.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+
+    train = commands.add_parser("train", help="train (the Hydra app `python -m fsdp_kit.train`)",
+                                description="Train. Every Hydra option works: --cfg job, -m for sweeps, ...",
+                                add_help=False)
+    train.add_argument("--config-dir", metavar="DIR", help=_CONFIG_DIR_HELP)
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides and options (--help: Hydra's)")
+    train.set_defaults(handler=_train)
+
+    export = commands.add_parser("export", help="sharded checkpoint -> HF save_pretrained folder",
+                                 description="Write a HF save_pretrained folder from a sharded checkpoint.")
+    export.add_argument("checkpoint", help="a complete checkpoint folder, e.g. RUN_DIR/checkpoints/step_500")
+    export.add_argument("out_dir", help="new (or empty) output folder")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="cast the weights (default: as saved)")
+    export.set_defaults(handler=_export)
+
+    slurm = commands.add_parser("slurm", help="render a ready sbatch file for the overrides",
+                                description="Render an sbatch file from Hydra overrides (cluster=p4d "
+                                            "cluster.nodes=3 slurm.partition=... plus training overrides).")
+    slurm.add_argument("-o", "--output", help="write here (default: stdout)")
+    slurm.add_argument("--no-local-checks", action="store_true",
+                       help="skip checks only this machine can do (data paths, Slurm partitions): for another cluster")
+    _add_overrides(slurm)
+    slurm.set_defaults(handler=_slurm)
+
+    submit = commands.add_parser("submit", help="submit a multi-node job through submitit",
+                                 description="Check, then submit one multi-node Slurm job through submitit "
+                                             "(cluster=..., cluster.nodes=..., slurm.*, training overrides).")
+    _add_overrides(submit)
+    submit.set_defaults(handler=_submit)
+
+    pcluster = commands.add_parser("pcluster-check", help="check a ParallelCluster YAML offline (needs [aws])",
+                                   description="Check a ParallelCluster YAML with ParallelCluster's own schema.")
+    pcluster.add_argument("file")
+    pcluster.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                          help="fill a ${NAME} placeholder (repeatable)")
+    pcluster.set_defaults(handler=_pcluster_check)
+
+    plan = commands.add_parser("plan", help="per-GPU memory, largest batch and step time for a cluster",
+                               description="Plan a job before renting GPUs, e.g. model=t5_11b precision=bf16 ac=full "
+                                           "cluster=p4de cluster.nodes=3 trainer.batch_size=8")
+    _add_overrides(plan)
+    plan.set_defaults(handler=_plan)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    parser = build_parser()
+    if argv[:1] == ["train"]:
+        # Hydra parses train's options itself (--cfg, -m, --help): only pull out our --config-dir.
+        args = argparse.Namespace(config_dir=None, overrides=argv[1:], handler=_train, argv=argv[1:])
+        if "--config-dir" in args.overrides:
+            at = args.overrides.index("--config-dir")
+            args.config_dir = args.overrides[at + 1] if at + 1 < len(args.overrides) else None
+            args.overrides = args.overrides[:at] + args.overrides[at + 2:]
+    else:
+        args = parser.parse_args(argv)
+        args.argv = argv[1:]
+    handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return handler(args)
     except FsdpKitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return report_error(err)
 
 
 if __name__ == "__main__":

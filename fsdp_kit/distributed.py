@@ -12,8 +12,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from fsdp_kit.config import DistConfig, ShardingConfig
+from fsdp_kit.policies.config import ShardingConfig
 from fsdp_kit.policies.sharding import mesh_layout
+
+
+@dataclass
+class DistConfig:
+    backend: str | None = None
+    """null picks nccl on GPU, gloo on CPU."""
+    timeout_s: int = 600
+    """Collective timeout."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,10 @@
-"""User-facing errors: one line naming the problem and the fix, never a traceback."""
+"""User-facing errors: one line naming the problem and the fix, never a traceback (unless FSDP_KIT_DEBUG=1)."""
 
 from __future__ import annotations
+
+import os
+import sys
+import traceback
 
 
 class FsdpKitError(Exception):
@@ -26,3 +30,11 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (or its type), for one-line user errors."""
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
+def report_error(err: FsdpKitError) -> int:
+    """Print ``err`` as one line on stderr (with its cause's traceback when FSDP_KIT_DEBUG=1); the exit code."""
+    if os.environ.get("FSDP_KIT_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"error: {err}", file=sys.stderr)
+    return err.exit_code

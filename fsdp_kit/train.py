@@ -6,7 +6,6 @@ weights into the local shards -> optimizer -> data -> Trainer.fit().
 
 from __future__ import annotations
 
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -21,16 +20,17 @@ from transformers import PreTrainedModel
 
 from fsdp_kit import data, distributed, models
 from fsdp_kit.checkpoint import EXIT_REQUEUE, Manager, RunIdentity
-from fsdp_kit.config import CONFIG_DIR, TrainConfig, to_yaml
+from fsdp_kit.config import TrainConfig, to_yaml
 from fsdp_kit.distributed import DistEnv
-from fsdp_kit.errors import FsdpKitError
+from fsdp_kit.errors import FsdpKitError, report_error
 from fsdp_kit.launch.requeue import request_requeue
 from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
 from fsdp_kit.optim import build_optimizer, build_schedule
 from fsdp_kit.policies import Applied, Policies, apply_policies, check_policies
 from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
+from fsdp_kit.preflight import preflight
 from fsdp_kit.run_dir import register_resolvers
-from fsdp_kit.trainer import FitResult, Trainer
+from fsdp_kit.training import FitResult, Trainer, TrainParts
 
 PREEMPTED_MARKER = "preempted"
 
@@ -41,7 +41,7 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
     if not runtime.is_main:
         warnings.filterwarnings("ignore")  # one copy of each warning, from rank 0
         transformers.logging.set_verbosity_error()
-    job.validated(world_size=runtime.world_size, device_type=runtime.device_type)
+    preflight(job, world_size=runtime.world_size, device_type=runtime.device_type)
 
     config = models.hf_config(job.model)
     model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
@@ -66,9 +66,10 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
             f"sharding={job.sharding.strategy} wrap={job.wrap.policy} ({applied.fsdp_units} FSDP units) "
             f"ac={job.ac.mode} ({applied.checkpointed_layers} layers) compile={applied.compiled_layers} layers "
             f"optim={job.optim.name} | run dir {run_dir}")
-        trainer = Trainer(model, optimizer, schedule, dataset, job.trainer, env, FlopCounter(job.model, config),
-                          Tracker(env.device, env.world_size, job.metrics.peak_tflops), reporter, checkpoints,
-                          grad_scaler)
+        parts = TrainParts(model, optimizer, schedule, dataset, FlopCounter(job.model, config),
+                           Tracker(env.device, env.world_size, job.metrics.peak_tflops), reporter, checkpoints,
+                           grad_scaler)
+        trainer = Trainer(parts, job.trainer, env)
         result = trainer.fit()
         if result.preempted and env.is_main:
             (run_dir / PREEMPTED_MARKER).write_text(f"{trainer.state.step}\n")
@@ -98,14 +99,12 @@ def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> Path:
 register_resolvers()
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
+@hydra.main(config_path="pkg://fsdp_kit.configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
         result = run(TrainConfig.from_hydra(cfg))
     except FsdpKitError as err:
-        logging.getLogger("fsdp_kit").debug("user error", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        sys.exit(report_error(err))
     if result.preempted:
         sys.exit(EXIT_REQUEUE)
 

@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.run_dir import register_resolvers
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "fsdp_kit" / "configs")
 
 # A small, fast, deterministic job: no dropout, equal-length batches, no eval or checkpoint unless asked.
 FAST = [

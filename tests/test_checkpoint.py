@@ -19,6 +19,7 @@ from helpers import job, run_ranks, train
 
 from fsdp_kit.checkpoint import EXIT_REQUEUE, complete_checkpoints
 from fsdp_kit.errors import CheckpointError, ConfigError
+from fsdp_kit.preflight import preflight
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -169,9 +170,9 @@ def test_kill_9_mid_save_loses_only_the_steps_since_the_last_complete_checkpoint
 
 def _logits_after_training(cfg):
     """Rank body: train, then return the trained model's logits on a fixed batch (rank 0)."""
+    import fsdp_kit.training.trainer as trainer_module
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    import fsdp_kit.trainer as trainer_module
     from fsdp_kit.train import run
 
     captured = {}
@@ -228,20 +229,20 @@ def _resume(tmp_path: Path, checkpoint: Path, *extra: str):
 def test_corrupt_marker_is_named(saved, tmp_path):
     (saved / "fsdp_kit.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"fsdp_kit\.json is corrupt"):
-        job(tmp_path, f"checkpoint.resume={saved}").validated(world_size=1, device_type="cpu")
+        preflight(job(tmp_path, f"checkpoint.resume={saved}"), world_size=1, device_type="cpu")
 
 
 def test_missing_dcp_index_is_named(saved, tmp_path):
     (saved / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
-        job(tmp_path, f"checkpoint.resume={saved}").validated(world_size=1, device_type="cpu")
+        preflight(job(tmp_path, f"checkpoint.resume={saved}"), world_size=1, device_type="cpu")
 
 
 def test_partial_checkpoint_is_refused(saved, tmp_path):
     partial = saved.with_name("step_9.partial")
     shutil.copytree(saved, partial)
     with pytest.raises(CheckpointError, match="incomplete save"):
-        job(tmp_path, f"checkpoint.resume={partial}").validated(world_size=1, device_type="cpu")
+        preflight(job(tmp_path, f"checkpoint.resume={partial}"), world_size=1, device_type="cpu")
 
 
 def test_truncated_shard_fails_with_a_clear_error_and_deletes_nothing(saved, tmp_path):
@@ -261,4 +262,4 @@ def test_checkpoint_from_a_different_model_shape_is_refused(saved, tmp_path):
 
 def test_resume_never_refuses_to_overwrite_existing_checkpoints(saved, tmp_path):
     with pytest.raises(ConfigError, match="already holds checkpoints"):
-        job(saved.parent.parent, "checkpoint.resume=never").validated(world_size=1, device_type="cpu")
+        preflight(job(saved.parent.parent, "checkpoint.resume=never"), world_size=1, device_type="cpu")

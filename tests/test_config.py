@@ -13,6 +13,7 @@ from fsdp_kit import models
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.policies import Policies, check_policies
+from fsdp_kit.preflight import preflight
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
 
@@ -40,7 +41,7 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
     cfg = job(tmp_path, f"{group}={option}", *extra, fast=False)
     assert isinstance(cfg, TrainConfig)
     try:
-        cfg.validated(world_size=1, device_type="cpu")
+        preflight(cfg, world_size=1, device_type="cpu")
     except ConfigError as err:  # data=hf needs the optional datasets package; anything else must validate
         assert group == "data" and option == "hf" and "datasets" in str(err)
     if group == "model":
@@ -52,7 +53,7 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
 def test_experiment_presets_compose_validate_and_have_the_blog_shape(experiment, tmp_path):
     cfg = job(tmp_path, f"experiment={experiment}", fast=False)
-    cfg.validated(world_size=8, device_type="cpu")
+    preflight(cfg, world_size=8, device_type="cpu")
     assert (cfg.precision.name, cfg.wrap.policy, cfg.ac.mode) == ("bf16", "transformer", "full")
     assert (cfg.data.max_source_len, cfg.data.max_target_len) == (512, 128)
     meta = models.build(cfg.model)
@@ -83,15 +84,16 @@ def test_defaults_are_the_tiny_t5_on_the_builtin_task(tmp_path):
         (["data=csv", "data.path=/nonexistent/wikihow.csv"], 1, "does not exist"),
         (["trainer.batch_size=0"], 1, "trainer.batch_size=0 must be > 0"),
         (["optim.betas=[0.9]"], 1, "optim.betas"),
-        (["precision.name=bf8"], 1, "precision.name='bf8' is not one of"),
+        (["precision.name=bf8"], 1, "Invalid value 'bf8', expected one of [fp32, bf16, fp16, bf16_pure]"),
+        (["sharding=fulll_shard"], 1, "Could not find 'sharding/fulll_shard'"),
         (["data.eval_examples=4", "trainer.batch_size=4"], 2, "less than one global batch"),
         (["checkpoint.resume=/nonexistent/step_5"], 1, "does not exist"),
     ],
 )
 def test_bad_config_is_rejected_with_a_fix(overrides, world, message, tmp_path):
-    cfg = job(tmp_path, *overrides)
     with pytest.raises(Exception) as info:
-        cfg.validated(world_size=world, device_type="cpu")
+        cfg = job(tmp_path, *overrides)
+        preflight(cfg, world_size=world, device_type="cpu")
         check_policies(models.build(cfg.model), Policies.of(cfg))
     assert message in str(info.value)
     assert "Fix:" in str(info.value)
@@ -101,17 +103,17 @@ def test_missing_csv_column_names_the_columns_it_has(tmp_path):
     path = tmp_path / "w.csv"
     path.write_text("title,body\nA,B\n")
     with pytest.raises(ConfigError, match=r"no column 'text', 'headline' \(it has 'title', 'body'\)"):
-        job(tmp_path, "data=csv", f"data.path={path}").validated(world_size=1, device_type="cpu")
+        preflight(job(tmp_path, "data=csv", f"data.path={path}"), world_size=1, device_type="cpu")
 
 
 def test_fp16_with_t5_warns_about_overflow(tmp_path):
     with pytest.warns(UserWarning, match="overflow"):
-        job(tmp_path, "precision=fp16").validated(world_size=1, device_type="cpu")
+        preflight(job(tmp_path, "precision=fp16"), world_size=1, device_type="cpu")
 
 
 def test_pure_bf16_with_plain_adamw_warns_about_stagnation(tmp_path):
     with pytest.warns(UserWarning, match="stagnates"):
-        job(tmp_path, "precision=bf16_pure", "optim=adamw").validated(world_size=1, device_type="cpu")
+        preflight(job(tmp_path, "precision=bf16_pure", "optim=adamw"), world_size=1, device_type="cpu")
 
 
 def test_unknown_hf_model_type_is_a_config_error(tmp_path):
@@ -127,7 +129,7 @@ def test_missing_pretrained_folder_is_a_config_error(tmp_path):
 def test_csv_path_is_required(tmp_path):
     cfg = TrainConfig.from_hydra(compose_cfg(["data=csv", f"run_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"data=csv needs a file. Fix: pass data.path=/path/to/file.csv"):
-        cfg.validated(world_size=1, device_type="cpu")
+        preflight(cfg, world_size=1, device_type="cpu")
 
 
 def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

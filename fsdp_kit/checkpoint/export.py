@@ -34,7 +34,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | 
         dcp.load({"model": state}, checkpoint_id=str(source), no_dist=True)
     except (Exception, CheckpointException) as err:  # DCP raises many types for damaged shards
         raise CheckpointError(f"reading the weights of {source} failed ({type(err).__name__}: "
-                              f"{first_line(err)})", "export another checkpoint") from None
+                              f"{first_line(err)})", "export another checkpoint") from err
     if dtype is not None:
         model.to(dtype)
     model.save_pretrained(target)

@@ -28,9 +28,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers import PretrainedConfig
 
 from fsdp_kit import __version__
+from fsdp_kit.checkpoint.config import CheckpointConfig
 from fsdp_kit.checkpoint.preemption import PreemptionFlag
 from fsdp_kit.checkpoint.state import TrainState, load_rng, save_rng
-from fsdp_kit.config import CheckpointConfig
 from fsdp_kit.errors import CheckpointError, first_line
 
 MARKER = "fsdp_kit.json"
@@ -79,7 +79,7 @@ def read_marker(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{marker} is corrupt ({err})", "pick another checkpoint") from None
+        raise CheckpointError(f"{marker} is corrupt ({err})", "pick another checkpoint") from err
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path / '.metadata'} is missing (the DCP index of the shards)",
                               "pick another checkpoint")
@@ -107,7 +107,7 @@ class Manager:
             dcp.load(payload, checkpoint_id=str(source))
         except (Exception, CheckpointException) as err:  # DCP raises many types for damaged shards
             raise CheckpointError(f"loading {source} failed ({type(err).__name__}: {first_line(err)})",
-                                  "the shards are damaged or incomplete; resume from another checkpoint") from None
+                                  "the shards are damaged or incomplete; resume from another checkpoint") from err
         state.load_state_dict(payload)
         load_rng(source / "rng" / f"rank_{self.rank}.pt")
         return source

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from fsdp_kit.config import DataConfig
+from fsdp_kit.data.config import DataConfig
 from fsdp_kit.data.sources import Pair, load_pairs
 from fsdp_kit.data.tokenizer import build_tokenizer
 from fsdp_kit.errors import ConfigError

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from fsdp_kit.config import DataConfig
 from fsdp_kit.data import builtin
+from fsdp_kit.data.config import DataConfig
 from fsdp_kit.errors import ConfigError
 
 Pair = tuple[str, str]
@@ -34,8 +34,8 @@ def check_source(cfg: DataConfig) -> None:
             raise ConfigError("data=hf needs a dataset name", "pass data.hf_name=<hub dataset name>")
         try:
             import datasets  # noqa: F401
-        except ImportError:
-            raise ConfigError("data=hf needs the datasets package", "pip install 'fsdp_kit[hf]'") from None
+        except ImportError as err:
+            raise ConfigError("data=hf needs the datasets package", "pip install 'fsdp_kit[hf]'") from err
 
 
 def load_pairs(cfg: DataConfig) -> tuple[list[Pair], list[Pair]]:
@@ -70,9 +70,9 @@ def _jsonl_columns(path: Path) -> list[str]:
             if line.strip():
                 try:
                     return list(json.loads(line))
-                except (json.JSONDecodeError, TypeError):
+                except (json.JSONDecodeError, TypeError) as err:
                     raise ConfigError(f"{path} is not JSON Lines (first line is not a JSON object)",
-                                      "write one JSON object per line") from None
+                                      "write one JSON object per line") from err
     return []
 
 
@@ -102,7 +102,7 @@ def _read_hf(cfg: DataConfig) -> list[Pair]:
         table = datasets.load_dataset(cfg.hf_name, cfg.hf_config_name, split=cfg.hf_split)
     except Exception as err:  # datasets raises many types for network, name and split problems
         raise ConfigError(f"data.hf_name={cfg.hf_name!r} could not be loaded ({type(err).__name__}: {err})",
-                          "check the name/split and network, or download it and use data=jsonl") from None
+                          "check the name/split and network, or download it and use data=jsonl") from err
     for column in (cfg.source_column, cfg.target_column):
         if column not in table.column_names:
             raise ConfigError(f"{cfg.hf_name} has no column {column!r} (it has {table.column_names})",

@@ -14,4 +14,4 @@ def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.tokenizer={name!r} cannot be loaded ({first_line(err)})",
-                          "use data.tokenizer=byt5 (offline), a local tokenizer folder or a hub name") from None
+                          "use data.tokenizer=byt5 (offline), a local tokenizer folder or a hub name") from err

@@ -33,9 +33,9 @@ def check_cluster_yaml(text: str, cluster_name: str = "fsdp-kit") -> list[str]:
             NameValidator,
         )
         from pcluster.validators.common import FailureLevel
-    except ImportError:
+    except ImportError as err:
         raise ConfigError("checking a ParallelCluster file needs aws-parallelcluster",
-                          "pip install -e '.[aws]'") from None
+                          "pip install -e '.[aws]'") from err
     config_dict = parse_config(text)
     os.environ.setdefault("AWS_DEFAULT_REGION", str(config_dict.get("Region") or "us-east-1"))
     from pcluster.schemas.cluster_schema import ClusterSchema
@@ -44,7 +44,7 @@ def check_cluster_yaml(text: str, cluster_name: str = "fsdp-kit") -> list[str]:
         config = ClusterSchema(cluster_name=cluster_name).load(config_dict)
     except ValidationError as err:
         raise ConfigError(f"ParallelCluster schema rejects the file: {err.messages}",
-                          "fix the named keys (see the ParallelCluster 3 configuration reference)") from None
+                          "fix the named keys (see the ParallelCluster 3 configuration reference)") from err
     failures = []
     for queue in config.scheduling.queues:
         # queue.multi_az_enabled asks EC2 for the subnets' zones; offline, more than one subnet counts as multi-AZ.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.errors import ConfigError
+from fsdp_kit.preflight import preflight
 
 __all__ = ["available_partitions", "check", "compose_job", "job_name", "procs_per_node", "run_dir", "timeout_minutes",
            "world_size"]
@@ -60,8 +61,8 @@ def check(job: TrainConfig, local_checks: bool = True) -> None:
         raise ConfigError(f"slurm.time={slurm.time!r} is not a Slurm time limit",
                           "use HH:MM:SS or D-HH:MM:SS, e.g. slurm.time=04:00:00")
     device_type = "cuda" if cluster.gpus_per_node else "cpu"
-    job.validated(world_size=world_size(job), device_type=device_type, probe_device=False,
-                  check_files=local_checks)
+    preflight(job, world_size=world_size(job), device_type=device_type, probe_device=False,
+              check_files=local_checks)
     if local_checks and slurm.partition:
         partitions = available_partitions()
         if partitions is not None and slurm.partition not in partitions:

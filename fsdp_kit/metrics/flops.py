@@ -12,8 +12,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PretrainedConfig
 
-from fsdp_kit.config import ModelConfig
 from fsdp_kit.models.build import build
+from fsdp_kit.models.config import ModelConfig
 from fsdp_kit.models.objective import token_loss
 
 

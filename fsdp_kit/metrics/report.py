@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fsdp_kit.config import MetricsConfig
+from fsdp_kit.metrics.config import MetricsConfig
 
 Record = dict[str, Any]
 
@@ -67,6 +67,10 @@ class Reporter:
         if self.enabled:
             self.console.print(message, highlight=False)
 
+    def warning(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(f"[bold red]warning:[/] {message}", highlight=False)
+
     def advance(self, step: int) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=step)
@@ -76,7 +80,7 @@ class Reporter:
             return
         self._write(record)
         line = (f"loss {_fmt(record['loss'], 4)} | lr {record['lr']:.2e} | {_fmt(record['tokens_per_s'], 0)} tok/s | "
-                f"{_fmt(record['tflops_per_gpu'], 2)} TFLOPS/GPU | MFU {_fmt(_percent(record['mfu']), 1)}% | "
+                f"{_fmt(record['tflops_per_gpu'], 2)} TFLOPS/GPU | MFU {_fmt_metric('mfu', record['mfu'])} | "
                 f"mem {_fmt(record['peak_mem_gb'], 2)} GB")
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], stats=line)
@@ -97,8 +101,7 @@ class Reporter:
         self._write({**record, "summary": True}, scalars=False)
         table = Table(title="fsdp_kit run summary", show_header=False)
         for key, value in record.items():
-            shown = f"{_fmt(_percent(value), 1)}%" if key == "mfu" and value is not None else _fmt(value, 4)
-            table.add_row(key, shown)
+            table.add_row(key, _fmt_metric(key, value))
         self.console.print(table)
 
     def _write(self, record: Record, scalars: bool = True) -> None:
@@ -110,5 +113,13 @@ class Reporter:
                     self._tensorboard.add_scalar(key, value, record["step"])
 
 
-def _percent(value: float | None) -> float | None:
-    return None if value is None else 100.0 * value
+# Rates and counts read best as whole numbers; a percentage sign only where there is a value.
+_WHOLE_NUMBERS = ("tokens_per_s", "real_tokens_per_s", "samples_per_s", "tokens")
+
+
+def _fmt_metric(key: str, value: Any) -> str:
+    if key == "mfu":
+        return "n/a" if value is None else f"{100.0 * value:,.1f}%"
+    if key.endswith(_WHOLE_NUMBERS) and isinstance(value, float):
+        return _fmt(value, 0)
+    return _fmt(value, 4)

@@ -94,18 +94,23 @@ class Tracker:
         """Run-level throughput over the logged windows, leaving out the first (warm-up, compilation)
         whenever there is more than one."""
         windows = self._closed[1:] if len(self._closed) > 1 else self._closed
-        seconds = max(sum(w[0] for w in windows), 1e-9)
+        seconds = sum(w[0] for w in windows)
         steps = sum(w[1] for w in windows)
-        tflops = sum(w[3] for w in windows) / seconds / self.world_size / 1e12
         allocated, reserved = peak_memory_gb(self.device)
+        if not steps or seconds <= 0:  # nothing trained in this process (e.g. resumed at max_steps): no rates
+            rates: dict[str, float | None] = dict.fromkeys(("tokens_per_s", "tflops_per_gpu", "mfu", "step_time_s"))
+        else:
+            tflops = sum(w[3] for w in windows) / seconds / self.world_size / 1e12
+            rates = {"tokens_per_s": sum(w[2] for w in windows) / seconds, "tflops_per_gpu": tflops,
+                     "mfu": tflops / self.peak_tflops if self.peak_tflops else None, "step_time_s": seconds / steps}
         return {
             "steps_measured": steps,
-            "tokens_per_s": sum(w[2] for w in windows) / seconds,
-            "tflops_per_gpu": tflops,
-            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "tokens_per_s": rates["tokens_per_s"],
+            "tflops_per_gpu": rates["tflops_per_gpu"],
+            "mfu": rates["mfu"],
             "peak_mem_gb": allocated,
             "peak_reserved_gb": reserved,
-            "step_time_s": seconds / max(steps, 1),
+            "step_time_s": rates["step_time_s"],
             "device": self.device_name,
             "world_size": self.world_size,
         }

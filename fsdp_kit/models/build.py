@@ -7,8 +7,8 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
 
-from fsdp_kit.config import ModelConfig
 from fsdp_kit.errors import ConfigError, first_line
+from fsdp_kit.models.config import ModelConfig
 
 _DROPOUT_SUFFIXES = ("dropout", "dropout_rate", "_pdrop", "dropout_prob")
 
@@ -22,13 +22,13 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
             raise ConfigError(
                 f"model.pretrained={cfg.pretrained!r} cannot be loaded ({first_line(err)})",
                 "pass a local folder holding config.json and weights, or a hub name reachable from this machine",
-            ) from None
+            ) from err
     else:
         try:
             config = AutoConfig.for_model(cfg.arch, **cfg.hf_config)
-        except ValueError:
+        except ValueError as err:
             raise ConfigError(f"model.arch={cfg.arch!r} is not a transformers model type",
-                              "use a HF model_type such as t5 or gpt2") from None
+                              "use a HF model_type such as t5 or gpt2") from err
     if cfg.dropout is not None:
         for key, value in config.to_dict().items():
             if key.endswith(_DROPOUT_SUFFIXES) and isinstance(value, float):

@@ -20,8 +20,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from fsdp_kit.config import ModelConfig
 from fsdp_kit.models.build import layers
+from fsdp_kit.models.config import ModelConfig
 
 
 def materialize(model: PreTrainedModel, cfg: ModelConfig, device: torch.device, rank: int, seed: int) -> None:

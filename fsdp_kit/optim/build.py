@@ -8,8 +8,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from transformers import get_scheduler
 
-from fsdp_kit.config import OptimConfig, TrainerConfig
 from fsdp_kit.optim.anyprecision import AnyPrecisionAdamW
+from fsdp_kit.optim.config import OptimConfig
+from fsdp_kit.training.config import TrainerConfig
 
 _SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
 

@@ -47,7 +47,7 @@ def make_plan(job: TrainConfig) -> Plan:
                           "pick a GPU preset: cluster=p4d|p4de|p5|h100|h200, or set cluster.gpus_per_node and "
                           "cluster.gpu_memory_gb")
     world = cluster.nodes * cluster.gpus_per_node
-    job.validated(world_size=world, device_type="cuda", probe_device=False, check_files=False)
+    job.validated(world)
     config = models.hf_config(job.model)
     model = models.build(job.model, device="meta", dtype=compute_dtype(job.precision), config=config)
     layer_cls = models.layer_classes(model, job.wrap.layer_cls)

@@ -16,8 +16,9 @@ from torch import nn
 
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.plan.activations import ActivationProfile
+from fsdp_kit.policies.activation import checkpointed_indices
 from fsdp_kit.policies.precision import compute_dtype, mixed_precision_policy, param_dtype
-from fsdp_kit.policies.sharding import reshard_after_forward
+from fsdp_kit.policies.sharding import reshard_after_forward, shard_group_size
 from fsdp_kit.policies.wrapping import fsdp_units
 
 GB = 1e9
@@ -62,13 +63,8 @@ class MemoryBreakdown:
 
 
 def shard_factor(job: TrainConfig, world_size: int, gpus_per_node: int) -> int:
-    """Over how many ranks parameters, gradients and optimizer states are divided."""
-    strategy = job.sharding.strategy
-    if strategy == "no_shard":
-        return 1
-    if strategy.startswith("hybrid"):
-        return job.sharding.shard_group_size or gpus_per_node or world_size
-    return world_size
+    """Over how many ranks parameters, gradients and optimizer states are divided (the mesh's shard dim)."""
+    return shard_group_size(job.sharding, world_size, gpus_per_node or world_size)
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -93,10 +89,7 @@ def optimizer_bytes_per_param(job: TrainConfig) -> int:
 
 
 def checkpointed_layers(job: TrainConfig, layer_count: int) -> set[int]:
-    if job.ac.mode == "none":
-        return set()
-    stride = job.ac.every_n if job.ac.mode == "every_n" else 1
-    return set(range(0, layer_count, stride))
+    return set(checkpointed_indices(job.ac, layer_count))
 
 
 def breakdown(job: TrainConfig, shape: ModelShape, activations: ActivationProfile, batch: int, world_size: int,

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from fsdp_kit.config import ActivationCheckpointConfig, PrecisionConfig, ShardingConfig, TrainConfig, WrapConfig
 from fsdp_kit.models.build import layer_classes, layers
 from fsdp_kit.policies.activation import apply_checkpointing
+from fsdp_kit.policies.config import (
+    ActivationCheckpointConfig,
+    CheckpointMode,
+    PrecisionConfig,
+    ShardingConfig,
+    WrapConfig,
+    WrapPolicy,
+)
 from fsdp_kit.policies.precision import mixed_precision_policy
 from fsdp_kit.policies.sharding import offload_policy, reshard_after_forward
 from fsdp_kit.policies.wrapping import fsdp_units
+
+if TYPE_CHECKING:
+    from fsdp_kit.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ class Policies:
 
     @property
     def needs_layer_classes(self) -> bool:
-        return self.wrap.policy == "transformer" or self.ac.mode != "none" or self.compile
+        return self.wrap.policy == WrapPolicy.transformer or self.ac.mode != CheckpointMode.none or self.compile
 
 
 @dataclass(frozen=True)

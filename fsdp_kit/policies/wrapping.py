@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from fsdp_kit.config import WrapConfig
 from fsdp_kit.models.build import layers
+from fsdp_kit.policies.config import WrapConfig, WrapPolicy
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
 
 def fsdp_units(model: nn.Module, cfg: WrapConfig, layer_cls: tuple[type[nn.Module], ...]) -> list[nn.Module]:
     """Submodules to ``fully_shard`` before the root, bottom-up."""
-    if cfg.policy == "none":
+    if cfg.policy == WrapPolicy.none:
         return []
-    if cfg.policy == "transformer":
+    if cfg.policy == WrapPolicy.transformer:
         return layers(model, layer_cls)
     return _size_units(model, cfg.min_num_params)
 

@@ -1,0 +1,19 @@
+"""When checkpoints are saved, how many are kept, and where a run resumes from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every this many steps (0: only at the end, if ``at_end``)."""
+    at_end: bool = True
+    """Save when training finishes."""
+    keep: int = 2
+    """Complete checkpoints to keep (older ones are deleted after a newer one is committed)."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in the run dir, if any) | never | a checkpoint folder."""
+    async_save: bool = False
+    """Overlap saving with training (torch.distributed.checkpoint.async_save)."""

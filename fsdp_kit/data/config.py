@@ -1,0 +1,52 @@
+"""Where training text comes from and how it is tokenized."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fsdp_kit.options import Option
+
+
+class DataSource(Option):
+    builtin = "builtin"
+    synthetic = "synthetic"
+    csv = "csv"
+    jsonl = "jsonl"
+    hf = "hf"
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.builtin
+    """builtin (offline task generated from ``seed``) | synthetic (random fixed-length tokens, for speed
+    runs) | csv | jsonl | hf (a HF dataset by name; needs network and the ``datasets`` package)."""
+    path: str | None = None
+    """csv/jsonl: file to read."""
+    source_column: str = "text"
+    """Column holding the input text (wikihow layout: text)."""
+    target_column: str = "headline"
+    """Column holding the target text (wikihow layout: headline)."""
+    hf_name: str | None = None
+    """hf: dataset name on the hub."""
+    hf_config_name: str | None = None
+    """hf: dataset configuration name."""
+    hf_split: str = "train"
+    """hf: split to train on."""
+    source_prefix: str = ""
+    """Text put before every source, e.g. 'summarize: ' for T5 checkpoints."""
+    tokenizer: str = "byt5"
+    """byt5 (byte-level, offline, no files) or a HF tokenizer name/path."""
+    max_source_len: int = 128
+    """Source tokens kept per example (truncation)."""
+    max_target_len: int = 32
+    """Target tokens kept per example (truncation)."""
+    pad_to_max_length: bool = False
+    """Pad every batch to the max lengths (fixed shapes); otherwise to the batch's longest, rounded to 8."""
+    num_examples: int = 20_000
+    """builtin/synthetic: number of training examples."""
+    eval_examples: int = 256
+    """Held-out examples (the last ones of the file, or freshly generated for builtin)."""
+    seed: int = 0
+    """Seed of the built-in task and of the shuffling order."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""

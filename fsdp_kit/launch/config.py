@@ -1,0 +1,66 @@
+"""The machines a job runs on, and the Slurm settings of ``fsdp-kit slurm`` / ``fsdp-kit submit``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    """Preset name: local (this machine, CPU), p4d, p4de, p5, h100, h200, or your own YAML in a config dir's
+    cluster/ folder (``--config-dir``)."""
+    instance_type: str | None = None
+    """Cloud instance type, for the record (p4d.24xlarge, p5.48xlarge)."""
+    nodes: int = 1
+    """Nodes the job uses."""
+    gpus_per_node: int = 0
+    """GPUs one node has; 0 for a CPU-only machine."""
+    gpu: str | None = None
+    """GPU model, e.g. A100-SXM4-40GB."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU in GB."""
+    peak_tflops: float | None = None
+    """Dense bf16 peak of one GPU, TFLOPS."""
+    intra_node_gbps: float | None = None
+    """GPU-to-GPU bandwidth inside a node (NVLink), GB/s per GPU."""
+    inter_node_gbps: float | None = None
+    """Network bandwidth between nodes (EFA), Gb/s per node."""
+    efa: bool = False
+    """The nodes talk over AWS EFA (sets the libfabric/NCCL environment in sbatch files)."""
+    cpus_per_node: int | None = None
+    """CPU cores (vCPUs) per node."""
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None
+    """Partition (queue) to submit to; null uses the cluster's default."""
+    account: str | None = None
+    """Slurm account to charge; null for none."""
+    time: str = "04:00:00"
+    """Time limit (HH:MM:SS or D-HH:MM:SS)."""
+    job_name: str | None = None
+    """Job name; null gives fsdp-<model name>."""
+    procs_per_node: int | None = None
+    """Training processes per node; null gives one per GPU (cluster.gpus_per_node), or 1 on CPU."""
+    cpus_per_task: int | None = None
+    """CPU cores for each node's task (sbatch) or each process (submit); null leaves Slurm's default."""
+    exclusive: bool = True
+    """Whole nodes only (no other jobs on them)."""
+    setup: str = "source .venv/bin/activate"
+    """Shell line that makes fsdp_kit importable on the nodes (venv, conda, module load, container)."""
+    output_root: str = "outputs/slurm"
+    """Run dirs go to <output_root>/<job name>-<job id> (the same after a requeue, so training resumes)."""
+    log_dir: str = "logs/slurm"
+    """Where Slurm/submitit write job logs."""
+    signal_before_s: int = 90
+    """Send SIGUSR2 this many seconds before the time limit: the trainer saves and the job requeues."""
+    requeue: bool = True
+    """Let the job be requeued after preemption or a timeout save."""
+    max_requeues: int = 10
+    """submit: give up after this many preemptions/timeouts."""
+    rdzv_port: int = 29500
+    """Port of torchrun's c10d rendezvous on the first compute node."""
+    nccl_debug: bool = False
+    """Export NCCL_DEBUG=INFO (for debugging hangs)."""

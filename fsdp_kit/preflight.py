@@ -1,0 +1,65 @@
+"""Every check that needs the file system, the data, checkpoints or device facts, run before any process
+group, model or job exists. It sits above the component modules, so none of them imports it.
+
+``preflight(job, ...)`` = ``job.validated()`` (values and combinations) + what only this machine can answer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fsdp_kit.checkpoint.manager import complete_checkpoints, read_marker
+from fsdp_kit.config import TrainConfig
+from fsdp_kit.data.sources import check_source
+from fsdp_kit.errors import ConfigError
+from fsdp_kit.policies.config import Precision
+
+
+def preflight(job: TrainConfig, world_size: int | None = None, device_type: str | None = None,
+              probe_device: bool = True, check_files: bool = True) -> TrainConfig:
+    """Validate ``job`` for a run on ``world_size`` ranks of ``device_type``; raise one ConfigError/CheckpointError
+    naming the problem and the fix.
+
+    ``probe_device=False`` skips asking this machine's GPU (the job runs elsewhere); ``check_files=False``
+    skips data and checkpoint paths that only the job's machines can see."""
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    job.validated(world_size)
+    if probe_device:
+        check_device(job, device_type)
+    check_packages(job)
+    if check_files:
+        check_source(job.data)
+        check_resume(job)
+    return job
+
+
+def check_device(job: TrainConfig, device_type: str) -> None:
+    name = job.precision.name
+    if name in (Precision.bf16, Precision.bf16_pure) and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"precision={name} needs bf16, which {torch.cuda.get_device_name()} does not support",
+                          "use precision=fp16 (with its gradient scaler) or precision=fp32")
+
+
+def check_packages(job: TrainConfig) -> None:
+    """Optional extras the config asks for are installed."""
+    if job.metrics.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("metrics.tensorboard=true needs the tensorboard package",
+                              "pip install 'fsdp_kit[tensorboard]' or set metrics.tensorboard=false") from err
+
+
+def check_resume(job: TrainConfig) -> None:
+    resume = job.checkpoint.resume
+    existing = complete_checkpoints(Path(job.run_dir) / "checkpoints")
+    if resume == "never" and existing:
+        raise ConfigError(f"{existing[-1].parent} already holds checkpoints and checkpoint.resume=never would "
+                          "overwrite them",
+                          "use checkpoint.resume=auto to continue, or a new run dir (hydra.run.dir=...)")
+    if resume not in ("auto", "never"):
+        read_marker(Path(resume))  # raises CheckpointError naming what is missing or corrupt

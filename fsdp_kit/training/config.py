@@ -1,0 +1,45 @@
+"""The training loop's settings: batch, steps, schedule, cadence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fsdp_kit.options import Option
+
+
+class LrSchedule(Option):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+@dataclass
+class TrainerConfig:
+    batch_size: int = 16
+    """Per-GPU (per-rank) micro-batch size."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 500
+    """Optimizer steps to train."""
+    lr_schedule: LrSchedule = LrSchedule.cosine
+    """cosine | linear | constant, each after a linear warmup."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """cosine: final learning rate as a fraction of the peak."""
+    clip_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; null disables clipping."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    eval_every: int = 100
+    """Evaluate the held-out loss every this many steps (and at the end); 0 only at the end."""
+    eval_batches: int = 8
+    """Batches per rank for the eval loss."""
+    eval_generate: bool = True
+    """At the end, generate on the held-out split and report exact-match accuracy."""
+    max_new_tokens: int | None = None
+    """Generation length limit; null uses data.max_target_len."""
+    compile: bool = False
+    """torch.compile each transformer layer."""
+    seed: int = 0
+    """Seed for weight init and dropout."""
