@@ -49,7 +49,7 @@ def _slurm(argv: list[str]) -> int:
 
     job = compose_job(args.overrides)
     check(job, local_checks=not args.no_local_checks)
-    text = render(job, args.overrides, render_args=" ".join(map(shlex.quote, argv)),
+    text = render(job, args.overrides, render_args=argv,
                   file_hint=args.output or "job.sbatch")
     Path(job.slurm.log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create the log folder
     if args.output:
