@@ -187,3 +187,19 @@ def test_sbatch_requeues_on_the_marker_or_exit_code_in_the_run_dir_python_names(
         text = render(job, overrides)
     assert '$status -eq 76' in text and 'marker="$RUN_DIR"/stopped' in text
     assert 'RUN_DIR="$OUTPUT_ROOT"/run-"$SLURM_JOB_ID"' in text
+
+
+# -- sweeps: every point is checked before any is launched ---------------------------------------------------
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=local"], ["hydra/launcher=slurm"]],
+                         ids=["basic", "submitit_local", "submitit_slurm"])
+def test_a_bad_sweep_point_stops_the_sweep_before_anything_runs(launcher, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "fsdp_kit.train", "-m", *launcher, "trainer.batch_size=4,0", "wrap=transformer,none",
+         f"hydra.sweep.dir={sweep}", "trainer.max_steps=1", "data.num_examples=64", "data.eval_examples=16"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sweep point 2 of 4 (trainer.batch_size=0 wrap=transformer" in errors[0], result.stderr
+    assert "trainer.batch_size=0 must be > 0" in errors[0]
+    assert not sweep.exists(), "nothing was launched"
