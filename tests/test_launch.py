@@ -203,3 +203,14 @@ def test_a_bad_sweep_point_stops_the_sweep_before_anything_runs(launcher, tmp_pa
     assert len(errors) == 1 and "sweep point 2 of 4 (trainer.batch_size=0 wrap=transformer" in errors[0], result.stderr
     assert "trainer.batch_size=0 must be > 0" in errors[0]
     assert not sweep.exists(), "nothing was launched"
+
+
+def test_a_control_character_in_the_slurm_launcher_settings_stops_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "fsdp_kit.train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition='a\nb'",
+         "wrap=transformer,none", f"hydra.sweep.dir={sweep}", "data.num_examples=64", "data.eval_examples=16"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "hydra.launcher.partition 'a\\nb' contains a control character" in result.stderr
+    assert not sweep.exists()

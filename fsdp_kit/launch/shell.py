@@ -47,7 +47,7 @@ def comment_text(value: str) -> str:
 
 
 def check_plain(value: str, what: str) -> None:
-    """Reject control characters in a value that is written unquoted (an ``#SBATCH`` directive)."""
+    """Reject control characters in a value that is written unquoted or on one line (an ``#SBATCH`` directive)."""
     if not value.isprintable():
         raise ConfigError(f"{what} {value!r} contains a control character (newline, tab, ...)",
-                          "use plain names and values for slurm.* and cluster.* settings")
+                          "use plain names and values for Slurm settings")

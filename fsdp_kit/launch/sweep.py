@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.errors import ConfigError, FsdpKitError, first_line
+from fsdp_kit.launch.shell import check_plain
 
 
 def sweep_points(config: DictConfig) -> list[list[str]]:
@@ -46,6 +47,9 @@ def check_point(config: DictConfig, overrides: list[str]) -> None:
         OmegaConf.select(launcher, "tasks_per_node", default=1) or 1)
     on_slurm = "slurm" in str(OmegaConf.select(launcher, "_target_", default="")).lower()
     gpus = OmegaConf.select(launcher, "gpus_per_node", default=None)
+    # submitit writes the launcher's settings into an sbatch file: no value may end a line there.
+    for key, value in _strings(OmegaConf.to_container(launcher, resolve=True), "hydra.launcher"):
+        check_plain(value, key)
     with open_dict(point):
         # run_dir is the job's output dir, made only when the job runs; the sweep dir stands in for it.
         point.run_dir = str(point.hydra.sweep.dir)
@@ -54,6 +58,14 @@ def check_point(config: DictConfig, overrides: list[str]) -> None:
     # On Slurm the job runs on other machines: do not ask this one's GPU (fsdp-kit submit checks the same way).
     job.validated(world_size=world_size, device_type=("cuda" if gpus else "cpu") if on_slurm else None,
                   probe_device=not on_slurm)
+
+
+def _strings(node: object, key: str) -> list[tuple[str, str]]:
+    if isinstance(node, dict):
+        return [found for k, v in node.items() for found in _strings(v, f"{key}.{k}")]
+    if isinstance(node, list):
+        return [found for i, v in enumerate(node) for found in _strings(v, f"{key}[{i}]")]
+    return [(key, node)] if isinstance(node, str) else []
 
 
 class CheckSweep(Callback):
