@@ -57,7 +57,7 @@ def _slurm(args: argparse.Namespace) -> int:
 
     job, overrides = _compose(args)
     check(job, local_checks=not args.no_local_checks)
-    text = render(job, overrides, render_args=" ".join(map(shlex.quote, args.argv)),
+    text = render(job, overrides, render_args=args.argv,
                   file_hint=args.output or "job.sbatch")
     Path(job.slurm.log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create the log folder
     if args.output:

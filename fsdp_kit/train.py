@@ -19,7 +19,7 @@ from rich.console import Console
 from transformers import PreTrainedModel
 
 from fsdp_kit import data, distributed, models
-from fsdp_kit.checkpoint import EXIT_REQUEUE, Manager, RunIdentity
+from fsdp_kit.checkpoint import EXIT_REQUEUE, PREEMPTED_MARKER, Manager, RunIdentity
 from fsdp_kit.config import TrainConfig, to_yaml
 from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import FsdpKitError, report_error
@@ -31,8 +31,6 @@ from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
 from fsdp_kit.preflight import preflight
 from fsdp_kit.run_dir import register_resolvers
 from fsdp_kit.training import FitResult, Trainer, TrainParts
-
-PREEMPTED_MARKER = "preempted"
 
 
 def run(job: TrainConfig, console: Console | None = None) -> FitResult:

@@ -170,9 +170,9 @@ def test_kill_9_mid_save_loses_only_the_steps_since_the_last_complete_checkpoint
 
 def _logits_after_training(cfg):
     """Rank body: train, then return the trained model's logits on a fixed batch (rank 0)."""
-    import fsdp_kit.training.trainer as trainer_module
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    import fsdp_kit.training.trainer as trainer_module
     from fsdp_kit.train import run
 
     captured = {}

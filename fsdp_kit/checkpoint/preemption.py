@@ -16,8 +16,11 @@ import torch
 import torch.distributed as dist
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-# EX_TEMPFAIL: "try again later". The sbatch template and the submit launcher requeue on it.
+# The contract with launchers (the sbatch template is rendered from these, never spells them itself):
+# EX_TEMPFAIL, "try again later": every trainer exits with it after a preemption save.
 EXIT_REQUEUE = 75
+# Rank 0 writes this file into the run dir after a preemption save (holding the step), and deletes it at start.
+PREEMPTED_MARKER = "preempted"
 
 
 class PreemptionFlag:

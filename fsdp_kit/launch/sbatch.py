@@ -1,17 +1,21 @@
 """Render a ready-to-submit sbatch file from the same config the job will compose, so the two never disagree.
 
-Every value that comes from the user is quoted with ``shlex.quote``: a Hydra override can never run as shell.
+Every value that comes from the user is a quoted shell word, an escaped comment or a checked plain directive
+(fsdp_kit.launch.shell): a Hydra override can never run as shell or end the ``#SBATCH`` block early. The run dir,
+the ``preempted`` marker and the requeue exit code are rendered from the Python constants the trainer uses.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
+import string
 from importlib import resources
 
+from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.errors import ConfigError
-from fsdp_kit.launch.slurm import job_name, procs_per_node
+from fsdp_kit.launch.shell import check_plain, comment_text, shell_command, shell_word
+from fsdp_kit.launch.slurm import RUN_DIR_NAME, job_name, procs_per_node
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -25,19 +29,24 @@ _NCCL_ENV = """\
 export NCCL_SOCKET_IFNAME=^docker,lo,veth  # NCCL bootstrap over the host NIC, never docker/loopback/veth"""
 
 
-def render(job: TrainConfig, overrides: list[str], render_args: str | None = None,
+def render(job: TrainConfig, overrides: list[str], render_args: list[str] | None = None,
            file_hint: str = "job.sbatch") -> str:
-    """The sbatch script for ``job``; ``overrides`` are the Hydra overrides the job runs with."""
+    """The sbatch script for ``job``; ``overrides`` are the Hydra overrides the job runs with, ``render_args``
+    the ``fsdp-kit slurm`` arguments that made it (default: the overrides)."""
     values = {
-        "description": f"train {job.model.name} on {job.cluster.nodes} node(s) of {job.cluster.name}",
-        "render_args": render_args if render_args is not None else " ".join(map(shlex.quote, overrides)),
-        "file_hint": file_hint,
+        "description": comment_text(f"train {job.model.name} on {job.cluster.nodes} node(s) of {job.cluster.name}"),
+        "render_args": shell_command(render_args if render_args is not None else overrides),
+        "file_hint": shell_word(file_hint),
         "directives": "\n".join(f"#SBATCH {d}" for d in directives(job)),
-        "setup": shlex.quote(job.slurm.setup),
+        "setup": shell_word(job.slurm.setup),
         "procs_per_node": str(procs_per_node(job)),
         "rdzv_port": str(job.slurm.rdzv_port),
-        "output_root": shlex.quote(job.slurm.output_root),
-        "overrides": " ".join(map(shlex.quote, overrides)),
+        "shutdown_timeout": str(job.slurm.signal_before_s),
+        "output_root": shell_word(job.slurm.output_root),
+        "overrides": shell_command(overrides),
+        "run_dir_name": _shell_pattern(RUN_DIR_NAME, job_name="SLURM_JOB_NAME", job_id="SLURM_JOB_ID"),
+        "preempted_marker": shell_word(PREEMPTED_MARKER),
+        "exit_requeue": str(EXIT_REQUEUE),
         "network_env": _network_env(job),
     }
     template = resources.files("fsdp_kit.launch").joinpath("job.sbatch.in").read_text()
@@ -71,10 +80,22 @@ def directives(job: TrainConfig) -> list[str]:
     if slurm.requeue:
         lines.append("--requeue")
     for line in lines:
+        check_plain(line, "the sbatch directive")
         if any(c.isspace() or c in "'\"$`\\;" for c in line):
             raise ConfigError(f"the sbatch directive {line!r} contains spaces, quotes or shell characters",
                               "use plain names and values for slurm.* and cluster.* settings")
     return lines
+
+
+def _shell_pattern(pattern: str, **variables: str) -> str:
+    """A ``str.format`` pattern as a shell word: its fields become the given shell variables, its text quoted."""
+    parts = []
+    for text, field_name, _, _ in string.Formatter().parse(pattern):
+        if text:
+            parts.append(shell_word(text))
+        if field_name is not None:
+            parts.append(f'"${variables[field_name]}"')
+    return "".join(parts)
 
 
 def _network_env(job: TrainConfig) -> str:

@@ -11,8 +11,12 @@ from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.preflight import preflight
 
-__all__ = ["available_partitions", "check", "compose_job", "job_name", "procs_per_node", "run_dir", "timeout_minutes",
-           "world_size"]
+__all__ = ["RUN_DIR_NAME", "available_partitions", "check", "compose_job", "job_name", "procs_per_node", "run_dir",
+           "timeout_minutes", "world_size"]
+
+
+# A Slurm job's run dir under slurm.output_root; the sbatch template is rendered from this pattern.
+RUN_DIR_NAME = "{job_name}-{job_id}"
 
 
 def job_name(job: TrainConfig) -> str:
@@ -21,7 +25,7 @@ def job_name(job: TrainConfig) -> str:
 
 def run_dir(job: TrainConfig, job_id: str) -> Path:
     """Where a Slurm job trains: the same after a requeue (same job id), so it finds its checkpoints."""
-    return Path(job.slurm.output_root) / f"{job_name(job)}-{job_id}"
+    return Path(job.slurm.output_root) / RUN_DIR_NAME.format(job_name=job_name(job), job_id=job_id)
 
 
 def procs_per_node(job: TrainConfig) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import submitit
 
 from fsdp_kit.config import TrainConfig
+from fsdp_kit.launch.sbatch import directives
 from fsdp_kit.launch.slurm import check, compose_job, job_name, procs_per_node, run_dir, timeout_minutes
 
 
@@ -38,6 +39,9 @@ def submit(overrides: list[str], folder: str | None = None) -> tuple[submitit.Jo
     """Check, then submit ``overrides`` as one multi-node Slurm job."""
     job = compose_job(overrides)
     check(job)
+    # submitit writes these into an sbatch file as "#SBATCH --key=value" lines: the same checks as ours (a newline
+    # would end the directives and run the rest of the value as shell).
+    directives(job)
     slurm, cluster = job.slurm, job.cluster
     executor = submitit.SlurmExecutor(folder=folder or str(Path(slurm.log_dir) / "%j"),
                                       max_num_timeout=slurm.max_requeues)

@@ -1,0 +1,85 @@
+"""Check every point of a Hydra sweep (``-m``) before any of them is launched, on every launcher.
+
+Hydra composes a sweep point only when its job starts, so a bad point (``trainer.batch_size=4,0``) would be found
+after the good ones ran or were submitted. This callback (registered in configs/train.yaml) composes each point
+the way the launchers will and runs ``preflight``; the first bad point stops the sweep with one line
+naming it, before the sweep dir exists.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from fsdp_kit.config import TrainConfig
+from fsdp_kit.errors import ConfigError, FsdpKitError, first_line
+from fsdp_kit.launch.shell import check_plain
+from fsdp_kit.preflight import preflight
+
+
+def sweep_points(config: DictConfig) -> list[list[str]]:
+    """The override list of every job the sweep will launch (the basic sweeper's cross product)."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    arguments += list(config.hydra.overrides.task)
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    return [point for batch in BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+            for point in batch]
+
+
+def check_point(config: DictConfig, overrides: list[str]) -> None:
+    """Compose one sweep point as its launcher will and validate it; raise FsdpKitError if it cannot work."""
+    try:
+        point = GlobalHydra.instance().config_loader().load_sweep_config(config, overrides)
+    except (HydraException, OmegaConfBaseException) as err:  # unknown keys or options in this point
+        raise ConfigError(first_line(err), "check the sweep's keys and values") from err
+    launcher = point.hydra.launcher
+    # The launcher decides how many ranks a job has: one process (basic), or submitit's nodes x tasks.
+    world_size = int(OmegaConf.select(launcher, "nodes", default=1) or 1) * int(
+        OmegaConf.select(launcher, "tasks_per_node", default=1) or 1)
+    on_slurm = "slurm" in str(OmegaConf.select(launcher, "_target_", default="")).lower()
+    gpus = OmegaConf.select(launcher, "gpus_per_node", default=None)
+    # submitit writes the launcher's settings into an sbatch file: no value may end a line there.
+    for key, value in _strings(OmegaConf.to_container(launcher, resolve=True), "hydra.launcher"):
+        check_plain(value, key)
+    with open_dict(point):
+        # run_dir is the job's output dir, made only when the job runs; the sweep dir stands in for it.
+        point.run_dir = str(point.hydra.sweep.dir)
+        del point["hydra"]
+    job = TrainConfig.from_hydra(point)
+    # On Slurm the job runs on other machines: do not ask this one's GPU (fsdp-kit submit checks the same way).
+    preflight(job, world_size=world_size, device_type=("cuda" if gpus else "cpu") if on_slurm else None,
+              probe_device=not on_slurm)
+
+
+def _strings(node: object, key: str) -> list[tuple[str, str]]:
+    if isinstance(node, dict):
+        return [found for k, v in node.items() for found in _strings(v, f"{key}.{k}")]
+    if isinstance(node, list):
+        return [found for i, v in enumerate(node) for found in _strings(v, f"{key}[{i}]")]
+    return [(key, node)] if isinstance(node, str) else []
+
+
+class CheckSweep(Callback):
+    """Hydra callback: validate all sweep points at ``on_multirun_start``, before the sweeper launches any."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        points = sweep_points(config)
+        for number, overrides in enumerate(points):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # each job warns for itself when it runs
+                    check_point(config, overrides)
+            except FsdpKitError as err:
+                print(f"error: sweep point {number} of {len(points)} ({' '.join(overrides)}): {err} "
+                      "Nothing was launched.", file=sys.stderr)
+                sys.exit(err.exit_code)
