@@ -63,7 +63,7 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
             f"{env.world_size} x {env.device_type} | precision={job.precision.name} "
             f"sharding={job.sharding.strategy} wrap={job.wrap.policy} ({applied.fsdp_units} FSDP units) "
             f"ac={job.ac.mode} ({applied.checkpointed_layers} layers) compile={applied.compiled_layers} layers "
-            f"optim={job.optim.name} | run dir {run_dir}")
+            f"optim={job.optim.name} attention={model.config._attn_implementation} | run dir {run_dir}")
         parts = TrainParts(model, optimizer, schedule, dataset, FlopCounter(job.model, config),
                            Tracker(env.device, env.world_size, job.metrics.peak_tflops), reporter, checkpoints,
                            grad_scaler)
@@ -108,4 +108,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the module's own main, not __main__'s copy: submitit (Hydra's Slurm/local launchers) pickles the task
+    # function, and a function of an importable module is pickled by name instead of by value with its globals.
+    from fsdp_kit.train import main as importable_main
+
+    importable_main()

@@ -50,3 +50,5 @@ class DataConfig:
     """Seed of the built-in task and of the shuffling order."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+    pin_memory: bool = True
+    """On GPU, load batches into pinned host memory so their copies to the GPU do not block the host."""

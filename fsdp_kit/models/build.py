@@ -44,7 +44,14 @@ def build(cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dt
     config = config or hf_config(cfg)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     with torch.device(device):
-        model = auto.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        try:
+            model = auto.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra)
+        except ValueError as err:
+            if not extra:
+                raise
+            raise ConfigError(f"model.attn_implementation={cfg.attn_implementation}: {first_line(err, 120)}",
+                              "use sdpa, eager or flex_attention, or leave it null") from err
     return model
 
 

@@ -19,5 +19,8 @@ class ModelConfig:
     dropout: float | None = None
     """Dropout probability for every dropout the model has; null keeps the preset's. 0 makes runs
     comparable across world sizes."""
+    attn_implementation: str | None = None
+    """Attention kernel path: sdpa (torch's scaled_dot_product_attention; transformers' default for T5, carrying
+    the position bias as a float mask), eager, flex_attention; null lets transformers choose."""
     trust_remote_code: bool = False
     """Allow ``pretrained`` to run code from the hub. Off by default: remote code runs as you."""

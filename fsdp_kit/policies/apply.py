@@ -47,6 +47,15 @@ class Policies:
         return self.wrap.policy == WrapPolicy.transformer or self.ac.mode != CheckpointMode.none or self.compile
 
 
+def set_prefetch(units: list[nn.Module], depth: int) -> None:
+    """All-gather the next ``depth`` units while one computes, in forward order and, in backward, in reverse."""
+    if depth <= 0 or len(units) < 2:
+        return
+    for index, unit in enumerate(units):
+        unit.set_modules_to_forward_prefetch(units[index + 1:index + 1 + depth])
+        unit.set_modules_to_backward_prefetch(units[max(0, index - depth):index][::-1])
+
+
 @dataclass(frozen=True)
 class Applied:
     """What apply_policies did, for the run log."""
@@ -73,7 +82,6 @@ def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Ap
 
     fsdp_kwargs = {
         "mesh": mesh,
-        "reshard_after_forward": reshard_after_forward(policies.sharding),
         "mp_policy": mixed_precision_policy(policies.precision),
         "offload_policy": offload_policy(policies.sharding),
     }
@@ -81,8 +89,12 @@ def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Ap
     # such a view would skip its pre-backward hook. HF layers do not do that, and the tests check gradients
     # against a single process, so the warning is noise for users.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    reshard = reshard_after_forward(policies.sharding)
     units = fsdp_units(model, policies.wrap, layer_cls)
-    for unit in units:
-        fully_shard(unit, **fsdp_kwargs)
-    fully_shard(model, **fsdp_kwargs)
+    for index, unit in enumerate(units):
+        keep_last = index == len(units) - 1 and not policies.sharding.reshard_last_unit
+        fully_shard(unit, **fsdp_kwargs, reshard_after_forward=reshard and not keep_last)
+    fully_shard(model, **fsdp_kwargs, reshard_after_forward=reshard)
+    if policies.wrap.policy == WrapPolicy.transformer:  # only layers come in the order they run
+        set_prefetch(units, policies.sharding.prefetch)
     return Applied(checkpointed, len(compiled), len(units) + 1)

@@ -53,6 +53,12 @@ class ShardingConfig:
     """Ranks per shard group for the hybrid strategies; null means the ranks of one node."""
     cpu_offload: bool = False
     """Keep sharded parameters, gradients and optimizer states in pinned CPU memory."""
+    reshard_last_unit: bool = False
+    """Reshard the last wrapped unit after forward too. Off (torchtitan's choice): backward needs it at once, so
+    freeing it would only make FSDP all-gather it again."""
+    prefetch: int = 0
+    """Transformer units to all-gather ahead explicitly, in forward and backward (FSDP2's
+    set_modules_to_forward/backward_prefetch); 0 leaves FSDP2's implicit prefetching. Not yet measured on GPU."""
 
 
 @dataclass

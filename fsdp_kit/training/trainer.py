@@ -76,7 +76,7 @@ class Trainer:
             result.evals.append(self.evaluator.evaluate(0, generate=False))
         batches = iter(self.data.train_loader(self.cfg.batch_size, self.env.rank, self.env.world_size,
                                               start_sample=self.state.samples_seen,
-                                              pin_memory=self.env.device_type == "cuda"))
+                                              pin_memory=self.data.cfg.pin_memory and self.env.device_type == "cuda"))
         self.tracker.start_window()
         with self.reporter, self.checkpoints.preemption_guard():
             while self.state.step < self.cfg.max_steps:
