@@ -105,6 +105,9 @@ class OptimConfig:
     """AnyPrecision: dtype of the second moment."""
     compensation_buffer_dtype: str = "bfloat16"
     """AnyPrecision: dtype of the Kahan compensation buffer."""
+    chunk_elements: int = 128 * 1024 * 1024
+    """AnyPrecision: elements per multi-tensor call. Bounds the optimizer's temporaries (about one chunk
+    in fp32); smaller saves memory, larger means fewer kernel launches. Never changes the result."""
 
 
 @dataclass
@@ -356,6 +359,7 @@ def validate(job: TrainConfig, world_size: int | None = None, device_type: str |
     _positive(job.checkpoint.keep, "checkpoint.keep")
     _positive(job.checkpoint.every, "checkpoint.every", allow_zero=True)
     _positive(job.optim.lr, "optim.lr")
+    _positive(job.optim.chunk_elements, "optim.chunk_elements")
     if len(job.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in job.optim.betas):
         raise ConfigError(f"optim.betas={job.optim.betas} must be two numbers in [0, 1)",
                           "pass e.g. optim.betas=[0.9,0.999]")
