@@ -10,6 +10,7 @@ from helpers import job, run_ranks, train
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsdp_kit.optim import AnyPrecisionAdamW
+from fsdp_kit.optim.anyprecision import CHUNK_NUMEL
 
 
 def _params(dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
@@ -230,6 +231,6 @@ def test_chunk_elements_comes_from_the_config_and_must_be_positive(tmp_path):
 
     cfg = job(tmp_path, "optim=anyprecision", "optim.chunk_elements=1000")
     assert build_optimizer(torch.nn.Linear(2, 2), cfg.optim).chunk_elements == 1000
-    assert job(tmp_path, "optim=anyprecision").optim.chunk_elements == 128 * 1024 * 1024
+    assert job(tmp_path, "optim=anyprecision").optim.chunk_elements == CHUNK_NUMEL
     with pytest.raises(ConfigError, match=r"optim\.chunk_elements=0"):
         job(tmp_path, "optim.chunk_elements=0").validated(world_size=1, device_type="cpu")

@@ -5,6 +5,7 @@ bf16 weights)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 from pathlib import Path
 
@@ -93,18 +94,25 @@ def test_dcp_resume_keeps_state_dtypes_and_values(param_dtype, name, dtypes, tmp
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_a_state_dict_with_cpu_steps_loads_onto_the_parameter_device_and_keeps_dtypes():
-    """The format older checkpoints have (step a CPU float32 scalar) and a plain torch.save round trip."""
-    state = _train_state(torch.bfloat16, "anyprecision", _MIXED)
-    _steps(state, range(2))
-    saved = state.optimizer.state_dict()
-    for entry in saved["state"].values():
-        entry["step"] = entry["step"].cpu()
-    fresh = _train_state(torch.bfloat16, "anyprecision", _MIXED)
-    fresh.optimizer.load_state_dict(saved)
-    entry = fresh.optimizer.state[fresh.model[0].weight]
-    assert (entry["step"].item(), entry["step"].dtype) == (2.0, torch.float32)
+def test_torch_save_round_trip_and_deepcopy_continue_exactly(tmp_path):
+    """The non-DCP paths: optimizer.state_dict() through torch.save/torch.load into a fresh optimizer, and a
+    deep copy (which restores state without load_state_dict), both continue like the original."""
+    reference = _train_state(torch.bfloat16, "anyprecision", _MIXED)
+    _steps(reference, range(2))
+    torch.save({"model": reference.model.state_dict(), "optim": reference.optimizer.state_dict()}, tmp_path / "s.pt")
+    copied = copy.deepcopy(reference)
+    loaded = _train_state(torch.bfloat16, "anyprecision", _MIXED)
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)
+    loaded.model.load_state_dict(saved["model"])
+    loaded.optimizer.load_state_dict(saved["optim"])
+    entry = loaded.optimizer.state[loaded.model[0].weight]
+    assert (entry["step"].item(), entry["step"].dtype, entry["step"].device.type) == (2.0, torch.float32, "cpu")
     assert [entry[k].dtype for k in ("exp_avg", "exp_avg_sq", "compensation")] == [_DTYPES[d] for d in _MIXED]
+    for state in (reference, copied, loaded):
+        _steps(state, range(2, 4))
+    for other in (copied, loaded):
+        for a, b in zip(other.model.parameters(), reference.model.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def _train_and_capture(cfg):

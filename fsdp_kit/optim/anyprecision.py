@@ -14,8 +14,9 @@ Where this departs from torchdistx (each a fix; with fp32 states and Kahan off i
 - The denominator ``sqrt(v_hat) + eps`` is formed in a dtype that can hold ``eps``: the variance dtype if
   it can, else the parameter dtype, else float32 (per chunk). torchdistx forms it in the variance dtype, so
   with float16 variance ``eps=1e-8`` is 0 and a zero gradient gives 0/0 = NaN.
-- Step counts stay on the parameter's device and the bias corrections are computed there with
-  multi-tensor ops: ``step()`` never reads a value back to the host (no synchronization).
+- ``step()`` never reads a tensor's value back to the host: each parameter's step count is mirrored in a
+  host integer (the saved ``state["step"]`` tensors are bumped with one multi-tensor add per group and read
+  only by ``load_state_dict``), so there is no per-parameter ``.item()`` and no synchronization.
 - ``load_state_dict`` restores every state tensor in the dtype it was saved with; torch's default casts
   state to the parameter dtype (a bf16 variance became fp32 under fp32 weights, an fp32 momentum bf16
   under bf16 weights), so a resumed run differed from an uninterrupted one.
@@ -79,12 +80,15 @@ class AnyPrecisionAdamW(Optimizer):
         # Not a group hyperparameter: it changes speed and peak memory, never the result, so it stays out
         # of the state dict (checkpoints load whatever chunking the resuming run uses).
         self.chunk_elements = int(chunk_elements)
+        # Host copy of each parameter's state["step"]: bias corrections need the count as a number, and
+        # reading the tensor would be one host read per parameter per step.
+        self._host_steps: dict[torch.Tensor, int] = {}
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         state = self.state[param]
         if not state:
-            # On the parameter's device so the bias corrections never go through the host.
-            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["step"] = torch.tensor(0.0)  # a CPU float32 scalar, as in torch.optim.AdamW
+            self._host_steps[param] = 0
             state["exp_avg"] = torch.zeros_like(param, dtype=group["momentum_dtype"])
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=group["variance_dtype"])
             if group["use_kahan_summation"]:
@@ -102,62 +106,63 @@ class AnyPrecisionAdamW(Optimizer):
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("AnyPrecisionAdamW does not support sparse gradients")
             states = [self._init_state(p, group) for p in params]
-            for chunk in _chunks(list(zip(params, states)), self.chunk_elements):
-                self._update(group, [_local(p) for p, _ in chunk], [_local(p.grad) for p, _ in chunk],
-                             [s for _, s in chunk])
+            torch._foreach_add_([s["step"] for s in states], 1.0)
+            steps = [self._bump_host_step(p, s) for p, s in zip(params, states)]
+            for chunk in _chunks(list(zip(params, states, steps)), self.chunk_elements):
+                self._update(group, [_local(p) for p, _, _ in chunk], [_local(p.grad) for p, _, _ in chunk],
+                             [s for _, s, _ in chunk], [t for _, _, t in chunk])
         return loss
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickling and deepcopy restore only defaults, state and param_groups.
+        super().__setstate__(state)
+        self.__dict__.setdefault("chunk_elements", CHUNK_NUMEL)
+        self.__dict__.setdefault("_host_steps", {})
+
+    def _bump_host_step(self, param: torch.Tensor, state: dict) -> int:
+        step = self._host_steps.get(param)
+        if step is None:
+            # State that arrived without load_state_dict (an unpickled or deep-copied optimizer): read the
+            # tensor once; from then on the host copy is used. The tensor was bumped already.
+            step = int(state["step"]) - 1
+        self._host_steps[param] = step + 1
+        return step + 1
+
     def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
-                states: list[dict]) -> None:
+                states: list[dict], steps: list[int]) -> None:
         """One chunk: ``params`` and ``grads`` are local tensors (an FSDP2 shard's own elements)."""
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        steps = [s["step"] for s in states]
         exp_avgs = [_local(s["exp_avg"]) for s in states]
         exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in states]
-        torch._foreach_add_(steps, 1.0)
         grads_m = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
         grads_v = [g if g.dtype == v.dtype else g.to(v.dtype) for g, v in zip(grads, exp_avg_sqs)]
         torch._foreach_lerp_(exp_avgs, grads_m, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads_v, grads_v, 1.0 - beta2)
         del grads_m, grads_v
-        if lr == 0:
-            # Nothing moves (torch.distributed.checkpoint creates the state with an lr=0 step); skipping
-            # also avoids dividing by a zero step size below.
-            return
 
-        # Per-parameter bias corrections as 0-d device tensors: (beta1^t - 1) / lr = -1 / step_size and
-        # sqrt(1 - beta2^t).
-        neg_inv_step_sizes = torch._foreach_pow(beta1, steps)
-        torch._foreach_sub_(neg_inv_step_sizes, 1.0)
-        torch._foreach_div_(neg_inv_step_sizes, lr)
-        bias_corrections2 = torch._foreach_pow(beta2, steps)
-        torch._foreach_neg_(bias_corrections2)
-        torch._foreach_add_(bias_corrections2, 1.0)
-        torch._foreach_sqrt_(bias_corrections2)
-
+        step_sizes = [-lr / (1.0 - beta1**step) for step in steps]
         denom_dtype = _denominator_dtype(exp_avg_sqs[0].dtype, params[0].dtype, eps)
         if denom_dtype == exp_avg_sqs[0].dtype:
             denoms = torch._foreach_sqrt(exp_avg_sqs)
         else:
-            denoms = [v.to(denom_dtype) for v in exp_avg_sqs]  # one chunk-sized temporary, as above
+            denoms = [v.to(denom_dtype) for v in exp_avg_sqs]  # the chunk's one temporary, sqrt in place
             torch._foreach_sqrt_(denoms)
-        torch._foreach_div_(denoms, bias_corrections2)
+        torch._foreach_div_(denoms, [(1.0 - beta2**step) ** 0.5 for step in steps])
         torch._foreach_add_(denoms, eps)
-        torch._foreach_mul_(denoms, neg_inv_step_sizes)  # exp_avg / denoms is now the update itself
 
         if not group["use_kahan_summation"]:
             if weight_decay:
                 torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-            torch._foreach_addcdiv_(params, exp_avgs, denoms)
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
             return
         compensations = [_local(s["compensation"]) for s in states]
         # The decay joins the compensated sum: in bf16, p * (1 - lr * wd) alone rounds back to p.
         if weight_decay:
             torch._foreach_add_(compensations, params, alpha=-lr * weight_decay)
         # comp += update; p_new = p + comp; comp -= (p_new - p): what rounding dropped stays in comp.
-        torch._foreach_addcdiv_(compensations, exp_avgs, denoms)
+        torch._foreach_addcdiv_(compensations, exp_avgs, denoms, step_sizes)
         del denoms
         previous = torch._foreach_mul(params, 1.0)
         torch._foreach_add_(params, compensations)
@@ -169,7 +174,8 @@ class AnyPrecisionAdamW(Optimizer):
 
         ``Optimizer.load_state_dict`` casts floating state to the parameter's dtype; here the momentum,
         variance and compensation keep their saved dtypes (and values: no round trip through the
-        parameter dtype), and ``step`` moves to the parameter's device (older checkpoints kept it on CPU).
+        parameter dtype). ``step`` stays a CPU float32 scalar and the host step counts are read from it,
+        once per parameter here (never in ``step()``).
         """
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
@@ -183,9 +189,12 @@ class AnyPrecisionAdamW(Optimizer):
                 if not isinstance(value, torch.Tensor):
                     continue
                 if key == "step":
-                    state[key] = value.to(dtype=torch.float32, device=param.device)
+                    state[key] = value.to(dtype=torch.float32, device="cpu")
                 else:
                     state[key] = value.to(device=param.device)
+        with_steps = [p for p, state in self.state.items() if "step" in state]
+        counts = torch.stack([self.state[p]["step"] for p in with_steps]).tolist() if with_steps else []
+        self._host_steps = {p: int(count) for p, count in zip(with_steps, counts)}
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -206,19 +215,23 @@ def _denominator_dtype(variance_dtype: torch.dtype, param_dtype: torch.dtype, ep
     return torch.float32
 
 
-def _chunks(items: list[tuple[torch.Tensor, dict]], max_numel: int) -> Iterator[list[tuple[torch.Tensor, dict]]]:
+_Item = tuple[torch.Tensor, dict, int]  # parameter, its state, its step count
+
+
+def _chunks(items: list[_Item], max_numel: int) -> Iterator[list[_Item]]:
     """Consecutive groups with the same device and dtypes, each of at most ``max_numel`` elements
     (a single larger tensor forms its own group)."""
-    chunk: list[tuple[torch.Tensor, dict]] = []
+    chunk: list[_Item] = []
     numel = 0
     key = None
-    for param, state in items:
+    for item in items:
+        param, state, _ = item
         item_key = (param.device, param.dtype, param.grad.dtype, state["exp_avg"].dtype, state["exp_avg_sq"].dtype)
         local_numel = _local(param).numel()
         if chunk and (item_key != key or numel + local_numel > max_numel):
             yield chunk
             chunk, numel = [], 0
-        chunk.append((param, state))
+        chunk.append(item)
         numel += local_numel
         key = item_key
     if chunk:
