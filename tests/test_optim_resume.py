@@ -17,7 +17,8 @@ from helpers import job, run_ranks
 from fsdp_kit.checkpoint.state import TrainState
 from fsdp_kit.optim import AnyPrecisionAdamW
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+              pytest.mark.filterwarnings("ignore:AnyPrecisionAdamW variance_dtype=float16")]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # One AnyPrecision setting per run that both widens and narrows under each precision: under fp32 weights the

@@ -13,7 +13,9 @@ Where this departs from torchdistx (each a fix; with fp32 states and Kahan off i
   first, outside the compensation, so in bf16 any decay below half an ulp of the weight is lost.
 - The denominator ``sqrt(v_hat) + eps`` is formed in a dtype that can hold ``eps``: the variance dtype if
   it can, else the parameter dtype, else float32 (per chunk). torchdistx forms it in the variance dtype, so
-  with float16 variance ``eps=1e-8`` is 0 and a zero gradient gives 0/0 = NaN.
+  with float16 variance ``eps=1e-8`` is 0 and a zero gradient gives 0/0 = NaN. (float16 variance stays a
+  poor choice: ``(1 - beta2) * g^2`` underflows to 0 for ``|g|`` below ~5e-3, and the update becomes
+  ``m / eps``; the constructor warns and fsdp_kit's config refuses it.)
 - ``step()`` never reads a tensor's value back to the host: each parameter's step count is mirrored in a
   host integer (the saved ``state["step"]`` tensors are bumped with one multi-tensor add per group and read
   only by ``load_state_dict``), so there is no per-parameter ``.item()`` and no synchronization.
@@ -30,6 +32,7 @@ torch.distributed.checkpoint.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from typing import Any
@@ -66,6 +69,11 @@ class AnyPrecisionAdamW(Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if chunk_elements < 1:
             raise ValueError(f"Invalid chunk_elements value: {chunk_elements}")
+        if variance_dtype == torch.float16:
+            # (1 - beta2) * g^2 rounds to 0 in float16 for |g| below ~5e-3 (beta2=0.999): the update is then
+            # m / eps. Accepted for torchdistx compatibility; fsdp_kit's config refuses it.
+            warnings.warn("AnyPrecisionAdamW variance_dtype=float16: the second moment underflows for small "
+                          "gradients and those updates blow up; use bfloat16", stacklevel=2)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
