@@ -2,6 +2,7 @@
 
     python benchmarks/optimizer_step.py --model t5_3b          # on the GPU: parameters in bf16, fused AdamW
     python benchmarks/optimizer_step.py --model t5_small       # CPU check of the script
+    python benchmarks/optimizer_step.py --model t5_11b --chunk-elements 33554432 134217728 536870912
 
 Parameters are allocated as in pure-bf16 training and given random gradients; each optimizer takes warm-up steps,
 then the median of timed steps (CUDA-synchronized) is reported. Writes
@@ -20,6 +21,7 @@ from common import compose_job, device_slug, provenance, write_json
 
 from fsdp_kit import models
 from fsdp_kit.optim import AnyPrecisionAdamW
+from fsdp_kit.optim.anyprecision import CHUNK_NUMEL
 
 
 def _time_steps(optimizer: torch.optim.Optimizer, device: torch.device, warmup: int, steps: int) -> float:
@@ -42,12 +44,17 @@ def main() -> None:
     parser.add_argument("--model", default="t5_3b")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--chunk-elements", type=int, nargs="+", default=[CHUNK_NUMEL],
+                        help="AnyPrecisionAdamW elements per multi-tensor call; several values are each timed")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = compose_job([f"model={args.model}"]).model
     results = {}
-    for name in ("anyprecision_kahan_bf16", "torch_adamw"):
+    # The first --chunk-elements value keeps the plain name (and the ratio); others are suffixed.
+    runs = [("anyprecision_kahan_bf16" if i == 0 else f"anyprecision_kahan_bf16_chunk{chunk}", chunk)
+            for i, chunk in enumerate(args.chunk_elements)] + [("torch_adamw", None)]
+    for name, chunk in runs:
         model = models.build(cfg, device=device, dtype=torch.bfloat16)
         params = [p for p in model.parameters()]
         generator = torch.Generator(device=device).manual_seed(0)
@@ -58,7 +65,8 @@ def main() -> None:
                                           foreach=None if device.type == "cuda" else True)
         else:
             optimizer = AnyPrecisionAdamW(params, lr=1e-4, use_kahan_summation=True, momentum_dtype=torch.bfloat16,
-                                          variance_dtype=torch.bfloat16, compensation_buffer_dtype=torch.bfloat16)
+                                          variance_dtype=torch.bfloat16, compensation_buffer_dtype=torch.bfloat16,
+                                          chunk_elements=chunk)
         results[name] = _time_steps(optimizer, device, args.warmup, args.steps)
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
         results[f"{name}_peak_gb"] = peak
@@ -68,6 +76,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
     ratio = results["anyprecision_kahan_bf16"] / results["torch_adamw"]
     record = {"model": args.model, "params": sum(p.numel() for p in models.build(cfg).parameters()),
+              "chunk_elements": args.chunk_elements,
               "step_s": results, "ratio_anyprecision_vs_adamw": ratio, "target_ratio": 1.3,
               "provenance": provenance()}
     write_json(args.out / device_slug() / f"optimizer_step_{args.model}.json", record)

@@ -99,6 +99,11 @@ def check_values(job: TrainConfig, world_size: int) -> None:
     _positive(job.checkpoint.keep, "checkpoint.keep")
     _positive(job.checkpoint.every, "checkpoint.every", allow_zero=True)
     _positive(job.optim.lr, "optim.lr")
+    _positive(job.optim.chunk_elements, "optim.chunk_elements")
+    if job.optim.name == "anyprecision" and job.optim.variance_dtype == "float16":
+        raise ConfigError("optim.variance_dtype=float16: the second moment (~gradient^2) underflows float16 "
+                          "(gradients below about 5e-3 give 0) and the update m/eps blows up",
+                          "use optim.variance_dtype=bfloat16 (same size, float32's range) or float32")
     if len(job.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in job.optim.betas):
         raise ConfigError(f"optim.betas={job.optim.betas} must be two numbers in [0, 1)",
                           "pass e.g. optim.betas=[0.9,0.999]")

@@ -24,6 +24,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
             momentum_dtype=getattr(torch, cfg.momentum_dtype),
             variance_dtype=getattr(torch, cfg.variance_dtype),
             compensation_buffer_dtype=getattr(torch, cfg.compensation_buffer_dtype),
+            chunk_elements=cfg.chunk_elements,
         )
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=cfg.fused)

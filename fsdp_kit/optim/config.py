@@ -40,3 +40,6 @@ class OptimConfig:
     """AnyPrecision: dtype of the second moment."""
     compensation_buffer_dtype: StateDtype = StateDtype.bfloat16
     """AnyPrecision: dtype of the Kahan compensation buffer."""
+    chunk_elements: int = 128 * 1024 * 1024
+    """AnyPrecision: elements per multi-tensor call. Bounds the optimizer's temporaries (about one chunk
+    in fp32); smaller saves memory, larger means fewer kernel launches. Never changes the result."""
