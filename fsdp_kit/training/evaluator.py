@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from fsdp_kit.data import DataBundle
 from fsdp_kit.distributed import DistEnv
@@ -40,6 +40,7 @@ class Evaluator:
         if generate and self.data.eval_pairs is not None:
             record["exact_match"] = self.exact_match()
         self.model.train()
+        reshard(self.model)
         self.reporter.eval(record)
         return record
 
@@ -67,3 +68,11 @@ class Evaluator:
         if self.env.world_size > 1:
             dist.all_reduce(hits)
         return float(hits[0] / hits[1].clamp(min=1))
+
+
+def reshard(model: nn.Module) -> None:
+    """Free what forward-only passes left unsharded: units that keep their parameters after forward (the last
+    unit, shard_grad_op) reshard only after a backward, which evaluation never runs."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
