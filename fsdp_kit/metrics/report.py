@@ -35,7 +35,8 @@ class Reporter:
         self.cfg = cfg
         self.total_steps = total_steps
         self.console = console or Console(soft_wrap=True)
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self._progress: Progress | None = None
         self._task: Any = None
         self._tensorboard: Any = None
