@@ -197,6 +197,11 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+def to_dict(job: TrainConfig) -> dict:
+    """The resolved config as plain nested values (options as their strings), e.g. for an experiment tracker."""
+    return OmegaConf.to_container(OmegaConf.structured(dataclasses.asdict(job)), enum_to_str=True)  # type: ignore[return-value]
+
+
 def to_yaml(job: TrainConfig) -> str:
     """The resolved config as YAML (for the run dir); holds no secrets since none are config fields."""
     return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(job)))
