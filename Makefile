@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e '.[dev,tensorboard,rouge,aws]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,tensorboard,wandb,rouge,aws]'
 	touch $(STAMP)
 
 train: $(STAMP)

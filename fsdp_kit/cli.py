@@ -102,6 +102,20 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from fsdp_kit.compare import compare
+
+    table, png = compare(args.runs, None if args.no_plot else args.plot)
+    if args.output:
+        Path(args.output).write_text(table)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(table)
+    if png is not None:
+        print(f"wrote {png}", file=sys.stderr)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line naming the command, exit code 2 (argparse's own convention)."""
 
@@ -161,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
                                            "cluster=p4de cluster.nodes=3 trainer.batch_size=8")
     _add_overrides(plan)
     plan.set_defaults(handler=_plan)
+
+    compare = commands.add_parser("compare", help="several runs side by side: a markdown table and a PNG",
+                                  description="Compare runs (e.g. a Hydra sweep): final and eval loss, exact match, "
+                                              "TFLOPS, tokens/s, peak memory and the config keys that differ, "
+                                              "plus loss and throughput curves.")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs, or folders of them (a multirun dir)")
+    compare.add_argument("-o", "--output", help="write the markdown table here (default: stdout)")
+    compare.add_argument("--plot", default="compare.png", help="the PNG of curves (default: compare.png)")
+    compare.add_argument("--no-plot", action="store_true", help="only the table")
+    compare.set_defaults(handler=_compare)
     return parser
 
 

@@ -111,6 +111,7 @@ def check_values(job: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"model.dropout={job.model.dropout} must be in [0, 1)", "pass e.g. model.dropout=0.1")
     if job.metrics.peak_tflops is not None:
         _positive(job.metrics.peak_tflops, "metrics.peak_tflops")
+    _check_profile_and_watchdog(job)
     if job.trainer.warmup_steps >= job.trainer.max_steps:
         warnings.warn(f"trainer.warmup_steps={job.trainer.warmup_steps} >= trainer.max_steps={job.trainer.max_steps}: "
                       "the learning rate never reaches its peak", stacklevel=3)
@@ -121,6 +122,26 @@ def check_values(job: TrainConfig, world_size: int) -> None:
             "raise data.eval_examples or lower trainer.batch_size")
     check_shard_group(job.sharding, world_size)
     _warn_precision(job)
+
+
+def _check_profile_and_watchdog(job: TrainConfig) -> None:
+    trainer = job.trainer
+    for key in ("profile_wait", "profile_warmup"):
+        _positive(getattr(trainer, key), f"trainer.{key}", allow_zero=True)
+    _positive(trainer.profile_active, "trainer.profile_active")
+    window = trainer.profile_wait + trainer.profile_warmup + trainer.profile_active
+    if trainer.profile and window > trainer.max_steps:
+        raise ConfigError(
+            f"trainer.profile: the window (profile_wait={trainer.profile_wait} + profile_warmup="
+            f"{trainer.profile_warmup} + profile_active={trainer.profile_active} = {window} steps) is longer than "
+            f"trainer.max_steps={trainer.max_steps}, so no trace would be written",
+            "lower trainer.profile_wait/profile_active or raise trainer.max_steps")
+    _positive(trainer.hang_timeout_s, "trainer.hang_timeout_s", allow_zero=True)
+    if trainer.hang_factor < 1.0:
+        raise ConfigError(f"trainer.hang_factor={trainer.hang_factor} must be >= 1 (a multiple of the median step)",
+                          "pass e.g. trainer.hang_factor=10")
+    if not job.metrics.wandb_project.strip():
+        raise ConfigError("metrics.wandb_project is empty", "pass metrics.wandb_project=<your project>")
 
 
 def _warn_precision(job: TrainConfig) -> None:
@@ -179,6 +200,11 @@ def _innermost_message(err: BaseException) -> str:
 def register_configs() -> None:
     """Register the schema so that configs/train.yaml composes against the dataclasses."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_dict(job: TrainConfig) -> dict:
+    """The resolved config as plain nested values (options as their strings), e.g. for an experiment tracker."""
+    return OmegaConf.to_container(OmegaConf.structured(dataclasses.asdict(job)), enum_to_str=True)  # type: ignore[return-value]
 
 
 def to_yaml(job: TrainConfig) -> str:

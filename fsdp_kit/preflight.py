@@ -52,6 +52,12 @@ def check_packages(job: TrainConfig) -> None:
         except ImportError as err:
             raise ConfigError("metrics.tensorboard=true needs the tensorboard package",
                               "pip install 'fsdp_kit[tensorboard]' or set metrics.tensorboard=false") from err
+    if job.metrics.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("metrics.wandb=true needs the wandb package",
+                              "pip install 'fsdp_kit[wandb]' or set metrics.wandb=false") from err
 
 
 def check_resume(job: TrainConfig) -> None:

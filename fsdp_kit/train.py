@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from fsdp_kit import data, distributed, models
 from fsdp_kit.checkpoint import EXIT_REQUEUE, PREEMPTED_MARKER, Manager, RunIdentity
-from fsdp_kit.config import TrainConfig, to_yaml
+from fsdp_kit.config import TrainConfig, to_dict, to_yaml
 from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import FsdpKitError, report_error
 from fsdp_kit.launch.requeue import request_requeue
@@ -49,7 +49,8 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
 
     with distributed.session(runtime, job.dist, job.sharding) as env:
         run_dir = _agreed_run_dir(job.run_dir, env.world_size, env.is_main)
-        reporter = Reporter(run_dir, job.metrics, job.trainer.max_steps, enabled=env.is_main, console=console)
+        reporter = Reporter(run_dir, job.metrics, job.trainer.max_steps, enabled=env.is_main, console=console,
+                            config=to_dict(job) if job.metrics.wandb else None)
         applied = shard_and_materialize(model, job, env)
         torch.manual_seed(job.trainer.seed + env.rank)  # each rank draws its own dropout masks
         optimizer = build_optimizer(model, job.optim)
@@ -68,7 +69,10 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
                            Tracker(env.device, env.world_size, job.metrics.peak_tflops), reporter, checkpoints,
                            grad_scaler)
         trainer = Trainer(parts, job.trainer, env)
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        finally:
+            reporter.close()
         if result.preempted and env.is_main:
             (run_dir / PREEMPTED_MARKER).write_text(f"{trainer.state.step}\n")
             reporter.info(f"preempted: saved step {trainer.state.step}; {request_requeue()}")

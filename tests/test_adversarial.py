@@ -91,3 +91,18 @@ def test_debug_env_shows_the_cause_with_its_traceback(tmp_path):
     loud = fsdp_kit("plan", "--config-dir", "no/such/dir", cwd=tmp_path, env={"FSDP_KIT_DEBUG": "1"})
     assert "Traceback" not in quiet.stderr
     assert "Traceback" in loud.stderr and loud.error_lines == quiet.error_lines
+
+
+# --- fsdp-kit compare (issue 14, item 6): paths that hold no runs -------------------------------------------------
+COMPARE_CASES = [
+    Case("compare-folder-without-runs", ["compare", "."], 2, "holds no metrics.jsonl"),
+    Case("compare-missing-folder", ["compare", "no/such/run"], 2, "no/such/run is not a folder"),
+    Case("compare-no-run-given", ["compare"], 2, "the following arguments are required: RUN_DIR"),
+]
+
+
+@pytest.mark.parametrize("case", COMPARE_CASES, ids=[case.id for case in COMPARE_CASES])
+def test_compare_without_runs_is_refused_with_one_line(case, tmp_path):
+    before = snapshot(tmp_path)
+    assert_rejected(fsdp_kit(*case.args, cwd=tmp_path), case)
+    assert snapshot(tmp_path) == before, "no compare.png or anything else written"

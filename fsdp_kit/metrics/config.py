@@ -13,3 +13,11 @@ class MetricsConfig:
     """Also write TensorBoard scalars to <run_dir>/tensorboard (needs the [tensorboard] extra)."""
     progress: bool = True
     """Live progress bar on rank 0 (a line per log step when the output is not a terminal)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the [wandb] extra; the API key comes from wandb's own login or
+    environment, never from this config). WANDB_MODE=offline writes the run under <run_dir>/wandb only."""
+    wandb_project: str = "fsdp_kit"
+    """wandb: the project the run goes to."""
+    wandb_name: str | None = None
+    """wandb: the run's display name; null uses the run dir's path. The run id is derived from the run dir, so a
+    requeued job continues the same wandb run."""

@@ -1,7 +1,8 @@
-"""Where numbers go: metrics.jsonl, the console (rich), TensorBoard. Only the main rank reports."""
+"""Where numbers go: metrics.jsonl, the console (rich), TensorBoard, Weights & Biases. Only the main rank reports."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -30,15 +31,18 @@ class Reporter:
     """Writes every record to ``<run_dir>/metrics.jsonl`` and shows it; a no-op where ``enabled`` is False."""
 
     def __init__(self, run_dir: str | Path, cfg: MetricsConfig, total_steps: int, enabled: bool,
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, config: dict[str, Any] | None = None) -> None:
+        """``config``: the resolved job config (plain values), sent to Weights & Biases as the run's config."""
         self.enabled = enabled
         self.cfg = cfg
         self.total_steps = total_steps
         self.console = console or Console(soft_wrap=True)
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self._progress: Progress | None = None
         self._task: Any = None
         self._tensorboard: Any = None
+        self._wandb: Any = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +50,8 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if cfg.wandb:
+            self._wandb = _start_wandb(self.run_dir, cfg, config or {})
 
     def __enter__(self) -> Reporter:
         if self.enabled and self.cfg.progress and self.console.is_terminal:
@@ -62,6 +68,15 @@ class Reporter:
             self._progress = None
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+    def close(self) -> None:
+        """Finish the sinks that outlive the loop (the final eval and the summary come after it)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -99,6 +114,9 @@ class Reporter:
         if not self.enabled:
             return
         self._write({**record, "summary": True}, scalars=False)
+        if self._wandb is not None:
+            # under their own prefix: wandb's summary already holds each logged metric's last value
+            self._wandb.summary.update({f"summary/{k}": v for k, v in record.items() if v is not None})
         table = Table(title="fsdp_kit run summary", show_header=False)
         for key, value in record.items():
             table.add_row(key, _fmt_metric(key, value))
@@ -107,10 +125,27 @@ class Reporter:
     def _write(self, record: Record, scalars: bool = True) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._tensorboard is not None and scalars:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tensorboard.add_scalar(key, value, record["step"])
+        if not scalars:
+            return
+        values = {key: value for key, value in record.items()
+                  if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                self._tensorboard.add_scalar(key, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(values, step=record["step"])
+
+
+def _start_wandb(run_dir: Path, cfg: MetricsConfig, config: dict[str, Any]) -> Any:
+    """A wandb run whose files live in ``run_dir/wandb``. Its id is derived from the run dir, so a requeued job
+    (same run dir) continues the same wandb run. The API key stays wandb's business (its login or environment):
+    nothing here reads or passes it."""
+    import wandb
+
+    run_id = "fsdp-kit-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or str(run_dir), id=run_id, resume="allow",
+                      dir=str(run_dir), config=config)
 
 
 # Rates and counts read best as whole numbers; a percentage sign only where there is a value.

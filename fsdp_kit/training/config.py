@@ -43,3 +43,19 @@ class TrainerConfig:
     """torch.compile each transformer layer."""
     seed: int = 0
     """Seed for weight init and dropout."""
+    profile: bool = False
+    """Trace a window of steps with torch.profiler into <run_dir>/profile/ (Chrome trace JSON per rank, for
+    Perfetto or TensorBoard) and, on CUDA, record a memory snapshot of the same window (for pytorch.org/memory_viz)."""
+    profile_wait: int = 2
+    """profile: steps (of this process, counted from its first step) before the profiler starts warming up."""
+    profile_warmup: int = 1
+    """profile: steps traced but discarded (the profiler's own start-up cost)."""
+    profile_active: int = 2
+    """profile: steps recorded into the trace."""
+    hang_timeout_s: float = 0.0
+    """Hang watchdog: a training step running longer than max(this, hang_factor x the recent median step time)
+    (a process's first step: hang_factor x this) makes every rank dump its Python stacks (stderr and
+    <run_dir>/hang/) and exit with the requeue code 75, so Slurm restarts the job from its last checkpoint;
+    0 disables the watchdog. Eval and checkpoint saves are not timed."""
+    hang_factor: float = 10.0
+    """Hang watchdog: how many times the median of the recent steps a step may take (above hang_timeout_s)."""

@@ -21,6 +21,8 @@ from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
 from fsdp_kit.models.objective import IGNORE_INDEX, token_loss
 from fsdp_kit.training.config import TrainerConfig
 from fsdp_kit.training.evaluator import Evaluator
+from fsdp_kit.training.profiler import StepProfiler
+from fsdp_kit.training.watchdog import HangWatchdog
 
 Batch = dict[str, torch.Tensor]
 
@@ -64,6 +66,9 @@ class Trainer:
         self.state = TrainState(self.model, self.optimizer, self.schedule, self.grad_scaler)
         self.evaluator = Evaluator(self.model, self.data, cfg, env, self.reporter)
         self._grad_norm: torch.Tensor | None = None
+        # Step-boundary hooks, both free when off: a profiler window and the hang watchdog.
+        self.profiler = StepProfiler(cfg, self.reporter.run_dir, env.rank, env.device_type, self.reporter.info)
+        self.watchdog = HangWatchdog(cfg, self.reporter.run_dir, env.rank, on_fire=_requeue if env.is_main else None)
 
     def fit(self) -> FitResult:
         result = FitResult()
@@ -78,8 +83,9 @@ class Trainer:
                                               start_sample=self.state.samples_seen,
                                               pin_memory=self.data.cfg.pin_memory and self.env.device_type == "cuda"))
         self.tracker.start_window()
-        with self.reporter, self.checkpoints.preemption_guard():
+        with self.reporter, self.checkpoints.preemption_guard(), self.profiler, self.watchdog:
             while self.state.step < self.cfg.max_steps:
+                self.watchdog.step_started(self.state.step + 1)
                 self._train_step([next(batches) for _ in range(self.cfg.grad_accum)])
                 self.state.step += 1
                 self.state.samples_seen += self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size
@@ -88,6 +94,8 @@ class Trainer:
                 eval_due = self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.cfg.max_steps
                 if step % self.cfg.log_every == 0 or step == self.cfg.max_steps or eval_due:
                     result.history.append(self._log(step))
+                self.watchdog.step_finished()  # eval and checkpoint saves are not timed as steps
+                self.profiler.step(step)
                 if eval_due:
                     result.evals.append(self.evaluator.evaluate(step, generate=False))
                     self.tracker.start_window()  # eval time is not training throughput
@@ -142,3 +150,10 @@ class Trainer:
             self.reporter.warning(f"non-finite loss at step {step}")
         self.reporter.log(record)
         return record
+
+
+def _requeue() -> None:
+    """The hang watchdog's last act on rank 0: under submitit the exit code alone does not requeue the job."""
+    from fsdp_kit.launch.requeue import request_requeue
+
+    print(f"fsdp_kit hang watchdog: {request_requeue()}", flush=True)

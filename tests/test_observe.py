@@ -1,0 +1,92 @@
+"""Seeing inside a run and surviving a hung one: the profiler window (trainer.profile) and the hang watchdog."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+from helpers import _rank_main, free_port, job, run_ranks, train
+
+from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE
+from fsdp_kit.errors import ConfigError
+
+
+def test_profile_writes_a_chrome_trace_of_the_window(tmp_path, capfd):
+    cfg = job(tmp_path, "trainer.max_steps=5", "trainer.profile=true", "trainer.profile_wait=1",
+              "trainer.profile_warmup=1", "trainer.profile_active=2")
+    run_ranks(train, 1, cfg)
+    traces = sorted((tmp_path / "profile").iterdir())
+    # one trace, named by the last recorded training step (wait 1 + warmup 1 + active 2)
+    assert [path.name for path in traces] == ["trace_rank0_step4.json"]
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    names = {event.get("name", "") for event in events}
+    # the profiler numbers its steps from 0: steps #2 and #3 are the active ones, the warmup step is dropped
+    assert {"ProfilerStep#2", "ProfilerStep#3"} <= names and "ProfilerStep#1" not in names
+    assert any(name.startswith("aten::") for name in names), "operator events of the traced steps"
+    out = capfd.readouterr().out
+    assert "memory snapshot skipped" in out and "cpu" in out
+    assert not list((tmp_path / "profile").glob("memory_*"))
+
+
+def test_a_profile_window_longer_than_the_run_is_refused(tmp_path):
+    cfg = job(tmp_path, "trainer.max_steps=4", "trainer.profile=true", "trainer.profile_wait=2",
+              "trainer.profile_active=3")
+    with pytest.raises(ConfigError, match=r"trainer.profile: the window .* is longer than trainer.max_steps=4"):
+        cfg.validated()
+
+
+HANG_STEP = 3
+
+
+def _rank_that_hangs(cfg):
+    """Rank body: rank 1 sleeps inside training step HANG_STEP (a test-only stand-in for a hung kernel)."""
+    from fsdp_kit.training.trainer import Trainer
+
+    if int(os.environ["RANK"]) == 1:
+        original = Trainer._train_step
+
+        def hanging_train_step(self, micro_batches):
+            if self.state.step + 1 == HANG_STEP:
+                time.sleep(300)
+            return original(self, micro_batches)
+
+        Trainer._train_step = hanging_train_step  # this forked rank's own copy of the class
+    return train(cfg)
+
+
+def _exit_codes(fn, world: int, *args, timeout: float) -> list[int | None]:
+    """Fork ``world`` ranks with a real gloo group (as helpers.run_ranks does) and return their exit codes."""
+    ctx = mp.get_context("fork")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, rank, world, port, queue, args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    codes = [proc.exitcode for proc in procs]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return codes
+
+
+def test_hang_watchdog_dumps_stacks_on_every_rank_and_exits_for_requeue(tmp_path, capfd):
+    cfg = job(tmp_path, "trainer.max_steps=8", "trainer.hang_timeout_s=5", "trainer.hang_factor=5",
+              "checkpoint.every=2")
+    started = time.monotonic()
+    codes = _exit_codes(_rank_that_hangs, 2, cfg, timeout=150)
+    assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], "every rank exits with the requeue code, the blocked one too"
+    assert time.monotonic() - started < 120, "the watchdog, not the sleep, ended the ranks"
+    hung = (tmp_path / "hang" / "rank1.txt").read_text()
+    blocked = (tmp_path / "hang" / "rank0.txt").read_text()
+    assert f"in step {HANG_STEP}" in hung and f"in step {HANG_STEP}" in blocked
+    assert "in hanging_train_step" in hung, "the sleeping rank's stack shows where it hangs"
+    assert "in _train_step" in blocked, "the other rank waits in its step's first collective"
+    assert "hang watchdog: rank 1" in capfd.readouterr().err, "the stacks also go to stderr (the job's log)"
+    # the requeued job resumes from the checkpoint saved before the hang
+    assert (tmp_path / "checkpoints" / "step_2").is_dir()
