@@ -93,12 +93,41 @@ def _pcluster_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace) -> int:
-    from fsdp_kit.plan import make_plan
-    from fsdp_kit.plan.report import show
+PLAN_LENGTHS = (512, 128)
+"""Source/target tokens the planner assumes when neither --source-len/--target-len nor data.* says (the blog's)."""
 
+
+def _plan_lengths(args: argparse.Namespace, overrides: list[str]) -> tuple[int | None, int | None]:
+    """--source-len/--target-len, else data.max_source_len/max_target_len or data=PRESET when the overrides name
+    them (None: keep the job's), else PLAN_LENGTHS: the built-in task's short defaults are no plan for a real job."""
+    named = any(item.split("=", 1)[0].lstrip("+~") in ("data", "data.max_source_len", "data.max_target_len")
+                for item in overrides)
+    source = args.source_len if args.source_len is not None else (None if named else PLAN_LENGTHS[0])
+    target = args.target_len if args.target_len is not None else (None if named else PLAN_LENGTHS[1])
+    for flag, value in (("--source-len", source), ("--target-len", target)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} {value} must be > 0", f"pass e.g. {flag} 512")
+    return source, target
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fsdp_kit.plan import make_plan
+    from fsdp_kit.plan.report import show, show_search
+    from fsdp_kit.plan.search import search
+
+    if args.top <= 0:
+        raise ConfigError(f"--top {args.top} must be > 0", "pass e.g. --top 10")
+    source, target = _plan_lengths(args, list(args.overrides))
     job, _ = _compose(args)
-    show(make_plan(job))
+    job = dataclasses.replace(job, data=dataclasses.replace(
+        job.data, max_source_len=source or job.data.max_source_len, max_target_len=target or job.data.max_target_len))
+    if args.search:
+        found, priced = search(job)
+        show_search(found, priced, job, list(args.overrides), top=args.top)
+    else:
+        show(make_plan(job))
     return 0
 
 
@@ -172,7 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="per-GPU memory, largest batch and step time for a cluster",
                                description="Plan a job before renting GPUs, e.g. model=t5_11b precision=bf16 ac=full "
-                                           "cluster=p4de cluster.nodes=3 trainer.batch_size=8")
+                                           "cluster=p4de cluster.nodes=3 trainer.batch_size=8. Plans at "
+                                           "--source-len/--target-len tokens, else at data.max_source_len/"
+                                           "max_target_len when the overrides set them (or data=PRESET), else at "
+                                           f"{PLAN_LENGTHS[0]}/{PLAN_LENGTHS[1]} (the FSDP blog's T5 lengths).")
+    plan.add_argument("--search", action="store_true",
+                      help="rank every recipe (precision x sharding x wrap x AC x compile x offload, largest batch "
+                           "that fits) by predicted tokens/s and print the command for the best")
+    plan.add_argument("--top", type=int, default=10, help="with --search: how many recipes to show (default 10)")
+    plan.add_argument("--source-len", type=int, default=None, metavar="N", help="source tokens per example")
+    plan.add_argument("--target-len", type=int, default=None, metavar="N", help="target tokens per example")
     _add_overrides(plan)
     plan.set_defaults(handler=_plan)
 

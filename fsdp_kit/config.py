@@ -73,10 +73,13 @@ class TrainConfig:
         except ValidationError as err:
             raise ConfigError(f"{err.full_key}: {err.msg}", f"give {err.full_key} a valid value") from err
 
-    def validated(self, world_size: int = 1) -> TrainConfig:
+    def validated(self, world_size: int = 1, for_training: bool = True) -> TrainConfig:
         """Check the rules that types cannot express (ranges, combinations) at ``world_size`` ranks; raise
-        ConfigError naming the problem and the fix. Touches no file, device or network."""
-        check_values(self, world_size)
+        ConfigError naming the problem and the fix. Touches no file, device or network.
+
+        ``for_training=False`` (the planner) skips the rules that only matter to a run that loads data and
+        evaluates, like the eval set holding one global batch."""
+        check_values(self, world_size, for_training)
         return self
 
 
@@ -86,8 +89,9 @@ def _positive(value: int | float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value} must be {bound}", f"pass {key}=<a number {bound}>")
 
 
-def check_values(job: TrainConfig, world_size: int) -> None:
-    """Ranges and cross-component rules, before any process group, model or job exists."""
+def check_values(job: TrainConfig, world_size: int, for_training: bool = True) -> None:
+    """Ranges and cross-component rules, before any process group, model or job exists (``for_training=False``:
+    only those that also matter when planning)."""
     for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batches"):
         _positive(getattr(job.trainer, key), f"trainer.{key}")
     for key in ("warmup_steps", "eval_every"):
@@ -115,7 +119,7 @@ def check_values(job: TrainConfig, world_size: int) -> None:
     if job.trainer.warmup_steps >= job.trainer.max_steps:
         warnings.warn(f"trainer.warmup_steps={job.trainer.warmup_steps} >= trainer.max_steps={job.trainer.max_steps}: "
                       "the learning rate never reaches its peak", stacklevel=3)
-    if job.data.eval_examples < job.trainer.batch_size * world_size:
+    if for_training and job.data.eval_examples < job.trainer.batch_size * world_size:
         raise ConfigError(
             f"data.eval_examples={job.data.eval_examples} is less than one global batch "
             f"(trainer.batch_size={job.trainer.batch_size} x {world_size} ranks)",

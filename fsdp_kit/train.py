@@ -26,6 +26,7 @@ from fsdp_kit.errors import FsdpKitError, report_error
 from fsdp_kit.launch.requeue import request_requeue
 from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
 from fsdp_kit.optim import build_optimizer, build_schedule
+from fsdp_kit.plan import resolve_auto_checkpointing
 from fsdp_kit.policies import Applied, Policies, apply_policies, check_policies
 from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
 from fsdp_kit.preflight import preflight
@@ -40,6 +41,8 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
         warnings.filterwarnings("ignore")  # one copy of each warning, from rank 0
         transformers.logging.set_verbosity_error()
     preflight(job, world_size=runtime.world_size, device_type=runtime.device_type)
+    # ac=auto: the lightest checkpointing whose planned peak fits this device (fsdp_kit.plan)
+    job = resolve_auto_checkpointing(job, runtime.world_size, runtime.local_world_size, runtime.device)
 
     config = models.hf_config(job.model)
     model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)

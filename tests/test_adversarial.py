@@ -106,3 +106,18 @@ def test_compare_without_runs_is_refused_with_one_line(case, tmp_path):
     before = snapshot(tmp_path)
     assert_rejected(fsdp_kit(*case.args, cwd=tmp_path), case)
     assert snapshot(tmp_path) == before, "no compare.png or anything else written"
+
+
+# --- planner (plan --search, lengths): bad planner options are refused with one line before any tracing ---
+PLAN_CASES = [
+    Case("plan-zero-source-len", ["plan", "--source-len", "0", "cluster=h100"], 2, "--source-len 0 must be > 0"),
+    Case("plan-zero-top", ["plan", "--search", "--top", "0", "cluster=h100"], 2, "--top 0 must be > 0"),
+    Case("plan-no-gpus", ["plan", "--search", "cluster=local"], 2, "describes no GPUs to plan for"),
+]
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=[case.id for case in PLAN_CASES])
+def test_bad_planner_options_are_refused_with_one_line(case, tmp_path):
+    before = snapshot(tmp_path)
+    assert_rejected(fsdp_kit(*case.args, cwd=tmp_path), case)
+    assert snapshot(tmp_path) == before

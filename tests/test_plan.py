@@ -160,3 +160,34 @@ def test_predicted_sharded_state_matches_every_rank(world, overrides, tmp_path):
     mean = [sum(m[i] for m in measured) / world for i in range(3)]
     assert mean == pytest.approx([predicted.params, predicted.grads, predicted.optimizer], rel=0.005)
     assert predicted.total - predicted.workspace < 0.1 * GB
+
+
+def test_plan_skips_training_only_checks_and_prints_the_lengths_it_planned_at(tmp_path):
+    from test_adversarial import fsdp_kit
+
+    # 16 x 24 ranks is more than the 256 eval examples: a training run refuses it, a plan must not
+    outcome = fsdp_kit("plan", "--source-len", "96", "--target-len", "24", "model=t5_tiny", "cluster=p4de",
+                       "cluster.nodes=3", "trainer.batch_size=16", cwd=tmp_path)
+    assert outcome.code == 0, outcome.stderr
+    assert "source/target 96/24 tokens" in " ".join(outcome.stdout.split())
+    default = fsdp_kit("plan", "model=t5_tiny", "cluster=h100", cwd=tmp_path)
+    assert "source/target 512/128 tokens" in " ".join(default.stdout.split())  # not the built-in task's 64/16
+
+
+def test_search_ranks_fitting_recipes_and_prints_the_command_for_the_best(tmp_path):
+    from fsdp_kit.plan.search import launch_command, search
+
+    cfg = compose_job(["model=t5_small", "cluster=h100", "cluster.gpu_memory_gb=2", "data.max_source_len=128",
+                       "data.max_target_len=32"])
+    found, priced = search(cfg)
+    assert 0 < len(found) < priced  # some recipes do not fit 2 GB, some do
+    speeds = [c.tokens_per_s for c in found]
+    assert speeds == sorted(speeds, reverse=True)
+    assert all(c.memory.total <= 2 * GB and c.batch >= 1 for c in found)
+    assert {c.job.ac.mode for c in found} >= {"none", "full"}
+    command = launch_command(found[0], ["model=t5_small", "cluster=h100", "data.max_source_len=7"])
+    assert command.startswith("fsdp-kit train model=t5_small cluster=h100 ") and "data.max_source_len=128" in command
+    assert f"trainer.batch_size={found[0].batch}" in command and "max_source_len=7" not in command
+    multi = compose_job(["model=t5_small", "cluster=p4d", "cluster.nodes=2"])
+    best = search(multi)[0][0]
+    assert launch_command(best, ["cluster=p4d", "cluster.nodes=2"]).startswith("fsdp-kit slurm cluster=p4d")

@@ -22,6 +22,9 @@ class ClusterConfig:
     """Memory of one GPU in GB."""
     peak_tflops: float | None = None
     """Dense bf16 peak of one GPU, TFLOPS."""
+    peak_tflops_fp32: float | None = None
+    """Dense fp32 peak of one GPU (CUDA cores; torch leaves TF32 matmuls off by default), TFLOPS; the planner
+    prices precision=fp32 with it (null: peak_tflops / 16, the A100/H100 ratio)."""
     intra_node_gbps: float | None = None
     """GPU-to-GPU bandwidth inside a node (NVLink), GB/s per GPU."""
     inter_node_gbps: float | None = None

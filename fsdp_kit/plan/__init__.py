@@ -1,8 +1,18 @@
-"""``fsdp-kit plan``: before renting GPUs, how much memory per GPU, what batch fits, what step time to expect."""
+"""``fsdp-kit plan``: before renting GPUs, how much memory per GPU, what batch fits, what step time to expect.
+
+Everything that depends on the model and the sequence lengths but not on the recipe's batch (the traced
+activation profile, the FLOPs per sample) is computed once per (model, lengths, compute dtype) and cached, so
+that ``plan --search`` can price hundreds of recipes with arithmetic.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
+
+import torch
+from torch import nn
 
 from fsdp_kit import models
 from fsdp_kit.config import TrainConfig
@@ -11,9 +21,12 @@ from fsdp_kit.metrics.flops import FlopCounter
 from fsdp_kit.plan.activations import ActivationProfile, profile
 from fsdp_kit.plan.memory import GB, MemoryBreakdown, ModelShape, breakdown
 from fsdp_kit.plan.speed import SpeedEstimate, estimate_speed
+from fsdp_kit.policies.config import ActivationCheckpointConfig, CheckpointMode
 from fsdp_kit.policies.precision import compute_dtype
 
-__all__ = ["Plan", "make_plan"]
+__all__ = ["Plan", "Traced", "choose_checkpointing", "make_plan", "resolve_auto_checkpointing", "traced"]
+
+MAX_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,19 @@ class Plan:
         return self.memory.total <= self.gpu_memory_gb * GB
 
 
+@dataclass(frozen=True)
+class Traced:
+    """What the planner needs from one (model, lengths, compute dtype): none of it depends on the batch."""
+
+    activations: ActivationProfile
+    flops_per_sample: int
+    encoder_decoder: bool
+
+
+_TRACED: dict[tuple, Traced] = {}
+_SHAPES: dict[tuple, ModelShape] = {}
+
+
 def _batch_shapes(job: TrainConfig, encoder_decoder: bool, batch: int) -> dict[str, tuple[int, ...]]:
     src, tgt = job.data.max_source_len, job.data.max_target_len
     if encoder_decoder:
@@ -39,28 +65,109 @@ def _batch_shapes(job: TrainConfig, encoder_decoder: bool, batch: int) -> dict[s
     return {"input_ids": (batch, src + tgt), "attention_mask": (batch, src + tgt), "labels": (batch, src + tgt)}
 
 
-def make_plan(job: TrainConfig) -> Plan:
-    """Plan ``job`` on ``job.cluster`` (cluster.nodes x cluster.gpus_per_node GPUs, one process each)."""
+def _meta_model(job: TrainConfig) -> tuple[nn.Module, tuple[type[nn.Module], ...]]:
+    config = models.hf_config(job.model)
+    model = models.build(job.model, device="meta", dtype=compute_dtype(job.precision), config=config)
+    return model, models.layer_classes(model, job.wrap.layer_cls)
+
+
+def traced(job: TrainConfig) -> Traced:
+    """The activation profile and FLOPs of ``job``'s model at ``job.data``'s lengths (cached)."""
+    dtype = compute_dtype(job.precision)
+    key = (repr(job.model), repr(job.wrap.layer_cls), job.data.max_source_len, job.data.max_target_len, dtype)
+    if key not in _TRACED:
+        model, layer_cls = _meta_model(job)
+        enc_dec = bool(model.config.is_encoder_decoder)
+        acts = profile(model, layer_cls, _batch_shapes(job, enc_dec, 2), samples=2)
+        flops = FlopCounter(job.model, model.config).flops_for_shapes(_batch_shapes(job, enc_dec, 1))
+        _TRACED[key] = Traced(acts, flops, enc_dec)
+    return _TRACED[key]
+
+
+def model_shape(job: TrainConfig) -> ModelShape:
+    """Parameter count and FSDP unit sizes of ``job``'s model under its wrap policy (cached)."""
+    key = (repr(job.model), repr(job.wrap))
+    if key not in _SHAPES:
+        model, layer_cls = _meta_model(job)
+        _SHAPES[key] = ModelShape.of(model, job, layer_cls)
+    return _SHAPES[key]
+
+
+def largest_batch(memory_at, capacity: float) -> int:
+    """The largest batch whose planned peak fits ``capacity`` bytes (memory grows with the batch)."""
+    if memory_at(1).total > capacity:
+        return 0
+    low, high = 1, 2
+    while high <= MAX_BATCH and memory_at(high).total <= capacity:
+        low, high = high, high * 2
+    high = min(high, MAX_BATCH + 1)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if memory_at(mid).total <= capacity else (low, mid)
+    return low
+
+
+def _world(job: TrainConfig) -> int:
     cluster = job.cluster
     if not cluster.gpus_per_node or not cluster.gpu_memory_gb:
         raise ConfigError(f"cluster={cluster.name} describes no GPUs to plan for",
                           "pick a GPU preset: cluster=p4d|p4de|p5|h100|h200, or set cluster.gpus_per_node and "
                           "cluster.gpu_memory_gb")
-    world = cluster.nodes * cluster.gpus_per_node
-    job.validated(world)
-    config = models.hf_config(job.model)
-    model = models.build(job.model, device="meta", dtype=compute_dtype(job.precision), config=config)
-    layer_cls = models.layer_classes(model, job.wrap.layer_cls)
-    shape = ModelShape.of(model, job, layer_cls)
-    acts: ActivationProfile = profile(model, layer_cls, _batch_shapes(job, config.is_encoder_decoder, 2), samples=2)
+    return cluster.nodes * cluster.gpus_per_node
+
+
+def choose_checkpointing(job: TrainConfig, world_size: int, gpus_per_node: int,
+                         budget_bytes: float) -> tuple[ActivationCheckpointConfig, MemoryBreakdown]:
+    """The lightest AC mode (none < selective < every_n < full) whose planned peak at the job's batch fits
+    ``budget_bytes``; full when none does (the caller says so)."""
+    trace = traced(job)
+    shape = model_shape(job)
+    for mode in CheckpointMode.lightest_first():
+        candidate = dataclasses.replace(job, ac=dataclasses.replace(job.ac, mode=mode))
+        memory = breakdown(candidate, shape, trace.activations, job.trainer.batch_size, world_size, gpus_per_node)
+        if memory.total <= budget_bytes:
+            return candidate.ac, memory
+    return candidate.ac, memory
+
+
+def device_memory_bytes(device: torch.device) -> float:
+    """What one rank may use: the CUDA device's total memory, or the host's RAM on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def resolve_auto_checkpointing(job: TrainConfig, world_size: int, gpus_per_node: int,
+                               device: torch.device) -> TrainConfig:
+    """``job`` with ac=auto replaced by the mode the planner picks (unchanged for any other mode).
+
+    The budget is ac.budget_gb, else cluster.gpu_memory_gb, else this device's memory."""
+    if job.ac.mode != CheckpointMode.auto:
+        return job
+    if job.ac.budget_gb is not None:
+        budget = job.ac.budget_gb * GB
+    elif job.cluster.gpu_memory_gb:
+        budget = job.cluster.gpu_memory_gb * GB
+    else:
+        budget = device_memory_bytes(device)
+    chosen, _ = choose_checkpointing(job, world_size, gpus_per_node, budget)
+    return dataclasses.replace(job, ac=chosen)
+
+
+def make_plan(job: TrainConfig) -> Plan:
+    """Plan ``job`` on ``job.cluster`` (cluster.nodes x cluster.gpus_per_node GPUs, one process each) at
+    ``job.data``'s sequence lengths."""
+    world = _world(job)
+    job.validated(world, for_training=False)
+    cluster = job.cluster
+    capacity = cluster.gpu_memory_gb * GB
+    job = resolve_auto_checkpointing(job, world, cluster.gpus_per_node, torch.device("cpu"))
+    trace, shape = traced(job), model_shape(job)
 
     def memory(batch: int) -> MemoryBreakdown:
-        return breakdown(job, shape, acts, batch, world, cluster.gpus_per_node)
+        return breakdown(job, shape, trace.activations, batch, world, cluster.gpus_per_node)
 
-    capacity = cluster.gpu_memory_gb * GB
-    max_batch = 0
-    while memory(max_batch + 1).total <= capacity and max_batch < 4096:
-        max_batch += 1
-    flops = FlopCounter(job.model, config).flops_for_shapes(_batch_shapes(job, config.is_encoder_decoder, 1))
-    speed = estimate_speed(job, shape, flops, job.trainer.batch_size, world) if cluster.peak_tflops else None
-    return Plan(job, world, cluster.gpu_memory_gb, shape, memory(job.trainer.batch_size), max_batch, speed)
+    speed = (estimate_speed(job, shape, trace.flops_per_sample, job.trainer.batch_size, world,
+                            len(trace.activations.per_layer)) if cluster.peak_tflops else None)
+    return Plan(job, world, cluster.gpu_memory_gb, shape, memory(job.trainer.batch_size),
+                largest_batch(memory, capacity), speed)

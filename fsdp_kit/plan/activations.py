@@ -2,7 +2,9 @@
 
 The model runs forward on fake meta tensors (no memory, no compute) under ``saved_tensors_hooks``; every
 saved tensor's storage is counted once, parameters excluded, and attributed to the transformer layer that
-was running. Attention is swapped for a stand-in that saves what GPU memory-efficient/flash attention saves
+was running. The outputs of the ops that ``ac=selective`` keeps (``policies.activation.SAVED_OPS``) are recorded
+per layer too, by a dispatch mode under the same trace. Attention is swapped for a stand-in that saves what GPU
+memory-efficient/flash attention saves
 (q, k, v, output, log-sum-exp, and the bias when there is one), because the math fallback that meta tensors
 take would store the full score matrices that GPU kernels never materialize.
 """
@@ -12,15 +14,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsdp_kit.models.build import layers
 from fsdp_kit.models.objective import token_loss
+from fsdp_kit.policies.activation import SAVED_OPS
 
 
 @dataclass(frozen=True)
@@ -34,22 +39,40 @@ class ActivationProfile:
     layer_inputs: tuple[dict[int, int], ...]
     """Each layer's tensor inputs as {storage id: bytes per sample} (what activation checkpointing keeps;
     tensors every layer receives, like T5's position bias, share one storage and count once)."""
+    selective_outputs: tuple[dict[int, int], ...] = ()
+    """Per layer, the outputs of the ops ac=selective keeps (matmuls, attention) as {storage id: bytes per
+    sample}."""
 
-    def saved(self, checkpointed: set[int]) -> float:
-        """Bytes alive at the end of forward when the layers at these indices are checkpointed."""
+    def saved(self, checkpointed: set[int], selective: bool = False) -> float:
+        """Bytes alive at the end of forward when the layers at these indices are checkpointed (``selective``:
+        checkpointed layers also keep their matmul and attention outputs)."""
         kept: dict[int, int] = {}
         for index in checkpointed:
             kept.update(self.layer_inputs[index])
+            if selective:
+                kept.update(self.selective_outputs[index])
         return self.outside_layers + sum(kept.values()) + sum(
             size for index, size in enumerate(self.per_layer) if index not in checkpointed)
 
+    def shared_inputs(self) -> float:
+        """Bytes of the tensors that several layers receive (T5's position bias, the encoder output for every
+        decoder layer): autograd sums their gradients from each layer into one buffer of the same size, which
+        lives until the first layer's backward."""
+        seen: dict[int, tuple[int, float]] = {}
+        for inputs in self.layer_inputs:
+            for key, size in inputs.items():
+                count, _ = seen.get(key, (0, size))
+                seen[key] = (count + 1, size)
+        return sum(size for count, size in seen.values() if count > 1)
+
     def backward_working_set(self, checkpointed: set[int]) -> float:
-        """Extra bytes while one layer runs backward: its recomputed activations (if checkpointed) and the
-        gradients of its activations, about one more layer's worth."""
+        """Extra bytes while one layer runs backward: its recomputed activations (if checkpointed), the
+        gradients of its activations (about one more layer's worth), and the gradient buffers of the inputs
+        all layers share."""
         if not self.per_layer:
             return 0.0
         largest = max(self.per_layer)
-        return largest * (2 if checkpointed else 1)
+        return largest * (2 if checkpointed else 1) + self.shared_inputs()
 
 
 class _SavedLikeEfficientAttention(torch.autograd.Function):
@@ -57,6 +80,8 @@ class _SavedLikeEfficientAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, bias):  # type: ignore[override]
         output = torch.empty_like(query)
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        for recorder in _Recorder.active:  # the fused kernels' outputs, which ac=selective keeps
+            recorder.record((output, lse))
         ctx.save_for_backward(query, key, value, output, lse, *(() if bias is None else (bias,)))
         return output
 
@@ -82,6 +107,39 @@ def _gpu_like_attention() -> Iterator[None]:
     finally:
         F.scaled_dot_product_attention = original
         torch.nn.functional.scaled_dot_product_attention = original
+
+
+class _Recorder(TorchDispatchMode):
+    """Records, per running layer, the output storages of the ops ac=selective keeps."""
+
+    active: ClassVar[list[_Recorder]] = []
+
+    def __init__(self, running: list[int | None]) -> None:
+        super().__init__()
+        self.running = running
+        self.outputs: dict[int, dict[int, int]] = {}
+
+    def record(self, tensors: object) -> None:
+        if self.running[0] is None:
+            return
+        found = self.outputs.setdefault(self.running[0], {})
+        for tensor in tensors if isinstance(tensors, (tuple, list)) else (tensors,):
+            if isinstance(tensor, torch.Tensor):
+                found[hash(StorageWeakRef(tensor.untyped_storage()))] = tensor.untyped_storage().nbytes()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        if func in SAVED_OPS:
+            self.record(out)
+        return out
+
+    def __enter__(self) -> _Recorder:
+        _Recorder.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        _Recorder.active.remove(self)
+        super().__exit__(*exc)
 
 
 def _fake_parameters(model: nn.Module, mode: FakeTensorMode) -> None:
@@ -116,6 +174,7 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
     hooks = [layer.register_forward_pre_hook(enter, with_kwargs=True) for layer in found]
     hooks += [layer.register_forward_hook(leave) for layer in found]
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    recorder = _Recorder(running)
     try:
         with mode, _gpu_like_attention():
             _fake_parameters(model, mode)
@@ -128,7 +187,7 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
                 return tensor
 
             batch = {name: torch.zeros(shape, dtype=torch.long, device="meta") for name, shape in batch_shapes.items()}
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), recorder:
                 token_loss(model, batch)
     finally:
         for hook in hooks:
@@ -140,5 +199,8 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
             outside += size
         else:
             per_layer[layer] += size
-    return ActivationProfile(outside / samples, tuple(x / samples for x in per_layer),
-                             tuple({k: v / samples for k, v in inputs.get(i, {}).items()} for i in range(len(found))))
+    def per_sample(table: dict[int, dict[int, int]]) -> tuple[dict[int, float], ...]:
+        return tuple({k: v / samples for k, v in table.get(i, {}).items()} for i in range(len(found)))
+
+    return ActivationProfile(outside / samples, tuple(x / samples for x in per_layer), per_sample(inputs),
+                             per_sample(recorder.outputs))

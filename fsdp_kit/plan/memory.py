@@ -5,6 +5,10 @@ follow the optimizer's dtypes; with resharding, two units are unsharded at a tim
 prefetched next) plus the running unit's full gradient before its reduce-scatter; without resharding
 (shard_grad_op, hybrid_shard_zero2, no_shard) every unit stays unsharded from forward to backward. CPU offload
 moves parameters, gradients and optimizer states to host memory.
+
+The peak is the larger of two moments: the forward/backward peak (states + unsharded units + activations + the
+backward working set) and the optimizer step (states + the optimizer's temporaries: torch's multi-tensor AdamW
+allocates one tensor like every parameter shard for sqrt(v); AnyPrecision bounds them to a chunk).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import torch
 from torch import nn
 
 from fsdp_kit.config import TrainConfig
+from fsdp_kit.optim.anyprecision import CHUNK_NUMEL
 from fsdp_kit.plan.activations import ActivationProfile
 from fsdp_kit.policies.activation import checkpointed_indices
+from fsdp_kit.policies.config import CheckpointMode
 from fsdp_kit.policies.precision import compute_dtype, mixed_precision_policy, param_dtype
 from fsdp_kit.policies.sharding import reshard_after_forward, shard_group_size
 from fsdp_kit.policies.wrapping import fsdp_units
@@ -53,10 +59,17 @@ class MemoryBreakdown:
     unsharded_units: float
     activations: float
     workspace: float
+    optimizer_step: float = 0.0
+    """The optimizer's temporaries during its step, when activations and unsharded units are gone."""
+
+    @property
+    def states(self) -> float:
+        return self.params + self.grads + self.optimizer + self.workspace
 
     @property
     def total(self) -> float:
-        return sum(asdict(self).values())
+        """The peak: the larger of forward/backward and the optimizer step."""
+        return self.states + max(self.unsharded_units + self.activations, self.optimizer_step)
 
     def as_gb(self) -> dict[str, float]:
         return {**{k: v / GB for k, v in asdict(self).items()}, "total": self.total / GB}
@@ -88,6 +101,21 @@ def optimizer_bytes_per_param(job: TrainConfig) -> int:
     return 2 * dtype_bytes(param_dtype(job.precision))  # torch AdamW keeps both moments in the parameter dtype
 
 
+def optimizer_temporaries(job: TrainConfig, shard_params: float) -> float:
+    """Bytes the optimizer step allocates on the GPU beyond its states, for ``shard_params`` local elements."""
+    if job.sharding.cpu_offload:
+        return 0.0  # the step runs on the host
+    if job.optim.name == "anyprecision":
+        # per chunk: gradients cast to the state dtypes (when they differ) and sqrt(v) in the variance dtype
+        grad_bytes = dtype_bytes(param_dtype(job.precision))
+        casts = sum(_OPTIM_STATE_BYTES[d] for d in (job.optim.momentum_dtype, job.optim.variance_dtype)
+                    if _OPTIM_STATE_BYTES[d] != grad_bytes)
+        return min(CHUNK_NUMEL, shard_params) * (casts + _OPTIM_STATE_BYTES[job.optim.variance_dtype])
+    if job.optim.fused:
+        return 0.0
+    return shard_params * dtype_bytes(param_dtype(job.precision))  # foreach: sqrt(exp_avg_sq) for all at once
+
+
 def checkpointed_layers(job: TrainConfig, layer_count: int) -> set[int]:
     return set(checkpointed_indices(job.ac, layer_count))
 
@@ -107,5 +135,7 @@ def breakdown(job: TrainConfig, shape: ModelShape, activations: ActivationProfil
     else:
         unsharded = shape.params * cbytes + shape.largest_unit * rbytes
     checkpointed = checkpointed_layers(job, len(activations.per_layer))
-    act = batch * (activations.saved(checkpointed) + activations.backward_working_set(checkpointed))
-    return MemoryBreakdown(params, grads, optimizer, unsharded, act, WORKSPACE_BYTES)
+    selective = job.ac.mode == CheckpointMode.selective
+    act = batch * (activations.saved(checkpointed, selective) + activations.backward_working_set(checkpointed))
+    step = optimizer_temporaries(job, shape.params / factor)
+    return MemoryBreakdown(params, grads, optimizer, unsharded, act, WORKSPACE_BYTES, step)

@@ -7,11 +7,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from fsdp_kit.plan import Plan
+from fsdp_kit.plan.search import Candidate, launch_command
 
 ASSUMPTIONS = (
     "memory: sharded params/grads/optimizer states per GPU; two FSDP units unsharded at a time with resharding "
     "(all of them without); activations are the bytes autograd saves, traced on meta with GPU-style attention, "
-    "plus one layer's backward working set (two with AC); 1 GB workspace.",
+    "plus one layer's backward working set (two with AC) and the gradients of inputs all layers share; 1 GB "
+    "workspace; peak = the larger of forward/backward and the optimizer step (its temporaries).",
     "speed: collectives overlap compute (step = max); the serial sum is the bound without overlap.",
 )
 
@@ -24,7 +26,7 @@ def show(plan: Plan, console: Console | None = None) -> None:
               f"ac={job.ac.mode} optim={job.optim.name}")
     console.print(f"[bold]{job.model.name}[/] ({plan.shape.params / 1e9:.2f}B params, {plan.shape.units} FSDP units) "
                   f"on {machines} ({cluster.gpu_memory_gb:g} GB) | {recipe} | "
-                  f"{job.data.max_source_len}/{job.data.max_target_len} tokens", highlight=False)
+                  f"source/target {job.data.max_source_len}/{job.data.max_target_len} tokens", highlight=False)
     table = Table(title=f"per-GPU memory at batch {job.trainer.batch_size}")
     table.add_column("part")
     table.add_column("GB", justify="right")
@@ -42,5 +44,36 @@ def show(plan: Plan, console: Console | None = None) -> None:
         console.print(f"step time at batch {job.trainer.batch_size}: {s.step_s_overlapped:.2f} s with overlap "
                       f"({s.step_s_serial:.2f} s without): {compute}, {traffic}; about {s.tokens_per_s:,.0f} tokens/s",
                       highlight=False)
+    for line in ASSUMPTIONS:
+        console.print(f"[dim]{line}[/]", highlight=False)
+
+
+def show_search(found: list[Candidate], priced: int, job, user_overrides: list[str], top: int = 10,
+                console: Console | None = None) -> None:
+    """The ``top`` fastest recipes that fit, and the command that runs the best."""
+    console = console or Console()
+    cluster = job.cluster
+    gpus = cluster.nodes * cluster.gpus_per_node
+    machines = f"{cluster.nodes} x {cluster.instance_type or cluster.name} ({gpus} x {cluster.gpu}, " \
+               f"{cluster.gpu_memory_gb:g} GB)"
+    console.print(f"[bold]{job.model.name}[/] on {machines}, source/target {job.data.max_source_len}/"
+                  f"{job.data.max_target_len} tokens: {len(found)} of {priced} recipes fit", highlight=False)
+    if not found:
+        console.print("[bold red]no recipe fits[/]: add nodes, shorten the sequences, or pick GPUs with more memory")
+        return
+    table = Table(title=f"fastest {min(top, len(found))} (batch = the largest that fits, per GPU)")
+    for name, justify in (("#", "right"), ("precision", "left"), ("sharding", "left"), ("wrap", "left"),
+                          ("ac", "left"), ("compile", "left"), ("offload", "left"), ("batch", "right"),
+                          ("peak GB", "right"), ("step s", "right"), ("tokens/s", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for rank, c in enumerate(found[:top], 1):
+        j = c.job
+        table.add_row(str(rank), str(j.precision.name), str(j.sharding.strategy), str(j.wrap.policy), str(j.ac.mode),
+                      "on" if j.trainer.compile else "off", "on" if j.sharding.cpu_offload else "off", str(c.batch),
+                      f"{c.memory.total / 1e9:,.1f}", f"{c.speed.step_s_overlapped:.2f}", f"{c.tokens_per_s:,.0f}")
+    console.print(table)
+    console.print(f"[dim]best: {escape(found[0].speed.tflops_source)}[/]", highlight=False)
+    console.print("run the best:")
+    console.print(escape(launch_command(found[0], user_overrides)), highlight=False, soft_wrap=True)
     for line in ASSUMPTIONS:
         console.print(f"[dim]{line}[/]", highlight=False)

@@ -1,7 +1,11 @@
 """Step time from compute and FSDP communication volume.
 
 Compute: counted model FLOPs per GPU divided by a per-GPU TFLOPS: measured, where benchmarks/results/ holds a run
-of the same model and recipe on the same GPU, else an assumed fraction of the GPU's dense peak (stated). Traffic per
+of the same model and recipe on the same GPU, else an assumed fraction of the GPU's dense peak (bf16, or fp32 for
+precision=fp32; stated), plus the forward recomputed under activation checkpointing (a third of a layer's
+forward+backward FLOPs per checkpointed layer; selective recomputes only elementwise ops, counted as free) and
+times the compile speed-up measured on record (1 without one). CPU offload adds the host<->GPU copies of the
+parameter and gradient shards over PCIe (PCIE_GB_S), not overlapped; the host optimizer step is not modeled. Traffic per
 GPU and step: all-gather of the parameters in forward, again in backward when resharding, reduce-scatter of the
 gradients; hybrid sharding adds an all-reduce of the sharded gradients across replicas. Collectives inside a node
 run at NVLink speed; a group that spans nodes runs at the node's aggregate network bandwidth (ring bus bandwidth). FSDP
@@ -10,16 +14,21 @@ prefetches, so collectives overlap compute: the estimate gives full overlap (max
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fsdp_kit.config import TrainConfig
-from fsdp_kit.plan.memory import ModelShape, precision_bytes, shard_factor
+from fsdp_kit.plan.memory import ModelShape, dtype_bytes, precision_bytes, shard_factor
+from fsdp_kit.plan.records import RESULTS, load_records
+from fsdp_kit.policies.activation import checkpointed_indices
+from fsdp_kit.policies.config import CheckpointMode, Precision
+from fsdp_kit.policies.precision import param_dtype
 from fsdp_kit.policies.sharding import reshard_after_forward
 
-RESULTS = Path(__file__).resolve().parent.parent.parent / "benchmarks" / "results"
 ASSUMED_MFU = 0.35
+PCIE_GB_S = 25.0
+"""Host<->GPU copy bandwidth per GPU with CPU offload (PCIe 4.0 x16 in practice)."""
 
 
 @dataclass(frozen=True)
@@ -34,23 +43,39 @@ class SpeedEstimate:
     tokens_per_s: float
 
 
-def measured_tflops(job: TrainConfig, results: Path = RESULTS) -> tuple[float, str] | None:
-    """Median TFLOPS of matching runs recorded by benchmarks/throughput.py (model, recipe and GPU)."""
+def _same_gpu(job: TrainConfig, record: dict[str, Any]) -> bool:
     gpu = (job.cluster.gpu or "").split("-")[0].lower()
-    found: list[tuple[float, str]] = []
-    for path in sorted(results.rglob("throughput*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        same = (record.get("model") == job.model.name and record.get("precision") == job.precision.name
-                and record.get("ac") == job.ac.mode and gpu and gpu in str(record.get("device", "")).lower())
-        if same and record.get("tflops_per_gpu"):
-            found.append((float(record["tflops_per_gpu"]), str(path.relative_to(results.parent.parent))))
-    if not found:
-        return None
-    found.sort()
-    return found[len(found) // 2]
+    return bool(gpu) and gpu in str(record.get("device", "")).lower()
+
+
+def measured_tflops(job: TrainConfig, results: Path | list[dict[str, Any]] = RESULTS) -> tuple[float, str] | None:
+    """Median model TFLOPS of the matching runs on record (model, precision, AC, compile and GPU)."""
+    records = load_records(results) if isinstance(results, Path) else results
+    found = sorted((float(r["tflops"]), str(r.get("source", "?"))) for r in records
+                   if r.get("model") == job.model.name and r.get("precision") == job.precision.name
+                   and r.get("ac") == job.ac.mode and bool(r.get("compile")) == job.trainer.compile
+                   and r.get("tflops") and _same_gpu(job, r))
+    return found[len(found) // 2] if found else None
+
+
+def compile_speedup(job: TrainConfig, records: list[dict[str, Any]]) -> tuple[float, str]:
+    """Median ratio of compiled to uncompiled TFLOPS over pairs on record that differ only in compile."""
+    key = ("model", "precision", "ac", "batch", "device")
+    plain = {tuple(r.get(k) for k in key): float(r["tflops"]) for r in records if not r.get("compile")
+             and r.get("tflops")}
+    ratios = sorted(float(r["tflops"]) / plain[tuple(r.get(k) for k in key)] for r in records
+                    if r.get("compile") and r.get("tflops") and tuple(r.get(k) for k in key) in plain)
+    if not ratios:
+        return 1.0, "compile speed-up: none on record, assumed 1x"
+    return ratios[len(ratios) // 2], f"compile speed-up {ratios[len(ratios) // 2]:.2f}x (median of {len(ratios)} " \
+                                     "measured pairs)"
+
+
+def recompute_fraction(job: TrainConfig, layer_count: int) -> float:
+    """Extra FLOPs of activation checkpointing, as a fraction of the step's model FLOPs."""
+    if job.ac.mode in (CheckpointMode.none, CheckpointMode.selective) or not layer_count:
+        return 0.0
+    return len(checkpointed_indices(job.ac, layer_count)) / layer_count / 3.0
 
 
 def _bandwidth_gb_s(job: TrainConfig, group_spans_nodes: bool) -> float:
@@ -65,14 +90,22 @@ def _bandwidth_gb_s(job: TrainConfig, group_spans_nodes: bool) -> float:
 
 
 def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, batch: int,
-                   world: int) -> SpeedEstimate:
+                   world: int, layer_count: int = 0, records: list[dict[str, Any]] | None = None) -> SpeedEstimate:
     cluster = job.cluster
-    measured = measured_tflops(job)
+    records = load_records() if records is None else records
+    measured = measured_tflops(job, records)
     if measured:
         tflops, source = measured[0], f"measured ({measured[1]})"
     else:
-        tflops = ASSUMED_MFU * (cluster.peak_tflops or 0.0)
-        source = f"assumed {ASSUMED_MFU:.0%} of the {cluster.peak_tflops:g} TFLOPS peak (no measurement on record)"
+        fp32 = job.precision.name == Precision.fp32
+        peak = (cluster.peak_tflops_fp32 or (cluster.peak_tflops or 0.0) / 16) if fp32 else cluster.peak_tflops or 0.0
+        speedup, speedup_text = compile_speedup(job, records) if job.trainer.compile else (1.0, "")
+        recompute = recompute_fraction(job, layer_count)
+        tflops = ASSUMED_MFU * peak * speedup / (1.0 + recompute)
+        source = (f"assumed {ASSUMED_MFU:.0%} of the {peak:g} TFLOPS {'fp32' if fp32 else 'bf16'} peak"
+                  + (f", {recompute:.0%} recompute" if recompute else "")
+                  + (f", {speedup_text}" if speedup_text else "")
+                  + "; no measurement on record")
     compute_s = flops_per_sample * batch / (tflops * 1e12)
 
     factor = shard_factor(job, world, cluster.gpus_per_node)
@@ -85,7 +118,10 @@ def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, b
     replicas_span_nodes = replicas > 1 and world > cluster.gpus_per_node
     comm_s = (shard_traffic / (_bandwidth_gb_s(job, shard_spans_nodes) * 1e9)
               + replica_traffic / (_bandwidth_gb_s(job, replicas_span_nodes) * 1e9))
-    overlapped = max(compute_s, comm_s)
+    offload_s = 0.0
+    if job.sharding.cpu_offload:  # parameter shards up, gradient shards down, every step
+        offload_s = 2 * shape.params / factor * dtype_bytes(param_dtype(job.precision)) / (PCIE_GB_S * 1e9)
+    overlapped = max(compute_s, comm_s) + offload_s
     tokens = batch * world * (job.data.max_source_len + job.data.max_target_len)
     return SpeedEstimate(tflops, source, compute_s, (shard_traffic + replica_traffic) / 1e9, comm_s, overlapped,
-                         compute_s + comm_s, tokens / overlapped)
+                         compute_s + comm_s + offload_s, tokens / overlapped)

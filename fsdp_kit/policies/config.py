@@ -34,8 +34,15 @@ class WrapPolicy(Option):
 
 class CheckpointMode(Option):
     none = "none"
-    full = "full"
+    selective = "selective"
     every_n = "every_n"
+    full = "full"
+    auto = "auto"
+
+    @classmethod
+    def lightest_first(cls) -> tuple[CheckpointMode, ...]:
+        """The concrete modes from least to most recompute (what ``auto`` tries, in order)."""
+        return (cls.none, cls.selective, cls.every_n, cls.full)
 
 
 @dataclass
@@ -75,6 +82,11 @@ class WrapConfig:
 @dataclass
 class ActivationCheckpointConfig:
     mode: CheckpointMode = CheckpointMode.none
-    """none | full (checkpoint every transformer layer) | every_n (checkpoint every ``every_n``-th layer)."""
+    """none | selective (every layer keeps its matmul and attention outputs and recomputes the cheap ops between
+    them) | every_n (checkpoint every ``every_n``-th layer) | full (checkpoint every transformer layer) | auto (the
+    lightest of none < selective < every_n < full whose planned peak fits the memory, see ``budget_gb``)."""
     every_n: int = 2
     """With mode=every_n: checkpoint one layer in this many."""
+    budget_gb: float | None = None
+    """With mode=auto: per-device memory (GB) the planned peak must fit in; null takes cluster.gpu_memory_gb,
+    else the device's memory (CUDA total memory, or host RAM on CPU)."""
