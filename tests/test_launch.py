@@ -214,3 +214,13 @@ def test_a_control_character_in_the_slurm_launcher_settings_stops_the_sweep(tmp_
     assert result.returncode == 2, result.stderr[-3000:]
     assert "hydra.launcher.partition 'a\\nb' contains a control character" in result.stderr
     assert not sweep.exists()
+
+
+def test_torchrun_wrapper_requeues_when_one_trainer_asks_and_the_rest_are_torn_down():
+    from fsdp_kit.launch.torchrun import asks_for_requeue
+
+    assert asks_for_requeue([75, 75])
+    assert asks_for_requeue([75, -15])  # the watchdog fired on one rank; torchrun stopped the other
+    assert not asks_for_requeue([1, -15])
+    assert not asks_for_requeue([75, 1])
+    assert not asks_for_requeue([-15, -15])

@@ -10,6 +10,7 @@ run dir's ``preempted`` marker, written by rank 0 after the save, says the same.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -17,6 +18,14 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
 from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTION_SIGNALS
+
+
+def asks_for_requeue(exit_codes: list[int]) -> bool:
+    """Some trainer exited with EXIT_REQUEUE and every other one did too or was stopped by torchrun's own
+    teardown signal (negative: killed by SIGTERM/SIGKILL after the first one left, as when the hang watchdog
+    fires on one rank first)."""
+    teardown = {-signal.SIGTERM, -signal.SIGKILL}
+    return EXIT_REQUEUE in exit_codes and all(code == EXIT_REQUEUE or code in teardown for code in exit_codes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{EXIT_REQUEUE} so the job is requeued", file=sys.stderr)
         return EXIT_REQUEUE
     except ChildFailedError as err:
-        if {failure.exitcode for failure in err.failures.values()} != {EXIT_REQUEUE}:
+        if not asks_for_requeue([failure.exitcode for failure in err.failures.values()]):
             raise
-        print(f"fsdp_kit: the trainers saved their state after a preemption signal; exiting with {EXIT_REQUEUE}",
-              file=sys.stderr)
+        print(f"fsdp_kit: the trainers stopped to be requeued (a preemption save or the hang watchdog); exiting "
+              f"with {EXIT_REQUEUE}", file=sys.stderr)
         return EXIT_REQUEUE
     return 0
 
