@@ -50,3 +50,6 @@ class DataConfig:
     """Seed of the built-in task and of the shuffling order."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+    max_skipped_fraction: float = 0.01
+    """csv/jsonl/hf: the largest share of rows that may be skipped (empty or non-text source/target) before
+    the run refuses to start; every skip is counted and reported either way. 0 allows none, 1 any."""
