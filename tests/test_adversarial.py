@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 BIN = Path(sys.executable).parent
 FAST = ["data.num_examples=64", "data.eval_examples=16", "trainer.batch_size=4", "trainer.max_steps=2",
@@ -283,3 +284,40 @@ def test_skipped_rows_are_reported_per_split_at_the_start(tmp_path):
     assert "data train: 284 rows read from d.csv, 282 kept, 2 skipped ('headline' is empty: 2, lines 5, 62)" \
         in outcome.stdout
     assert "data eval: 16 rows read from d.csv, 16 kept, 0 skipped" in outcome.stdout
+
+
+class _Recall(torch.nn.Module):
+    """A perfectly learned seq2seq task: for each source it generates the target exactly as it was trained on
+    it (the token ids the data layer gave it, cut to data.max_target_len), or with ``wrong`` a different one."""
+
+    def __init__(self, answers: dict[tuple[int, ...], list[int]], wrong: bool = False) -> None:
+        super().__init__()
+        self.config, self.answers, self.wrong = T5_SHAPE, answers, wrong
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 **_: object) -> torch.Tensor:
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            answer = self.answers[tuple(i for i, m in zip(ids, mask) if m)]
+            answer = [answer[1], *answer[1:]] if self.wrong else answer
+            rows.append([self.config.decoder_start_token_id, *answer][: max_new_tokens + 1])
+        width = max(map(len, rows))
+        return torch.tensor([row + [self.config.pad_token_id] * (width - len(row)) for row in rows])
+
+
+@pytest.mark.parametrize(("wrong", "expected"), [(False, 1.0), (True, 0.0)], ids=["learned", "wrong"])
+def test_exact_match_compares_with_the_target_as_trained(wrong, expected, tmp_path):
+    from fsdp_kit.distributed import DistEnv
+    from fsdp_kit.metrics import Reporter
+    from fsdp_kit.training.evaluator import Evaluator
+
+    path = tmp_path / "long.csv"
+    path.write_text("text,headline\n" + _lines(40, lambda i: f"article {i},a headline longer than eight bytes {i}\n"))
+    cfg = job(tmp_path, "data=csv", f"data.path={path}", "data.eval_examples=8", "data.max_target_len=8")
+    data = build_data(cfg.data, T5_SHAPE)
+    assert all(len(target) > cfg.data.max_target_len for _, target in data.eval_pairs)  # all cut in training
+    answers = {tuple(data.eval[i]["source"]): data.eval[i]["target"] for i in range(len(data.eval))}
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    reporter = Reporter(tmp_path, cfg.metrics, cfg.trainer.max_steps, enabled=False)
+    evaluator = Evaluator(_Recall(answers, wrong), data, cfg.trainer, env, reporter)
+    assert evaluator.exact_match() == expected
