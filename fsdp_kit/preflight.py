@@ -15,6 +15,7 @@ from fsdp_kit.checkpoint.manager import complete_checkpoints, read_marker
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.data.sources import check_source
 from fsdp_kit.errors import ConfigError
+from fsdp_kit.models.build import check_pretrained
 from fsdp_kit.policies.config import Precision
 
 
@@ -33,6 +34,8 @@ def preflight(job: TrainConfig, world_size: int | None = None, device_type: str 
     check_packages(job)
     if check_files:
         check_source(job.data)
+        if job.model.pretrained:
+            check_pretrained(job.model.pretrained)
         check_resume(job)
     return job
 

@@ -45,6 +45,7 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
     job = resolve_auto_checkpointing(job, runtime.world_size, runtime.local_world_size, runtime.device)
 
     config = models.hf_config(job.model)
+    models.check_fits(config, job.data, job.trainer.max_new_tokens)  # a pretrained model's table too
     model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
     check_policies(model, Policies.of(job))
     identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer)
@@ -68,6 +69,8 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
             f"sharding={job.sharding.strategy} wrap={job.wrap.policy} ({applied.fsdp_units} FSDP units) "
             f"ac={job.ac.mode} ({applied.checkpointed_layers} layers) compile={applied.compiled_layers} layers "
             f"optim={job.optim.name} attention={model.config._attn_implementation} | run dir {run_dir}")
+        for line in dataset.report:  # every skipped row counted, by reason
+            reporter.info(line)
         parts = TrainParts(model, optimizer, schedule, dataset, FlopCounter(job.model, config),
                            Tracker(env.device, env.world_size, job.metrics.peak_tflops), reporter, checkpoints,
                            grad_scaler)

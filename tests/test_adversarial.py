@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 BIN = Path(sys.executable).parent
 FAST = ["data.num_examples=64", "data.eval_examples=16", "trainer.batch_size=4", "trainer.max_steps=2",
@@ -121,3 +122,232 @@ def test_bad_planner_options_are_refused_with_one_line(case, tmp_path):
     before = snapshot(tmp_path)
     assert_rejected(fsdp_kit(*case.args, cwd=tmp_path), case)
     assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values, data files and model folders (issue #17 items 1, 2, 4; issue #13 items 11, 12).
+# Most cases are refused before training, so they run in-process through compose_job + preflight (and the data
+# loader, which train.py runs before any process group); a handful run as typed, through the console script.
+# ---------------------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+from helpers import job  # noqa: E402
+from transformers import T5Config  # noqa: E402
+
+from fsdp_kit.data import build as build_data  # noqa: E402
+from fsdp_kit.errors import ConfigError  # noqa: E402
+from fsdp_kit.preflight import preflight  # noqa: E402
+
+T5_SHAPE = T5Config(vocab_size=384, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+"""The tiny T5's HF config: the data layer needs its vocabulary size and pad id."""
+
+VALUE_CASES = [
+    (["optim.lr=nan"], "optim.lr=nan is not a finite number"),
+    (["optim.lr=inf"], "optim.lr=inf is not a finite number"),
+    (["optim.betas=[0.9,nan]"], "holds nan, not a finite number"),
+    (["trainer.clip_grad_norm=nan"], "trainer.clip_grad_norm=nan is not a finite number"),
+    (["trainer.clip_grad_norm=0"], "trainer.clip_grad_norm=0.0 must be > 0 (null turns clipping off)"),
+    (["trainer.min_lr_ratio=1.5"], "trainer.min_lr_ratio=1.5 must be in [0, 1]"),
+    (["trainer.min_lr_ratio=-0.1"], "trainer.min_lr_ratio=-0.1 must be in [0, 1]"),
+    (["optim.eps=0"], "optim.eps=0.0 must be > 0"),
+    (["optim.weight_decay=-0.01"], "optim.weight_decay=-0.01 must be >= 0"),
+    (["dist.timeout_s=0"], "dist.timeout_s=0 must be > 0"),
+    (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
+    (["data.max_skipped_fraction=2"], "data.max_skipped_fraction=2.0 must be in [0, 1]"),
+    (["trainer.max_new_tokens=-1"], "trainer.max_new_tokens=-1 must be > 0"),
+    (["cluster.nodes=0"], "cluster.nodes=0 must be > 0"),
+    (["cluster.gpus_per_node=-1"], "cluster.gpus_per_node=-1 must be >= 0"),
+    (["slurm.signal_before_s=-5"], "slurm.signal_before_s=-5 must be >= 0"),
+    (["slurm.rdzv_port=0"], "slurm.rdzv_port=0 must be a port number in 1-65535"),
+    (["slurm.rdzv_port=70000"], "slurm.rdzv_port=70000 must be a port number in 1-65535"),
+    (["+trainer.foo=1"], "trainer.foo is not a setting"),
+    (["+optim.lrr=0.1"], "optim.lrr is not a setting (did you mean optim.lr?)"),
+    (["+model.hf_config.num_layer=4"], "model.hf_config.num_layer is not a setting of T5Config (did you mean "
+                                       "num_layers?)"),
+    (["model.hf_config.d_model=0"], "model.hf_config.d_model=0 must be > 0"),
+    (["model.hf_config.dropout_rate=1.5"], "model.hf_config.dropout_rate=1.5 must be in [0, 1)"),
+    (["model=gpt2_tiny", "data.max_source_len=250"], "= 258 tokens, more than the model's 256 positions"),
+    (["model=gpt2_tiny", "trainer.max_new_tokens=300"], "= 348 tokens, more than the model's 256 positions"),
+    (["model.pretrained=./no/such/model"], "model.pretrained='./no/such/model': the folder does not exist"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), VALUE_CASES, ids=[" ".join(c[0]) for c in VALUE_CASES])
+def test_bad_values_are_refused_before_anything_starts(overrides, message, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        preflight(job(tmp_path / "run", *overrides), world_size=1, device_type="cpu")
+    line = str(info.value)
+    assert message in line and "Fix:" in line and "\n" not in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_good_values_next_to_the_limits_pass(tmp_path):
+    """The rules are not stricter than the models: T5's relative positions take any length, gpt2_tiny's table
+    takes exactly 256 positions, and the edges of each range are allowed."""
+    for overrides in (["data.max_source_len=4096"],
+                      ["model=gpt2_tiny", "data.max_source_len=224", "data.max_target_len=32"],
+                      ["trainer.min_lr_ratio=0", "trainer.min_lr_ratio=1", "trainer.clip_grad_norm=null",
+                       "optim.weight_decay=0", "slurm.rdzv_port=65535", "data.max_skipped_fraction=0"]):
+        preflight(job(tmp_path, *overrides), world_size=1, device_type="cpu")
+
+
+def _lines(count: int, make) -> str:
+    return "".join(make(i) for i in range(count))
+
+
+def _jsonl(count: int, target=lambda i: f"h{i}") -> str:
+    return _lines(count, lambda i: json.dumps({"text": f"article {i}", "headline": target(i)}) + "\n")
+
+
+def _csv(count: int) -> str:
+    return "text,headline\n" + _lines(count, lambda i: f"article {i},title {i}\n")
+
+
+DATA_CASES = [
+    # (id, file name, content (str or bytes), piece of the one error line)
+    ("jsonl-half-numbers", "d.jsonl", _jsonl(40, lambda i: i if i % 2 else f"h{i}"),
+     "20 of 40 rows would be skipped (50.0%, more than data.max_skipped_fraction=0.01): 'headline' is a number, "
+     "not text: 20, lines 2, 4, 6, 8, 10 and 15 more"),
+    ("jsonl-all-numbers", "d.jsonl", _jsonl(40, lambda i: i), "40 of 40 rows would be skipped"),
+    ("jsonl-missing-field", "d.jsonl", _jsonl(40) + '{"text": "x"}\n', "no 'headline' field: 1, line 41"),
+    ("jsonl-malformed-line", "d.jsonl", _jsonl(5) + '{"text": "a", headline: 1}\n' + _jsonl(40),
+     "d.jsonl line 6 is not JSON"),
+    ("jsonl-blank-lines-count", "d.jsonl", "\n\n" + _jsonl(3) + '{"text": "a", headline: 1}\n',
+     "d.jsonl line 6 is not JSON"),
+    ("jsonl-one-array", "d.jsonl", json.dumps([{"text": "a", "headline": "b"}] * 40), "holds a JSON array"),
+    ("jsonl-pretty-array", "d.jsonl", json.dumps([{"text": "a", "headline": "b"}] * 40, indent=2),
+     "holds a JSON array"),
+    ("jsonl-not-an-object", "d.jsonl", _jsonl(3) + "42\n", "d.jsonl line 4 is a JSON int, not an object"),
+    ("jsonl-not-utf8", "d.jsonl", _jsonl(3).encode() + '{"text": "caf\xe9", "headline": "x"}\n'.encode("latin-1"),
+     "is not UTF-8 text (line 4 holds the byte 0xe9)"),
+    ("csv-unbalanced-quote", "d.csv", _csv(10) + 'article,"oops\n' + _csv(30)[14:],
+     "d.csv line 12: a quoted field opens here and never closes"),
+    ("csv-stray-quote", "d.csv", _csv(10) + 'article,"oops" more\n' + _csv(30)[14:],
+     "d.csv line 12: broken CSV quoting"),
+    ("csv-extra-field", "d.csv", _csv(10) + "a,b,c\n" + _csv(30)[14:], "d.csv line 12 has 3 fields, the header has 2"),
+    ("csv-repeated-header", "d.csv", "text,headline,text\n" + _lines(40, lambda i: f"a{i},h{i},x\n"),
+     "the header names 'text' more than once"),
+    ("csv-empty-file", "d.csv", "", "d.csv is empty"),
+    ("csv-header-only", "d.csv", "text,headline\n", "d.csv has no rows"),
+    ("csv-not-utf8", "d.csv", _csv(10).encode() + "caf\xe9,x\n".encode("latin-1"),
+     "is not UTF-8 text (line 12 holds the byte 0xe9)"),
+    ("csv-not-utf8-header", "d.csv", "caf\xe9,text,headline\n".encode("latin-1"),
+     "is not UTF-8 text (line 1 holds the byte 0xe9)"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_bad_data_files_are_refused_with_the_line(name, content, message, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    cfg = job(tmp_path / "run", f"data={path.suffix[1:]}", f"data.path={path}", "data.eval_examples=8")
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, world_size=1, device_type="cpu")  # cheap checks (header, first record)
+        build_data(cfg.data, T5_SHAPE)  # the full strict read, as train.py does before any process group
+    line = str(info.value)
+    assert message in line and "Fix:" in line and "\n" not in line, line
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(_csv(40).encode("utf-8-sig"))
+    cfg = job(tmp_path, "data=csv", f"data.path={path}", "data.eval_examples=8")
+    preflight(cfg, world_size=1, device_type="cpu")
+    bundle = build_data(cfg.data, T5_SHAPE)
+    assert bundle.eval_pairs[-1] == ("article 39", "title 39")
+    assert bundle.report == ["data train: 32 rows read from excel.csv, 32 kept, 0 skipped",
+                             "data eval: 8 rows read from excel.csv, 8 kept, 0 skipped"]
+
+
+def _pretrained_folder(tmp_path: Path, weights: bytes | None) -> Path:
+    folder = tmp_path / "model"
+    T5Config(vocab_size=384, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16).save_pretrained(folder)
+    if weights is not None:
+        (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    (None, "holds no weights (none of model.safetensors"),
+    (b"not a safetensors file at all", "model.safetensors is not a readable safetensors file"),
+    (b"", "model.safetensors is not a readable safetensors file"),
+], ids=["config-only", "garbage-weights", "empty-weights"])
+def test_broken_pretrained_folders_are_refused_before_the_model_is_built(weights, message, tmp_path):
+    folder = _pretrained_folder(tmp_path, weights)
+    with pytest.raises(ConfigError) as info:
+        preflight(job(tmp_path / "run", f"model.pretrained={folder}"), world_size=1, device_type="cpu")
+    assert message in str(info.value) and "Fix:" in str(info.value)
+
+
+TYPED_CASES = [
+    Case("train-plus-unknown-key", ["train", "+trainer.foo=1"], 2, "trainer.foo is not a setting"),
+    Case("train-missing-model-folder", ["train", "model.pretrained=./models/t5-mine"], 2,
+         "the folder does not exist"),
+    Case("train-half-numbers-jsonl", ["train", "data=jsonl", "data.path=half.jsonl"], 2,
+         "20 of 40 rows would be skipped"),
+    Case("plan-negative-gpus", ["plan", "cluster=h100", "cluster.gpus_per_node=-1"], 2,
+         "cluster.gpus_per_node=-1 must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("case", TYPED_CASES, ids=[case.id for case in TYPED_CASES])
+def test_bad_values_typed_at_the_command_line(case, tmp_path):
+    (tmp_path / "half.jsonl").write_text(_jsonl(40, lambda i: i if i % 2 else f"h{i}"))
+    run_dir = tmp_path / "run"
+    args = case.args + ([f"hydra.run.dir={run_dir}", *FAST] if case.args[:1] == ["train"] else [])
+    before = snapshot(tmp_path)
+    outcome = fsdp_kit(*args, cwd=tmp_path, env=case.env)
+    assert_rejected(outcome, case)
+    # Hydra records the composed config (run/.hydra/) and its log before the job starts; nothing else is written.
+    written = set(snapshot(tmp_path)) - set(before)
+    assert all(path.startswith("run/.hydra/") or path == "run/train.log" for path in written), written
+
+
+def test_skipped_rows_are_reported_per_split_at_the_start(tmp_path):
+    rows = [(f"article {i}", "" if i in (3, 60) else f"title {i}") for i in range(300)]
+    (tmp_path / "d.csv").write_text("text,headline\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    outcome = fsdp_kit("train", "data=csv", "data.path=d.csv", f"hydra.run.dir={tmp_path / 'run'}", *FAST,
+                       "trainer.max_steps=1", "checkpoint.at_end=false", cwd=tmp_path)
+    assert outcome.code == 0, outcome.stderr
+    # 298 kept: the last 16 are eval (lines 285-301), the two skipped rows (lines 5 and 62) are train's.
+    assert "data train: 284 rows read from d.csv, 282 kept, 2 skipped ('headline' is empty: 2, lines 5, 62)" \
+        in outcome.stdout
+    assert "data eval: 16 rows read from d.csv, 16 kept, 0 skipped" in outcome.stdout
+
+
+class _Recall(torch.nn.Module):
+    """A perfectly learned seq2seq task: for each source it generates the target exactly as it was trained on
+    it (the token ids the data layer gave it, cut to data.max_target_len), or with ``wrong`` a different one."""
+
+    def __init__(self, answers: dict[tuple[int, ...], list[int]], wrong: bool = False) -> None:
+        super().__init__()
+        self.config, self.answers, self.wrong = T5_SHAPE, answers, wrong
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 **_: object) -> torch.Tensor:
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            answer = self.answers[tuple(i for i, m in zip(ids, mask) if m)]
+            answer = [answer[1], *answer[1:]] if self.wrong else answer
+            rows.append([self.config.decoder_start_token_id, *answer][: max_new_tokens + 1])
+        width = max(map(len, rows))
+        return torch.tensor([row + [self.config.pad_token_id] * (width - len(row)) for row in rows])
+
+
+@pytest.mark.parametrize(("wrong", "expected"), [(False, 1.0), (True, 0.0)], ids=["learned", "wrong"])
+def test_exact_match_compares_with_the_target_as_trained(wrong, expected, tmp_path):
+    from fsdp_kit.distributed import DistEnv
+    from fsdp_kit.metrics import Reporter
+    from fsdp_kit.training.evaluator import Evaluator
+
+    path = tmp_path / "long.csv"
+    path.write_text("text,headline\n" + _lines(40, lambda i: f"article {i},a headline longer than eight bytes {i}\n"))
+    cfg = job(tmp_path, "data=csv", f"data.path={path}", "data.eval_examples=8", "data.max_target_len=8")
+    data = build_data(cfg.data, T5_SHAPE)
+    assert all(len(target) > cfg.data.max_target_len for _, target in data.eval_pairs)  # all cut in training
+    answers = {tuple(data.eval[i]["source"]): data.eval[i]["target"] for i in range(len(data.eval))}
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    reporter = Reporter(tmp_path, cfg.metrics, cfg.trainer.max_steps, enabled=False)
+    evaluator = Evaluator(_Recall(answers, wrong), data, cfg.trainer, env, reporter)
+    assert evaluator.exact_match() == expected

@@ -122,7 +122,7 @@ def test_unknown_hf_model_type_is_a_config_error(tmp_path):
 
 
 def test_missing_pretrained_folder_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="cannot be loaded"):
+    with pytest.raises(ConfigError, match="the folder does not exist"):
         models.hf_config(job(tmp_path, f"model.pretrained={tmp_path / 'nothing-here'}").model)
 
 

@@ -9,6 +9,7 @@ from helpers import job
 from transformers import GPT2Config, T5Config
 
 from fsdp_kit.data import GlobalBatchSampler, build, builtin
+from fsdp_kit.errors import ConfigError
 from fsdp_kit.models.objective import IGNORE_INDEX
 
 T5 = T5Config(vocab_size=384, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
@@ -70,10 +71,15 @@ def test_wikihow_csv_with_multiline_quoted_articles(tmp_path):
     rows += [f'"Step {i}.\nDo it.","How to {i}","Line one of {i}.\nLine two, with a comma."' for i in range(40)]
     rows.append('"",How to skip,"an empty headline is skipped"')
     path.write_text("\n".join(rows) + "\n")
-    cfg = job(tmp_path, "data=csv", f"data.path={path}", "data.eval_examples=8").data
+    cfg = job(tmp_path, "data=csv", f"data.path={path}", "data.eval_examples=8", "data.max_skipped_fraction=0.05").data
     bundle = build(cfg, T5)
     assert len(bundle.train) == 32 and len(bundle.eval) == 8
     assert bundle.eval_pairs[-1] == ("Line one of 39.\nLine two, with a comma.", "Step 39.\nDo it.")
+    # Each row spans 3 lines after the header: the skipped 41st row starts on line 2 + 3 * 40.
+    assert bundle.report[1] == ("data eval: 9 rows read from wikihowAll.csv, 8 kept, 1 skipped "
+                                "('headline' is empty: 1, line 122)")
+    with pytest.raises(ConfigError, match=r"1 of 41 rows would be skipped .* line 122"):
+        build(job(tmp_path, "data=csv", f"data.path={path}", "data.eval_examples=8").data, T5)
 
 
 def test_any_two_named_jsonl_fields(tmp_path):

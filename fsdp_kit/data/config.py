@@ -52,3 +52,6 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     pin_memory: bool = True
     """On GPU, load batches into pinned host memory so their copies to the GPU do not block the host."""
+    max_skipped_fraction: float = 0.01
+    """csv/jsonl/hf: the largest share of rows that may be skipped (empty or non-text source/target) before
+    the run refuses to start; every skip is counted and reported either way. 0 allows none, 1 any."""

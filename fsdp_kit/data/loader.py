@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -179,6 +179,8 @@ class DataBundle:
     collate: Collator
     tokenizer: PreTrainedTokenizerBase
     cfg: DataConfig
+    report: list[str] = field(default_factory=list)
+    """One line per split: rows read, kept and skipped by reason (empty for generated data)."""
 
     def train_loader(self, batch_size: int, rank: int, world_size: int, start_sample: int = 0,
                      pin_memory: bool = False) -> DataLoader:
@@ -218,6 +220,6 @@ def build(cfg: DataConfig, model_config: PretrainedConfig) -> DataBundle:
         train = SyntheticTokens(cfg.num_examples, cfg, vocab_size, cfg.seed)
         evaluation = SyntheticTokens(cfg.eval_examples, cfg, vocab_size, cfg.seed + 1)
         return DataBundle(train, evaluation, None, collate, tokenizer, cfg)
-    train_pairs, eval_pairs = load_pairs(cfg)
-    return DataBundle(TextPairs(train_pairs, tokenizer, cfg), TextPairs(eval_pairs, tokenizer, cfg), eval_pairs,
-                      collate, tokenizer, cfg)
+    loaded = load_pairs(cfg)
+    return DataBundle(TextPairs(loaded.train, tokenizer, cfg), TextPairs(loaded.eval, tokenizer, cfg), loaded.eval,
+                      collate, tokenizer, cfg, loaded.report)

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from fsdp_kit.errors import ConfigError, first_line
 from fsdp_kit.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from fsdp_kit.data.config import DataConfig
 
 _DROPOUT_SUFFIXES = ("dropout", "dropout_rate", "_pdrop", "dropout_prob")
 
@@ -16,19 +31,27 @@ _DROPOUT_SUFFIXES = ("dropout", "dropout_rate", "_pdrop", "dropout_prob")
 def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     """The HF config for ``cfg``: a preset's shape, or the pretrained model's own, with our overrides."""
     if cfg.pretrained:
+        check_pretrained(cfg.pretrained)
         try:
             config = AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise ConfigError(
+                f"model.pretrained={cfg.pretrained!r} is no folder here and cannot be loaded from the hub "
+                f"({first_line(err)})" if not Path(cfg.pretrained).expanduser().exists() else
                 f"model.pretrained={cfg.pretrained!r} cannot be loaded ({first_line(err)})",
                 "pass a local folder holding config.json and weights, or a hub name reachable from this machine",
             ) from err
     else:
-        try:
-            config = AutoConfig.for_model(cfg.arch, **cfg.hf_config)
-        except ValueError as err:
+        if cfg.arch not in CONFIG_MAPPING:
             raise ConfigError(f"model.arch={cfg.arch!r} is not a transformers model type",
-                              "use a HF model_type such as t5 or gpt2") from err
+                              "use a HF model_type such as t5 or gpt2")
+        config_class = CONFIG_MAPPING[cfg.arch]
+        check_hf_config(config_class, cfg.hf_config)
+        try:
+            config = config_class(**cfg.hf_config)
+        except (ValueError, TypeError) as err:  # the config class's own consistency checks
+            raise ConfigError(f"model.hf_config is not a valid {config_class.__name__} ({first_line(err)})",
+                              "fix the model.hf_config values") from err
     if cfg.dropout is not None:
         for key, value in config.to_dict().items():
             if key.endswith(_DROPOUT_SUFFIXES) and isinstance(value, float):
@@ -36,6 +59,86 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     # Training never uses the KV cache, and HF T5 breaks non-reentrant activation checkpointing with it.
     config.use_cache = False
     return config
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+# Settings of rotary/relative-position models: no learned position table, so no hard length limit.
+_ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct")
+
+
+def check_hf_config(config_class: type[PretrainedConfig], values: dict[str, Any]) -> None:
+    """model.hf_config keys the config class knows, and sizes that can build a model: a misspelt key would
+    otherwise be stored and ignored, and a zero size fails deep inside the model."""
+    default = config_class()
+    known = set(inspect.signature(config_class.__init__).parameters) | set(config_class.attribute_map)
+    known |= set(default.to_dict()) | {name for name in dir(default) if not name.startswith("_")}
+    for key, value in values.items():
+        if key not in known and not key.endswith("_token_id"):
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ConfigError(f"model.hf_config.{key} is not a setting of {config_class.__name__}"
+                              + (f" (did you mean {close[0]}?)" if close else ""),
+                              f"fix the key's spelling or drop model.hf_config.{key}")
+        was = getattr(default, key, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if key.endswith(_DROPOUT_SUFFIXES) and not 0 <= value < 1:
+            raise ConfigError(f"model.hf_config.{key}={value} must be in [0, 1)",
+                              f"pass model.hf_config.{key}=<a probability, e.g. 0.1>")
+        # A size, count or scale whose default is positive (d_model, num_layers, layer_norm_epsilon, ...).
+        if not key.endswith(_DROPOUT_SUFFIXES) and isinstance(was, (int, float)) and not isinstance(was, bool) \
+                and was > 0 and value <= 0:
+            raise ConfigError(f"model.hf_config.{key}={value} must be > 0",
+                              f"pass model.hf_config.{key}=<a number > 0> (its default is {was})")
+
+
+def check_pretrained(name: str) -> None:
+    """A local model folder exists and holds a config and readable weights (without reading the weights);
+    a hub name is left to transformers."""
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise ConfigError(f"model.pretrained={name!r}: " + ("not a folder" if path.exists() else
+                                                             "the folder does not exist"),
+                          "pass a folder holding config.json and the weights (e.g. from save_pretrained), "
+                          "or a hub name such as google-t5/t5-small")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.pretrained={name!r} has no config.json",
+                          "pass the folder that save_pretrained wrote (config.json and the weights)")
+    if not any((path / weights).is_file() for weights in _WEIGHT_FILES):
+        raise ConfigError(f"model.pretrained={name!r} holds no weights (none of {', '.join(_WEIGHT_FILES)})",
+                          "copy the weights beside config.json, or use a model preset (model=t5_small) to "
+                          "start from random weights")
+    from safetensors import safe_open
+
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as handle:  # reads the header only
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error types for a corrupt header
+            raise ConfigError(f"model.pretrained: {weights} is not a readable safetensors file ({first_line(err)})",
+                              "copy the weights again (the file is truncated or corrupt)") from err
+
+
+def check_fits(config: PretrainedConfig, data: DataConfig, max_new_tokens: int | None) -> None:
+    """Sources and targets fit the model's learned position table, if it has one (T5's positions are
+    relative: no limit)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or any(getattr(config, key, None) is not None for key in _ROTARY_KEYS):
+        return
+    generated = max(data.max_target_len, max_new_tokens or 0)
+    if config.is_encoder_decoder:
+        longest, what = max(data.max_source_len, generated + 1), "data.max_source_len and the target length"
+    else:  # one sequence: the source, then the target (or the generated tokens)
+        longest, what = data.max_source_len + generated, \
+            "data.max_source_len + max(data.max_target_len, trainer.max_new_tokens)"
+    if longest > limit:
+        raise ConfigError(f"{what} = {longest} tokens, more than the model's {limit} positions "
+                          f"({config.model_type} max_position_embeddings)",
+                          f"lower data.max_source_len/data.max_target_len to fit {limit}, or use a model with "
+                          "more positions")
 
 
 def build(cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32,

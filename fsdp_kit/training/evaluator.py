@@ -63,11 +63,18 @@ class Evaluator:
                 output = output[:, prompts["input_ids"].shape[1]:]
             texts = self.data.tokenizer.batch_decode(output, skip_special_tokens=True)
             for i, text in zip(mine, texts):
-                hits[0] += float(text.strip() == pairs[i][1].strip())
+                hits[0] += float(text.strip() == self.trained_target(i))
             hits[1] += len(mine)
         if self.env.world_size > 1:
             dist.all_reduce(hits)
         return float(hits[0] / hits[1].clamp(min=1))
+
+    def trained_target(self, index: int) -> str:
+        """The held-out target as the model was trained to produce it: tokenized and cut to data.max_target_len,
+        then decoded. Comparing with the full text would score a perfectly learned task 0 whenever targets are
+        longer than the limit."""
+        ids = self.data.eval[index]["target"]
+        return self.data.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def reshard(model: nn.Module) -> None:
