@@ -33,6 +33,7 @@ from fsdp_kit.plan import GB, make_plan, model_shape, traced
 from fsdp_kit.plan.memory import breakdown
 from fsdp_kit.plan.records import RESULTS, load_records
 from fsdp_kit.plan.search import Candidate, search
+from fsdp_kit.plan.speed import ASSUMED_MFU
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("t5_small", "t5_base", "t5_large", "t5_3b", "t5_11b")
@@ -185,8 +186,23 @@ def check_text(check: dict[str, Any]) -> str:
             f"planned/measured = {check['planned_peak_gb'] / measured:.2f}.{capacity}")
 
 
+def measured_mfu() -> dict[str, Any] | None:
+    """The range of model FLOPs utilization measured on record (uncompiled bf16-compute runs on a GPU with a known
+    peak), to put the assumed MFU of the predictions in context."""
+    found = []
+    for record in load_records(RESULTS):
+        device = str(record.get("device") or "").lower()
+        spec = next((s for s in GPUS.values() if s.gpu.split("-")[0].lower() in device), None)
+        if spec and record.get("tflops") and not record.get("compile") and record.get("precision") != "fp32":
+            found.append(float(record["tflops"]) / spec.peak_tflops)
+    return {"min": min(found), "max": max(found), "runs": len(found)} if found else None
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict[str, Any] | None) -> str:
     source, target = meta["source_len"], meta["target_len"]
+    mfu = meta.get("measured_mfu")
+    mfu_text = (f" (optimistic: the {mfu['runs']} uncompiled bf16 GPU runs on record reached "
+                f"{mfu['min']:.0%}-{mfu['max']:.0%}; read tokens/s as a ranking)" if mfu else "")
     gpus = ", ".join(f"{spec['label']}: {spec['memory_gb']:g} GB" for spec in meta["gpus"].values())
     lines = [
         f"**PLANNED, not measured.** What each model needs for full fine-tuning at {source} source / {target} target "
@@ -198,7 +214,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict[str, 
         "AnyPrecision AdamW (Kahan, bf16 states), the rest torch AdamW. GB = 1e9 bytes; GPU memory is the nominal "
         f"size ({gpus}), as the cluster presets state it. \"speed from\": TFLOPS measured for that recipe and GPU "
         "under benchmarks/results/, "
-        "else an assumed 35% of the dense peak. CPU offload needs the host RAM shown (not checked against the "
+        f"else an assumed {ASSUMED_MFU:.0%} of the dense peak{mfu_text}. "
+        "CPU offload needs the host RAM shown (not checked against the "
         "machine's). Predictions only: run `fsdp-kit bench` before renting a cluster on them.",
         "",
         f"Made by `{meta['command']}` at commit {meta['commit']} on {meta['date']}.",
@@ -251,7 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     meta = {**provenance(), "commit": git_commit(), "worlds": args.worlds, "source_len": args.source_len,
-            "target_len": args.target_len, "gpus": {key: dataclasses.asdict(GPUS[key]) for key in args.gpus}}
+            "target_len": args.target_len,
+            "measured_mfu": measured_mfu(), "gpus": {key: dataclasses.asdict(GPUS[key]) for key in args.gpus}}
     rows = []
     for model in args.models:
         for gpu_key in args.gpus:
