@@ -136,6 +136,8 @@ class LocalSlurm:
         raise Unavailable("munged did not start")
 
     def _write_config(self) -> None:
+        # CPUs: at least 4 (config_overrides lets slurmd claim more than it has), so two 2-rank jobs of a sweep run
+        # side by side on a 2-core machine instead of one after the other; the ranks run one thread each.
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         memory = self._node_memory_mb()
@@ -148,7 +150,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation={self.root / 'state'}
 SlurmdSpoolDir={self.root / 'spool'}
 SlurmctldPidFile={self.root / 'slurmctld.pid'}
@@ -173,7 +175,8 @@ SlurmctldParameters=preempt_send_user_signal
 KillWait=30
 InactiveLimit=0
 MinJobAge=300
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN
+SlurmdParameters=config_overrides
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={max(4, os.cpu_count() or 1)} RealMemory={memory} State=UNKNOWN
 PartitionName=low Nodes={self.host} Default=YES PriorityTier=1 GraceTime=10 MaxTime=INFINITE State=UP
 PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
 """)
