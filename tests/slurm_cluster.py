@@ -14,7 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
-NEEDED = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged")
+NEEDED = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "munged")
+# Where a real installation keeps its config (Debian's current and older layout, the upstream default).
+REAL_CONFIGS = (Path("/etc/slurm/slurm.conf"), Path("/etc/slurm-llnl/slurm.conf"), Path("/usr/local/etc/slurm.conf"))
 
 
 class Unavailable(Exception):
@@ -31,8 +33,15 @@ def _alive(pid: int) -> bool:
 
 
 def _pid_of(name: str) -> list[int]:
-    result = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True)
-    return [int(p) for p in result.stdout.split()]
+    """Live processes named ``name`` (read from /proc: pgrep may be missing where Slurm is)."""
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == name and _alive(int(comm.parent.name)):
+                pids.append(int(comm.parent.name))
+        except OSError:
+            continue  # exited while we looked
+    return pids
 
 
 def _free_port() -> int:
@@ -41,24 +50,40 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _refuse_real_slurm() -> None:
+    """Raise Unavailable where this machine belongs to a real Slurm: the tests never run beside one."""
+    running = [name for name in ("slurmctld", "slurmd", "slurmdbd") if _pid_of(name)]
+    if running:
+        raise Unavailable(f"a Slurm is already running here ({', '.join(running)}); "
+                          "the tests never touch a real installation")
+    if os.environ.get("SLURM_JOB_ID"):
+        raise Unavailable(f"running inside Slurm job {os.environ['SLURM_JOB_ID']} of a real cluster; "
+                          "the tests never start a second Slurm on its nodes")
+    configured = [str(path) for path in REAL_CONFIGS if path.exists()]
+    if os.environ.get("SLURM_CONF"):
+        configured.insert(0, f"SLURM_CONF={os.environ['SLURM_CONF']}")
+    if configured:
+        raise Unavailable(f"this machine is set up for a real Slurm ({', '.join(configured)}); "
+                          "the tests never touch a real installation")
+
+
 class LocalSlurm:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.conf = root / "slurm.conf"
         self.host = socket.gethostname().split(".")[0]
         self.started: list[Path] = []  # pid files of the daemons we started, and only those
+        self._exported_conf = False
 
     # -- setup -----------------------------------------------------------------------------------------
     def start(self) -> LocalSlurm:
+        _refuse_real_slurm()  # before installing anything: a real cluster's node gets no apt-get either
         self._ensure_installed()
-        running = [name for name in ("slurmctld", "slurmd") if _pid_of(name)]
-        if running:
-            raise Unavailable(f"a Slurm is already running here ({', '.join(running)}); "
-                              "the tests never touch a real installation")
         self._ensure_hostname()
         self._ensure_munge()
         self._write_config()
-        os.environ["SLURM_CONF"] = str(self.conf)
+        os.environ["SLURM_CONF"] = str(self.conf)  # for submitit and Hydra's launcher inside the tests
+        self._exported_conf = True
         self._daemon("slurmctld", ["slurmctld", "-f", str(self.conf), "-c"])
         self._daemon("slurmd", ["slurmd", "-f", str(self.conf)])
         self._wait_for_idle_node()
@@ -111,6 +136,8 @@ class LocalSlurm:
         raise Unavailable("munged did not start")
 
     def _write_config(self) -> None:
+        # CPUs: at least 4 (config_overrides lets slurmd claim more than it has), so two 2-rank jobs of a sweep run
+        # side by side on a 2-core machine instead of one after the other; the ranks run one thread each.
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         memory = self._node_memory_mb()
@@ -123,7 +150,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation={self.root / 'state'}
 SlurmdSpoolDir={self.root / 'spool'}
 SlurmctldPidFile={self.root / 'slurmctld.pid'}
@@ -148,7 +175,8 @@ SlurmctldParameters=preempt_send_user_signal
 KillWait=30
 InactiveLimit=0
 MinJobAge=300
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN
+SlurmdParameters=config_overrides
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={max(4, os.cpu_count() or 1)} RealMemory={memory} State=UNKNOWN
 PartitionName=low Nodes={self.host} Default=YES PriorityTier=1 GraceTime=10 MaxTime=INFINITE State=UP
 PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
 """)
@@ -209,7 +237,9 @@ PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
 
     # -- teardown ----------------------------------------------------------------------------------------
     def stop(self) -> None:
-        self.run("scancel", "--user=root", check=False)
+        """Cancel our jobs and stop our daemons; a no-op where start() got no further than its checks."""
+        if self.root / "slurmctld.pid" in self.started and shutil.which("scancel"):
+            self.run("scancel", f"--user={os.getuid()}", check=False)  # our controller's jobs: run() sets our conf
         for pid_file in reversed(self.started):
             try:
                 pid = int(pid_file.read_text().strip())
@@ -222,4 +252,6 @@ PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
                         break
                     time.sleep(0.05)
         self.started.clear()
-        os.environ.pop("SLURM_CONF", None)
+        if self._exported_conf:  # never drop a SLURM_CONF the user had set
+            os.environ.pop("SLURM_CONF", None)
+            self._exported_conf = False

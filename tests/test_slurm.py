@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import job, run_ranks, train
-from slurm_cluster import LocalSlurm, Unavailable
+from slurm_cluster import LocalSlurm
 
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.launch.sbatch import fill, render
@@ -131,19 +131,7 @@ def test_training_errors_surface_before_rendering(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
-# -- against a real Slurm -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except Unavailable as why:
-        cluster.stop()
-        pytest.skip(f"no local Slurm: {why}")
-    yield cluster
-    cluster.stop()
-
-
+# -- against a real Slurm (the session's one cluster: the `slurm` fixture in conftest.py) ----------------------
 def _sbatch(slurm: LocalSlurm, script: Path, *args: str) -> str:
     result = slurm.run("sbatch", "--parsable", *args, str(script), cwd=ROOT)
     return result.stdout.strip().split(";")[0]
@@ -154,20 +142,6 @@ def test_unknown_partition_is_rejected_before_submission(slurm):
     result = _fsdp_kit("slurm", "slurm.partition=gpu-nonexistent", check_rc=False)
     assert result.returncode == 2
     assert "slurm.partition='gpu-nonexistent' does not exist" in result.stderr and "high, low" in result.stderr
-
-
-@pytest.mark.slurm
-def test_rendered_sbatch_trains_and_finishes(slurm, tmp_path, reference_losses):
-    script = tmp_path / "job.sbatch"
-    _fsdp_kit("slurm", "-o", str(script), *_local_overrides(tmp_path, 6))
-    job_id = _sbatch(slurm, script)
-    state = slurm.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
-    log = (tmp_path / "logs" / f"fsdp-t5_tiny-{job_id}.out").read_text()
-    assert state == "COMPLETED", log[-3000:]
-    run_dir = tmp_path / "runs" / f"fsdp-t5_tiny-{job_id}"
-    assert _records(run_dir)[-1]["world_size"] == 2
-    losses = _losses(run_dir)
-    assert all(abs(losses[s] - reference_losses[s]) < 1e-5 for s in range(1, 7))
 
 
 def _wait_for_training(run_dir_glob: Path, timeout: float = 180) -> Path:
@@ -181,7 +155,10 @@ def _wait_for_training(run_dir_glob: Path, timeout: float = 180) -> Path:
 
 
 @pytest.mark.slurm
-def test_preempted_job_saves_requeues_resumes_and_matches_the_uninterrupted_run(slurm, tmp_path, reference_losses):
+def test_rendered_sbatch_is_preempted_requeued_resumes_and_matches_the_uninterrupted_run(
+        slurm, tmp_path, reference_losses):
+    """The whole sbatch path in one job (each Slurm job costs seconds of start-up): render, submit, train on 2
+    ranks, get preempted by a higher partition, save, requeue, resume, finish with the reference's losses."""
     script = tmp_path / "job.sbatch"
     _fsdp_kit("slurm", "-o", str(script), "slurm.partition=low", *_local_overrides(tmp_path, 40))
     job_id = _sbatch(slurm, script)
@@ -197,8 +174,10 @@ def test_preempted_job_saves_requeues_resumes_and_matches_the_uninterrupted_run(
     assert markers, "the preempted run saved a checkpoint"
     restarts = [json.loads(p.joinpath("fsdp_kit.json").read_text()) for p in markers]
     assert any(m["reason"] == "preemption" for m in restarts) or "requeueing" in log, log[-4000:]
-    losses = _losses(run_dir)
-    assert abs(losses[40] - reference_losses[40]) < 1e-5, (losses[40], reference_losses[40])
+    assert _records(run_dir)[-1]["world_size"] == 2
+    losses = _losses(run_dir)  # every step, before the preemption and after the resume
+    assert sorted(losses) == list(range(1, 41))
+    assert all(abs(losses[s] - reference_losses[s]) < 1e-5 for s in losses), (losses, reference_losses)
 
 
 @pytest.mark.slurm
