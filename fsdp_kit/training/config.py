@@ -43,3 +43,6 @@ class TrainerConfig:
     """torch.compile each transformer layer."""
     seed: int = 0
     """Seed for weight init and dropout."""
+    max_nonfinite_steps: int = 5
+    """Stop with an error after this many optimizer steps in a row with a non-finite loss or gradient norm
+    (each such step is skipped, never checkpointed)."""

@@ -1,0 +1,42 @@
+"""Checksums of every file of a checkpoint, recorded in its marker at commit and verified before loading.
+
+CRC-32 (zlib) rather than a cryptographic hash: it detects accidental corruption (bit rot, torn copies, a
+truncated or edited shard), not tampering, and it is about 3x faster than sha256 on the CPU measured here
+(see DESIGN.md / the checkpoint report). A checkpoint folder stays trusted input either way.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+
+ALGORITHM = "crc32"
+_CHUNK = 8 << 20  # large reads keep the per-call overhead negligible
+
+
+def file_checksum(path: Path) -> str:
+    crc = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def folder_checksums(folder: Path, skip: Iterable[str] = ()) -> dict[str, str]:
+    """``{relative path: crc32}`` of every file under ``folder`` (except ``skip``), sorted by path."""
+    skipped = set(skip)
+    return {str(p.relative_to(folder)): file_checksum(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and str(p.relative_to(folder)) not in skipped}
+
+
+def mismatches(folder: Path, expected: dict[str, str], names: Iterable[str] | None = None) -> list[str]:
+    """The files among ``names`` (default: all recorded) that are missing or whose checksum differs."""
+    bad = []
+    for name in expected if names is None else names:
+        path = folder / name
+        if not path.is_file():
+            bad.append(f"{name} (missing)")
+        elif file_checksum(path) != expected[name]:
+            bad.append(f"{name} (checksum differs)")
+    return bad
