@@ -91,3 +91,79 @@ def test_debug_env_shows_the_cause_with_its_traceback(tmp_path):
     loud = fsdp_kit("plan", "--config-dir", "no/such/dir", cwd=tmp_path, env={"FSDP_KIT_DEBUG": "1"})
     assert "Traceback" not in quiet.stderr
     assert "Traceback" in loud.stderr and loud.error_lines == quiet.error_lines
+
+
+# -- checkpoints and run dirs (issue #13) -----------------------------------------------------------------------
+# Each case prepares the folder, runs the command, and checks the one error line and that nothing already saved
+# changed. (Hydra itself writes .hydra/ and train.log into a train run dir before fsdp_kit starts: not compared.)
+
+def _fake_checkpoint(folder: Path) -> Path:
+    """Enough of a checkpoint for the checks that run before any shard is read."""
+    folder.mkdir(parents=True)
+    (folder / "fsdp_kit.json").write_text("{}")
+    (folder / ".metadata").write_bytes(b"")
+    return folder
+
+
+def _saved_by_us(folder: Path) -> dict[str, str]:
+    return {name: digest for name, digest in snapshot(folder).items()
+            if not name.startswith(".hydra") and not name.endswith("train.log")}
+
+
+def test_export_onto_a_file_is_refused(tmp_path):
+    checkpoint = _fake_checkpoint(tmp_path / "run" / "checkpoints" / "step_1")
+    (tmp_path / "weights.bin").write_bytes(b"keep me")
+    before = snapshot(tmp_path)
+    for out, message in (("weights.bin", "weights.bin is a file"), ("weights.bin/hf", "which is a file")):
+        assert_rejected(fsdp_kit("export", str(checkpoint), out, cwd=tmp_path),
+                        Case(f"export-{out}", [], 2, message))
+    assert snapshot(tmp_path) == before
+
+
+def test_train_into_a_run_dir_whose_checkpoints_is_a_file_is_refused_up_front(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a folder")
+    before = _saved_by_us(run_dir)
+    outcome = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
+    assert_rejected(outcome, Case("checkpoints-is-a-file", [], 2, "checkpoints is a file, not a folder"))
+    assert _saved_by_us(run_dir) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_train_into_a_read_only_run_dir_is_refused_up_front(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints").chmod(0o555)
+    try:
+        outcome = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
+    finally:
+        (run_dir / "checkpoints").chmod(0o755)
+    assert_rejected(outcome, Case("read-only-checkpoints", [], 2, "is not writable"))
+
+
+def test_a_second_writer_of_a_run_dir_is_refused(tmp_path):
+    import json
+    import socket
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with subprocess.Popen(["sleep", "120"]) as holder:
+        try:
+            (run_dir / ".fsdp_kit.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+            before = _saved_by_us(run_dir)
+            outcome = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
+        finally:
+            holder.kill()
+    assert_rejected(outcome, Case("second-writer", [], 2, f"is in use by another run (pid {holder.pid}"))
+    assert _saved_by_us(run_dir) == before
+
+
+def test_resume_from_a_folder_without_its_marker_is_refused(tmp_path):
+    checkpoint = _fake_checkpoint(tmp_path / "old" / "checkpoints" / "step_3")
+    (checkpoint / "fsdp_kit.json").unlink()
+    before = snapshot(tmp_path / "old")
+    outcome = fsdp_kit("train", f"hydra.run.dir={tmp_path / 'run'}", f"checkpoint.resume={checkpoint}", *FAST,
+                       cwd=tmp_path)
+    assert_rejected(outcome, Case("resume-no-marker", [], 2, "fsdp_kit.json is missing"))
+    assert snapshot(tmp_path / "old") == before

@@ -451,3 +451,43 @@ def _commits_seen_during_training(cfg):
     trainer_module.Trainer._train_step = step
     run(cfg)
     return seen
+
+
+def _settings_after_resume(cfg):
+    """Rank body: resume (nothing left to train) and return the loaded optimizer's groups and the lr."""
+    import fsdp_kit.training.trainer as trainer_module
+    from fsdp_kit.train import run
+
+    captured = {}
+    original = trainer_module.Trainer.fit
+
+    def fit(self):
+        result = original(self)
+        captured["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        captured["last_lr"] = self.schedule.get_last_lr()
+        return result
+
+    trainer_module.Trainer.fit = fit
+    run(cfg)
+    return captured
+
+
+def test_changed_hyperparameters_on_resume_are_applied_and_logged(saved, tmp_path, capfd):
+    changed = ["optim.lr=5e-4", "optim.eps=1e-6", "optim.weight_decay=0.05", "optim.betas=[0.8,0.99]",
+               "trainer.lr_schedule=constant"]
+    captured = run_ranks(_settings_after_resume, 1, job(saved.parent.parent, "trainer.max_steps=2", *changed))[0]
+    group = captured["groups"][0]
+    assert (group["lr"], group["eps"], group["weight_decay"], tuple(group["betas"])) == (5e-4, 1e-6, 0.05, (0.8, 0.99))
+    assert captured["last_lr"] == [5e-4]  # constant after warmup: the new peak, already at the first resumed step
+    out = capfd.readouterr().out
+    assert "with changed settings, applied: optim.lr: 0.001 -> 0.0005" in out and "trainer.lr_schedule" in out
+    assert "lr: 0.0005" in (saved.parent.parent / "resolved_config.yaml").read_text()  # what ran
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim=anyprecision", r"saved with optim=adamw, this run uses optim=anyprecision"),
+    ("precision=bf16", r"saved with precision=fp32, this run uses precision=bf16"),
+])
+def test_a_different_optimizer_or_precision_is_named_not_called_damaged(saved, tmp_path, override, message):
+    with pytest.raises(CheckpointError, match=message + r".*the checkpoint itself is fine"):
+        preflight(job(tmp_path, f"checkpoint.resume={saved}", override), world_size=1, device_type="cpu")

@@ -51,6 +51,8 @@ def check_layout(source: Any, saved: dict[str, Any], ours: dict[str, Any]) -> No
     differ = [key for key in sorted(set(saved_layout) | set(our_layout))
               if saved_layout.get(key) != our_layout.get(key)]
     if differ:
+        # a different optimizer or precision explains everything else that differs: name only that
+        differ = [key for key in ("optimizer", "precision") if key in differ] or differ
         was = " ".join(f"{_KEY.get(k, k)}={saved_layout.get(k)}" for k in differ)
         now = " ".join(f"{_KEY.get(k, k)}={our_layout.get(k)}" for k in differ)
         raise CheckpointError(
