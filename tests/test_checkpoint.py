@@ -365,20 +365,22 @@ def test_checksums_are_verified_in_shares_by_two_ranks(tmp_path):
         run_ranks(train, 2, job(tmp_path, "trainer.max_steps=2"))
 
 
-def _run_id_at_the_next_second(_: int) -> str:
-    from fsdp_kit.run_dir import run_id
-
+RUN_ID_AT = textwrap.dedent("""
+    import os, sys, time
     os.environ.pop("LOCAL_RANK", None)
-    time.sleep(1.05 - time.time() % 1)
-    return run_id()
+    from fsdp_kit.run_dir import run_id
+    time.sleep(float(sys.argv[1]) - time.time())
+    print(run_id())
+""")
 
 
 def test_two_launches_in_the_same_second_get_different_run_dirs():
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        first, second = pool.map(_run_id_at_the_next_second, [0, 1])
-    assert first.split("-")[:3] == second.split("-")[:3] and first != second, (first, second)
+    at = str(int(time.time()) + 3 + 0.05)  # both processes resolve the run id in the same second
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")}
+    procs = [subprocess.Popen([sys.executable, "-c", RUN_ID_AT, at], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    first, second = (proc.communicate(timeout=60)[0].strip() for proc in procs)
+    assert first[:19] == second[:19] and first != second, (first, second)
 
 
 def test_a_run_dir_held_by_a_live_run_is_refused_and_a_stale_lock_is_not(tmp_path):
