@@ -1,8 +1,10 @@
 """Checksums of every file of a checkpoint, recorded in its marker at commit and verified before loading.
 
 CRC-32 (zlib) rather than a cryptographic hash: it detects accidental corruption (bit rot, torn copies, a
-truncated or edited shard), not tampering, and it is about 3x faster than sha256 on the CPU measured here
-(see DESIGN.md / the checkpoint report). A checkpoint folder stays trusted input either way.
+truncated or edited shard), not tampering, and it is 3x faster than sha256: measured on this project's 2-core
+AMD EPYC (loaded), a 2.15 GB file from the page cache hashes at 1.6 GB/s with crc32, 0.54 GB/s with sha256.
+Every rank hashes the files it wrote, in parallel, so a save costs about (shard bytes per rank) / 1.6 GB/s
+more. A checkpoint folder stays trusted input either way.
 """
 
 from __future__ import annotations
@@ -21,13 +23,6 @@ def file_checksum(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
-
-
-def folder_checksums(folder: Path, skip: Iterable[str] = ()) -> dict[str, str]:
-    """``{relative path: crc32}`` of every file under ``folder`` (except ``skip``), sorted by path."""
-    skipped = set(skip)
-    return {str(p.relative_to(folder)): file_checksum(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and str(p.relative_to(folder)) not in skipped}
 
 
 def mismatches(folder: Path, expected: dict[str, str], names: Iterable[str] | None = None) -> list[str]:

@@ -37,13 +37,15 @@ from transformers import PretrainedConfig
 from fsdp_kit import __version__
 from fsdp_kit.checkpoint.compat import apply_settings, changed_settings, check_layout
 from fsdp_kit.checkpoint.config import CheckpointConfig
-from fsdp_kit.checkpoint.integrity import ALGORITHM, folder_checksums, mismatches
+from fsdp_kit.checkpoint.integrity import ALGORITHM, file_checksum, mismatches
 from fsdp_kit.checkpoint.preemption import PreemptionFlag
 from fsdp_kit.checkpoint.state import TrainState, load_rng, save_rng
 from fsdp_kit.errors import CheckpointError, first_line
 
 MARKER = "fsdp_kit.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# the files one rank writes (DCP's FileSystemWriter names its shards __<rank>_<n>.distcp); the rest is rank 0's
+_RANK_FILE = re.compile(r"^(?:__(\d+)_\d+\.distcp|rng/rank_(\d+)\.pt)$")
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,7 @@ class Manager:
             self._start_worker(self._finish_async, future, partial, final, meta)
         else:
             dcp.save(state.state_dict(), checkpoint_id=str(partial))
+            meta["checksums"] = self._own_checksums(partial)  # every rank hashes what it wrote, in parallel
             self._commit(partial, final, meta)
         return final
 
@@ -250,7 +253,8 @@ class Manager:
                                   "untouched") from err
 
     def _commit(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
-        self._barrier()  # every rank's shards and RNG file are on disk
+        # every rank's shards and RNG file are on disk (the gather is also the barrier)
+        meta = {**meta, "checksums": self._gather_checksums(meta.get("checksums", {}))}
         if self.rank == 0:
             self._publish(partial, final, meta)
         self._barrier()
@@ -262,26 +266,28 @@ class Manager:
 
         ``async_save``'s future completes per rank, so the ranks agree over the save's own gloo group (never
         the training one); a failure anywhere leaves the folder ``.partial``, as a kill would."""
-        ok = 1
+        sums: dict[str, str] | None = None
         try:
             future.result()
+            sums = self._own_checksums(partial)
         except BaseException as err:  # surfaced by wait() on the training thread
-            self._worker_error, ok = err, 0
-        flag = torch.tensor([ok], dtype=torch.int32)
+            self._worker_error = err
+        gathered: list[Any] = [sums]
         if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._cpu_group())
-        if not flag.item():
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, sums, group=self._cpu_group())
+        if any(part is None for part in gathered):
             if self._worker_error is None:
                 self._worker_error = CheckpointError(f"another rank failed writing {partial}",
                                                      "see that rank's log; earlier checkpoints are untouched")
             return
         if self.rank == 0:
-            self._publish(partial, final, meta)
+            self._publish(partial, final, {**meta, "checksums": {k: v for part in gathered for k, v in part.items()}})
             self._prune()
 
     def _publish(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
         """Rank 0: write the marker (with every file's checksum) and rename the folder into place."""
-        meta = {**meta, "checksum": ALGORITHM, "checksums": folder_checksums(partial, skip=[MARKER])}
+        meta = {**meta, "checksum": ALGORITHM, "checksums": dict(sorted(meta["checksums"].items()))}
         marker = partial / MARKER
         marker.write_text(json.dumps(meta, indent=1))
         _fsync(marker)
@@ -296,6 +302,26 @@ class Manager:
                       "(delete it when no longer needed)")
         os.rename(partial, final)
         _fsync(self.root)
+
+    def _own_checksums(self, partial: Path) -> dict[str, str]:
+        """CRC-32 of the files this rank wrote into ``partial`` (rank 0 also takes the shared ones)."""
+        sums = {}
+        for path in sorted(partial.rglob("*")):
+            name = str(path.relative_to(partial))
+            if not path.is_file() or name == MARKER:
+                continue
+            match = _RANK_FILE.match(name)
+            owner = int(match.group(1) or match.group(2)) if match else 0
+            if owner == self.rank or (self.rank == 0 and owner >= self.world_size):
+                sums[name] = file_checksum(path)
+        return sums
+
+    def _gather_checksums(self, own: dict[str, str]) -> dict[str, str]:
+        if self.world_size == 1:
+            return own
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, own, group=self._cpu_group())
+        return {name: crc for part in gathered for name, crc in part.items()}
 
     def _prune(self) -> None:
         """Rank 0, background: keep the newest ``keep`` complete checkpoints. Checkpoints are only ever saved
