@@ -36,7 +36,7 @@ def preflight(job: TrainConfig, world_size: int | None = None, device_type: str 
     check_packages(job)
     if check_files:
         check_source(job.data)
-        check_run_dir(job)
+        check_run_dir(Path(job.run_dir))
         check_resume(job)
     return job
 
@@ -74,10 +74,9 @@ def check_resume(job: TrainConfig) -> None:
                      training_settings(job.optim, job.trainer, job.precision.name))
 
 
-def check_run_dir(job: TrainConfig) -> None:
+def check_run_dir(run_dir: Path) -> None:
     """The run dir and its checkpoints/ can be written (else a run fails at its first save, after training),
-    and no other run is writing there."""
-    run_dir = Path(job.run_dir)
+    and no other run is writing there. Also run by the Hydra callback before Hydra writes into the run dir."""
     for folder in (run_dir, run_dir / "checkpoints"):
         if folder.exists() and not folder.is_dir():
             raise ConfigError(f"{folder} is a file, not a folder", "use another run dir (hydra.run.dir=...)")

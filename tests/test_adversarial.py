@@ -94,8 +94,8 @@ def test_debug_env_shows_the_cause_with_its_traceback(tmp_path):
 
 
 # -- checkpoints and run dirs (issue #13) -----------------------------------------------------------------------
-# Each case prepares the folder, runs the command, and checks the one error line and that nothing already saved
-# changed. (Hydra itself writes .hydra/ and train.log into a train run dir before fsdp_kit starts: not compared.)
+# Each case prepares the folder, runs the command, and checks the one error line and that nothing changed (the run
+# dir checks run in a Hydra callback before Hydra writes .hydra/ and train.log).
 
 def _fake_checkpoint(folder: Path) -> Path:
     """Enough of a checkpoint for the checks that run before any shard is read."""
@@ -103,11 +103,6 @@ def _fake_checkpoint(folder: Path) -> Path:
     (folder / "fsdp_kit.json").write_text("{}")
     (folder / ".metadata").write_bytes(b"")
     return folder
-
-
-def _saved_by_us(folder: Path) -> dict[str, str]:
-    return {name: digest for name, digest in snapshot(folder).items()
-            if not name.startswith(".hydra") and not name.endswith("train.log")}
 
 
 def test_export_onto_a_file_is_refused(tmp_path):
@@ -124,10 +119,10 @@ def test_train_into_a_run_dir_whose_checkpoints_is_a_file_is_refused_up_front(tm
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "checkpoints").write_text("not a folder")
-    before = _saved_by_us(run_dir)
+    before = snapshot(run_dir)
     outcome = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
     assert_rejected(outcome, Case("checkpoints-is-a-file", [], 2, "checkpoints is a file, not a folder"))
-    assert _saved_by_us(run_dir) == before
+    assert snapshot(run_dir) == before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -151,12 +146,12 @@ def test_a_second_writer_of_a_run_dir_is_refused(tmp_path):
     with subprocess.Popen(["sleep", "120"]) as holder:
         try:
             (run_dir / ".fsdp_kit.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
-            before = _saved_by_us(run_dir)
+            before = snapshot(run_dir)
             outcome = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
         finally:
             holder.kill()
     assert_rejected(outcome, Case("second-writer", [], 2, f"is in use by another run (pid {holder.pid}"))
-    assert _saved_by_us(run_dir) == before
+    assert snapshot(run_dir) == before
 
 
 def test_resume_from_a_folder_without_its_marker_is_refused(tmp_path):
