@@ -26,6 +26,12 @@ class CheckpointError(FsdpKitError):
     """A checkpoint is missing, partial, corrupt or does not match the model."""
 
 
+class TrainingDivergedError(FsdpKitError):
+    """Training produced non-finite losses or gradients for too many steps in a row."""
+
+    exit_code = 3
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (or its type), for one-line user errors."""
     text = str(err).strip()

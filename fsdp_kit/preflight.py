@@ -7,16 +7,19 @@ group, model or job exists. It sits above the component modules, so none of them
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 
+from fsdp_kit.checkpoint.compat import check_layout, training_settings
 from fsdp_kit.checkpoint.manager import complete_checkpoints, read_marker
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.data.sources import check_source
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.models.build import check_pretrained
 from fsdp_kit.policies.config import Precision
+from fsdp_kit.run_dir import check_unlocked
 
 
 def preflight(job: TrainConfig, world_size: int | None = None, device_type: str | None = None,
@@ -36,6 +39,7 @@ def preflight(job: TrainConfig, world_size: int | None = None, device_type: str 
         check_source(job.data)
         if job.model.pretrained:
             check_pretrained(job.model.pretrained)
+        check_run_dir(Path(job.run_dir))
         check_resume(job)
     return job
 
@@ -70,5 +74,34 @@ def check_resume(job: TrainConfig) -> None:
         raise ConfigError(f"{existing[-1].parent} already holds checkpoints and checkpoint.resume=never would "
                           "overwrite them",
                           "use checkpoint.resume=auto to continue, or a new run dir (hydra.run.dir=...)")
-    if resume not in ("auto", "never"):
-        read_marker(Path(resume))  # raises CheckpointError naming what is missing or corrupt
+    source = Path(resume) if resume not in ("auto", "never") else (existing[-1] if resume == "auto" and existing
+                                                                   else None)
+    if source is not None:
+        meta = read_marker(source)  # raises CheckpointError naming what is missing or corrupt
+        # a different optimizer or precision: say so now, not as "damaged shards" after the model is built
+        check_layout(source, meta.get("training") or {},
+                     training_settings(job.optim, job.trainer, job.precision.name))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run dir and its checkpoints/ can be written (else a run fails at its first save, after training),
+    and no other run is writing there. Also run by the Hydra callback before Hydra writes into the run dir."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder} is a file, not a folder", "use another run dir (hydra.run.dir=...)")
+    nearest = run_dir  # the folder the run dir will be created in, when it does not exist yet
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(f"{nearest} is a file, so the run dir {run_dir} cannot be created inside it",
+                          "use another run dir (hydra.run.dir=...)")
+    for folder in (nearest, run_dir / "checkpoints"):
+        if folder.is_dir():
+            try:
+                with tempfile.TemporaryFile(dir=folder):  # the only reliable test (ACLs, read-only mounts)
+                    pass
+            except OSError as err:
+                raise ConfigError(f"{folder} is not writable ({err.strerror})",
+                                  "fix its permissions or use another run dir (hydra.run.dir=...)") from err
+    if os.environ.get("RANK", "0") == "0":  # other ranks would see rank 0's own lock
+        check_unlocked(run_dir)

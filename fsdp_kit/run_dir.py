@@ -3,16 +3,27 @@
 Every rank composes the Hydra config on its own, so a plain time stamp could differ between ranks that
 start a second apart. ``${fsdp_kit_run_id:}`` resolves to the Slurm job id when there is one (a requeued
 job finds its checkpoints again), else the torchrun rendezvous id, else the start time of the launching
-torchrun agent (shared by its workers), else the current time. Rank 0's choice is broadcast anyway.
+torchrun agent (shared by its workers), else the current time; the last two carry the launching process's
+pid, so two runs started in the same second get different folders. Rank 0's choice is broadcast anyway.
+
+A lock file makes a second writer of the same run dir (an explicit ``hydra.run.dir``) fail with one line;
+a lock left by a killed run does not block resuming.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import socket
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
+
+from fsdp_kit.errors import ConfigError
 
 _STAMP = "%Y-%m-%d/%H-%M-%S"
 
@@ -26,9 +37,9 @@ def run_id() -> str:
         return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
     if "LOCAL_RANK" in env:
         started = _process_start_time(os.getppid())
-        if started is not None:
-            return started.strftime(_STAMP)
-    return datetime.datetime.now().strftime(_STAMP)
+        if started is not None:  # the agent's pid, shared by its workers, tells two same-second launches apart
+            return f"{started.strftime(_STAMP)}-{os.getppid()}"
+    return f"{datetime.datetime.now().strftime(_STAMP)}-{os.getpid()}"
 
 
 def _process_start_time(pid: int) -> datetime.datetime | None:
@@ -45,3 +56,98 @@ def _process_start_time(pid: int) -> datetime.datetime | None:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("fsdp_kit_run_id"):
         OmegaConf.register_new_resolver("fsdp_kit_run_id", run_id, use_cache=True)
+
+
+# -- one writer per run dir ------------------------------------------------------------------------------------
+LOCK_NAME = ".fsdp_kit.lock"
+# A lock written on another host is trusted while its holder keeps touching it (HEARTBEAT_S); one untouched
+# for STALE_AFTER_S is from a run that died there.
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0
+
+
+def _lock_owner() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "started": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def live_holder(run_dir: Path) -> dict[str, Any] | None:
+    """Who holds ``run_dir``'s lock, or None when it is free or the lock is stale (a killed run)."""
+    lock = Path(run_dir) / LOCK_NAME
+    try:
+        owner = json.loads(lock.read_text())
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # unreadable or half-written: a crashed writer, nothing to protect
+    if not isinstance(owner, dict):
+        return None
+    if owner.get("slurm_job") and owner.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
+        return None  # an earlier incarnation of this very Slurm job (requeued): it cannot still be running
+    if owner.get("host") == socket.gethostname():
+        alive = isinstance(owner.get("pid"), int) and owner["pid"] != os.getpid() and _pid_alive(owner["pid"])
+        return owner if alive else None
+    return owner if age < STALE_AFTER_S else None
+
+
+def _locked_error(run_dir: Path, owner: dict[str, Any]) -> ConfigError:
+    return ConfigError(f"{run_dir} is in use by another run (pid {owner.get('pid')} on {owner.get('host')}, "
+                       f"started {owner.get('started')}); two writers would corrupt each other's checkpoints",
+                       "wait for it to finish or use another run dir (hydra.run.dir=...); if that run is dead, "
+                       f"delete {Path(run_dir) / LOCK_NAME}")
+
+
+def check_unlocked(run_dir: Path) -> None:
+    owner = live_holder(run_dir)
+    if owner is not None:
+        raise _locked_error(run_dir, owner)
+
+
+class RunLock:
+    """``<run_dir>/.fsdp_kit.lock``, held by rank 0 for the whole run, refreshed by a heartbeat thread."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> RunLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                check_unlocked(self.path.parent)
+                self.path.unlink(missing_ok=True)  # stale: its run was killed
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(_lock_owner(), handle)
+            self._thread = threading.Thread(target=self._beat, name="fsdp_kit-run-lock", daemon=True)
+            self._thread.start()
+            return self
+        raise _locked_error(self.path.parent, live_holder(self.path.parent) or {})
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass

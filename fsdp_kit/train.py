@@ -20,9 +20,10 @@ from transformers import PreTrainedModel
 
 from fsdp_kit import data, distributed, models
 from fsdp_kit.checkpoint import EXIT_REQUEUE, PREEMPTED_MARKER, Manager, RunIdentity
+from fsdp_kit.checkpoint.compat import training_settings
 from fsdp_kit.config import TrainConfig, to_dict, to_yaml
 from fsdp_kit.distributed import DistEnv
-from fsdp_kit.errors import FsdpKitError, report_error
+from fsdp_kit.errors import ConfigError, FsdpKitError, report_error
 from fsdp_kit.launch.requeue import request_requeue
 from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
 from fsdp_kit.optim import build_optimizer, build_schedule
@@ -30,7 +31,7 @@ from fsdp_kit.plan import resolve_auto_checkpointing
 from fsdp_kit.policies import Applied, Policies, apply_policies, check_policies
 from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
 from fsdp_kit.preflight import preflight
-from fsdp_kit.run_dir import register_resolvers
+from fsdp_kit.run_dir import RunLock, register_resolvers
 from fsdp_kit.training import FitResult, Trainer, TrainParts
 
 
@@ -48,41 +49,50 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
     models.check_fits(config, job.data, job.trainer.max_new_tokens)  # a pretrained model's table too
     model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
     check_policies(model, Policies.of(job))
-    identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer)
+    identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer,
+                              training_settings(job.optim, job.trainer, job.precision.name))
     dataset = data.build(job.data, config)
 
     with distributed.session(runtime, job.dist, job.sharding) as env:
-        run_dir = _agreed_run_dir(job.run_dir, env.world_size, env.is_main)
+        run_dir, lock = _agreed_run_dir(job.run_dir, env.world_size, env.is_main)
         reporter = Reporter(run_dir, job.metrics, job.trainer.max_steps, enabled=env.is_main, console=console,
                             config=to_dict(job) if job.metrics.wandb else None)
-        applied = shard_and_materialize(model, job, env)
-        torch.manual_seed(job.trainer.seed + env.rank)  # each rank draws its own dropout masks
-        optimizer = build_optimizer(model, job.optim)
-        schedule = build_schedule(optimizer, job.trainer)
-        grad_scaler = torch.amp.GradScaler(env.device_type) if needs_grad_scaler(job.precision) else None
-        checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity)
-        if env.is_main:
-            (run_dir / "resolved_config.yaml").write_text(to_yaml(job))
-        reporter.info(
-            f"[bold]{job.model.name}[/] {identity.num_params / 1e6:,.1f}M params | "
-            f"{env.world_size} x {env.device_type} | precision={job.precision.name} "
-            f"sharding={job.sharding.strategy} wrap={job.wrap.policy} ({applied.fsdp_units} FSDP units) "
-            f"ac={job.ac.mode} ({applied.checkpointed_layers} layers) compile={applied.compiled_layers} layers "
-            f"optim={job.optim.name} attention={model.config._attn_implementation} | run dir {run_dir}")
-        for line in dataset.report:  # every skipped row counted, by reason
-            reporter.info(line)
-        parts = TrainParts(model, optimizer, schedule, dataset, FlopCounter(job.model, config),
-                           Tracker(env.device, env.world_size, job.metrics.peak_tflops), reporter, checkpoints,
-                           grad_scaler)
-        trainer = Trainer(parts, job.trainer, env)
         try:
+            applied = shard_and_materialize(model, job, env)
+            torch.manual_seed(job.trainer.seed + env.rank)  # each rank draws its own dropout masks
+            optimizer = build_optimizer(model, job.optim)
+            schedule = build_schedule(optimizer, job.trainer)
+            grad_scaler = torch.amp.GradScaler(env.device_type) if needs_grad_scaler(job.precision) else None
+            checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity, log=reporter.info)
+            if env.is_main:
+                (run_dir / "resolved_config.yaml").write_text(to_yaml(job))
+            _announce(reporter, job, env, model, identity.num_params, applied, run_dir)
+            for line in dataset.report:  # every skipped row counted, by reason
+                reporter.info(line)
+            parts = TrainParts(model, optimizer, schedule, dataset, FlopCounter(job.model, config),
+                               Tracker(env.device, env.world_size, job.metrics.peak_tflops), reporter, checkpoints,
+                               grad_scaler)
+            trainer = Trainer(parts, job.trainer, env)
             result = trainer.fit()
+            if result.preempted and env.is_main:
+                (run_dir / PREEMPTED_MARKER).write_text(f"{trainer.state.step}\n")
+                reporter.info(f"preempted: saved step {trainer.state.step}; {request_requeue()}")
+            return result
         finally:
             reporter.close()
-        if result.preempted and env.is_main:
-            (run_dir / PREEMPTED_MARKER).write_text(f"{trainer.state.step}\n")
-            reporter.info(f"preempted: saved step {trainer.state.step}; {request_requeue()}")
-        return result
+            if lock is not None:
+                lock.release()
+
+
+def _announce(reporter: Reporter, job: TrainConfig, env: DistEnv, model: PreTrainedModel, num_params: int,
+              applied: Applied, run_dir: Path) -> None:
+    """The run's header line: what is trained, where, and with which recipe."""
+    reporter.info(
+        f"[bold]{job.model.name}[/] {num_params / 1e6:,.1f}M params | "
+        f"{env.world_size} x {env.device_type} | precision={job.precision.name} "
+        f"sharding={job.sharding.strategy} wrap={job.wrap.policy} ({applied.fsdp_units} FSDP units) "
+        f"ac={job.ac.mode} ({applied.checkpointed_layers} layers) compile={applied.compiled_layers} layers "
+        f"optim={job.optim.name} attention={model.config._attn_implementation} | run dir {run_dir}")
 
 
 def shard_and_materialize(model: PreTrainedModel, job: TrainConfig, env: DistEnv) -> Applied:
@@ -92,16 +102,25 @@ def shard_and_materialize(model: PreTrainedModel, job: TrainConfig, env: DistEnv
     return applied
 
 
-def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> Path:
-    """Rank 0's run dir for everyone: ranks on different nodes may have resolved different time stamps."""
-    holder = [proposed]
+def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> tuple[Path, RunLock | None]:
+    """Rank 0's run dir for everyone (ranks on different nodes may have resolved different time stamps),
+    locked by rank 0; if another run holds it, every rank raises the same error."""
+    lock, refused = None, None
+    if is_main:
+        Path(proposed).mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunLock(Path(proposed)).acquire()
+        except ConfigError as err:
+            refused = (err.problem, err.fix)  # sent as text: exceptions with two arguments do not unpickle
+    holder = [proposed, refused]
     if world_size > 1:
         dist.broadcast_object_list(holder, src=0)
+    if holder[1] is not None:
+        raise ConfigError(*holder[1])
     path = Path(holder[0])
     if is_main:
-        path.mkdir(parents=True, exist_ok=True)
         (path / PREEMPTED_MARKER).unlink(missing_ok=True)
-    return path
+    return path, lock
 
 
 register_resolvers()

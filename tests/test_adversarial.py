@@ -351,3 +351,74 @@ def test_exact_match_compares_with_the_target_as_trained(wrong, expected, tmp_pa
     reporter = Reporter(tmp_path, cfg.metrics, cfg.trainer.max_steps, enabled=False)
     evaluator = Evaluator(_Recall(answers, wrong), data, cfg.trainer, env, reporter)
     assert evaluator.exact_match() == expected
+
+
+# -- checkpoints and run dirs (issue #13) -----------------------------------------------------------------------
+# Each case prepares the folder, runs the command, and checks the one error line and that nothing changed (the run
+# dir checks run in a Hydra callback before Hydra writes .hydra/ and train.log).
+
+def _fake_checkpoint(folder: Path) -> Path:
+    """Enough of a checkpoint for the checks that run before any shard is read."""
+    folder.mkdir(parents=True)
+    (folder / "fsdp_kit.json").write_text("{}")
+    (folder / ".metadata").write_bytes(b"")
+    return folder
+
+
+def test_export_onto_a_file_is_refused(tmp_path):
+    checkpoint = _fake_checkpoint(tmp_path / "run" / "checkpoints" / "step_1")
+    (tmp_path / "weights.bin").write_bytes(b"keep me")
+    before = snapshot(tmp_path)
+    for out, message in (("weights.bin", "weights.bin is a file"), ("weights.bin/hf", "which is a file")):
+        assert_rejected(fsdp_kit("export", str(checkpoint), out, cwd=tmp_path),
+                        Case(f"export-{out}", [], 2, message))
+    assert snapshot(tmp_path) == before
+
+
+def test_train_into_a_run_dir_whose_checkpoints_is_a_file_is_refused_up_front(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a folder")
+    before = snapshot(run_dir)
+    outcome = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
+    assert_rejected(outcome, Case("checkpoints-is-a-file", [], 2, "checkpoints is a file, not a folder"))
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_train_into_a_read_only_run_dir_is_refused_up_front(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints").chmod(0o555)
+    try:
+        outcome = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
+    finally:
+        (run_dir / "checkpoints").chmod(0o755)
+    assert_rejected(outcome, Case("read-only-checkpoints", [], 2, "is not writable"))
+
+
+def test_a_second_writer_of_a_run_dir_is_refused(tmp_path):
+    import json
+    import socket
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with subprocess.Popen(["sleep", "120"]) as holder:
+        try:
+            (run_dir / ".fsdp_kit.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+            before = snapshot(run_dir)
+            outcome = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
+        finally:
+            holder.kill()
+    assert_rejected(outcome, Case("second-writer", [], 2, f"is in use by another run (pid {holder.pid}"))
+    assert snapshot(run_dir) == before
+
+
+def test_resume_from_a_folder_without_its_marker_is_refused(tmp_path):
+    checkpoint = _fake_checkpoint(tmp_path / "old" / "checkpoints" / "step_3")
+    (checkpoint / "fsdp_kit.json").unlink()
+    before = snapshot(tmp_path / "old")
+    outcome = fsdp_kit("train", f"hydra.run.dir={tmp_path / 'run'}", f"checkpoint.resume={checkpoint}", *FAST,
+                       cwd=tmp_path)
+    assert_rejected(outcome, Case("resume-no-marker", [], 2, "fsdp_kit.json is missing"))
+    assert snapshot(tmp_path / "old") == before

@@ -6,6 +6,7 @@ and DCP reads the shards straight into it (no process group, no second copy of t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from fsdp_kit.checkpoint.manager import read_marker
+from fsdp_kit.checkpoint.manager import corrupt_error, read_marker, verify
 from fsdp_kit.data.tokenizer import build_tokenizer
 from fsdp_kit.errors import CheckpointError, first_line
 
@@ -21,8 +22,10 @@ from fsdp_kit.errors import CheckpointError, first_line
 def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     source, target = Path(checkpoint), Path(out_dir)
     meta = read_marker(source)
-    if target.exists() and any(target.iterdir()):
-        raise CheckpointError(f"{target} exists and is not empty", "choose a new output folder; nothing was written")
+    check_target(target)
+    bad = verify(source, meta)
+    if bad:
+        raise corrupt_error(source, bad)
     hf_config = dict(meta["hf_config"])
     config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
@@ -40,3 +43,19 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | 
     model.save_pretrained(target)
     build_tokenizer(meta["tokenizer"]).save_pretrained(target)
     return target
+
+
+def check_target(target: Path) -> None:
+    """``target`` is a new or empty folder that can be created and written; nothing is written here."""
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} is a file", "choose a new output folder; nothing was written")
+    if target.is_dir() and any(target.iterdir()):
+        raise CheckpointError(f"{target} exists and is not empty", "choose a new output folder; nothing was written")
+    parent = target
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"{target} would be inside {parent}, which is a file",
+                              "choose a new output folder; nothing was written")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{parent} is not writable", "choose a writable output folder; nothing was written")

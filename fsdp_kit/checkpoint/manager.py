@@ -5,6 +5,12 @@ Layout: ``<run_dir>/checkpoints/step_<N>/`` holds the DCP shards, ``.metadata``,
 finished, so a folder named ``step_<N>`` is always complete: ``kill -9`` mid-save leaves a ``.partial``
 that is never read. Pruning (``keep``) removes older complete checkpoints only after a newer one is
 committed. DCP metadata is pickled: a checkpoint folder is trusted input, like any pickle.
+
+The marker records a CRC-32 of every file of the folder (verified before loading, see ``integrity``) and
+the training settings (see ``compat``). Saving a step that already has a checkpoint (a run resumed from an
+older one trains past it again) moves the old folder aside as ``step_<N>.replaced-<time>``, never deletes it.
+An asynchronous save is committed by a background thread as soon as every rank's write finished; pruning
+runs on a background thread of rank 0, off the training path. ``wait()`` joins both.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +35,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers import PretrainedConfig
 
 from fsdp_kit import __version__
+from fsdp_kit.checkpoint.compat import apply_settings, changed_settings, check_layout
 from fsdp_kit.checkpoint.config import CheckpointConfig
+from fsdp_kit.checkpoint.integrity import ALGORITHM, file_checksum, mismatches
 from fsdp_kit.checkpoint.preemption import PreemptionFlag
 from fsdp_kit.checkpoint.state import TrainState, load_rng, save_rng
 from fsdp_kit.errors import CheckpointError, first_line
 
 MARKER = "fsdp_kit.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# the files one rank writes (DCP's FileSystemWriter names its shards __<rank>_<n>.distcp); the rest is rank 0's
+_RANK_FILE = re.compile(r"^(?:__(\d+)_\d+\.distcp|rng/rank_(\d+)\.pt)$")
 
 
 @dataclass(frozen=True)
@@ -45,16 +56,19 @@ class RunIdentity:
     hf_config: dict[str, Any]
     tokenizer: str
     param_shapes: dict[str, list[int]]
+    training: dict[str, Any] = field(default_factory=dict)
+    """``compat.training_settings``: optimizer, precision, state layout, hyperparameters, schedule."""
 
     @property
     def num_params(self) -> int:
         return sum(int(torch.Size(shape).numel()) for shape in self.param_shapes.values())
 
     @classmethod
-    def of(cls, model: torch.nn.Module, config: PretrainedConfig, model_name: str, tokenizer: str) -> RunIdentity:
+    def of(cls, model: torch.nn.Module, config: PretrainedConfig, model_name: str, tokenizer: str,
+           training: dict[str, Any] | None = None) -> RunIdentity:
         shapes = {name.replace("_checkpoint_wrapped_module.", ""): list(param.shape)
                   for name, param in model.named_parameters()}
-        return cls(model_name, config.to_dict(), tokenizer, shapes)
+        return cls(model_name, config.to_dict(), tokenizer, shapes, training or {})
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -78,22 +92,58 @@ def read_marker(path: Path) -> dict[str, Any]:
                               "pick a complete step_<N> folder (each holds fsdp_kit.json)")
     try:
         meta = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise CheckpointError(f"{marker} is corrupt ({err})", "pick another checkpoint") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{marker} is corrupt (not a JSON object)", "pick another checkpoint")
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path / '.metadata'} is missing (the DCP index of the shards)",
                               "pick another checkpoint")
     return meta
 
 
+def verify(source: Path, meta: dict[str, Any], names: list[str] | None = None) -> list[str]:
+    """Files of ``source`` (among ``names``, default all) whose recorded checksum does not match; [] for
+    checkpoints written before checksums were recorded."""
+    sums = meta.get("checksums")
+    if not isinstance(sums, dict):
+        return []
+    return mismatches(source, sums, names)
+
+
+def newest_verified(root: Path, exclude: Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` other than ``exclude`` whose files all verify."""
+    for candidate in reversed(complete_checkpoints(root)):
+        if candidate == exclude:
+            continue
+        try:
+            if not verify(candidate, read_marker(candidate)):
+                return candidate
+        except CheckpointError:
+            continue
+    return None
+
+
+def corrupt_error(source: Path, bad: list[str]) -> CheckpointError:
+    good = newest_verified(source.parent, source)
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    fix = (f"resume from {good}, the newest checkpoint that verifies (checkpoint.resume={good})" if good
+           else "no other checkpoint in that folder verifies; start a new run dir")
+    return CheckpointError(f"{source} is corrupt: {bad[0]}{more}", fix)
+
+
 class Manager:
     def __init__(self, cfg: CheckpointConfig, run_dir: str | Path, rank: int, world_size: int,
-                 identity: RunIdentity) -> None:
+                 identity: RunIdentity, log: Callable[[str], None] | None = None) -> None:
         self.cfg, self.rank, self.world_size, self.identity = cfg, rank, world_size, identity
         self.root = Path(run_dir) / "checkpoints"
         self.flag = PreemptionFlag(world_size)
-        self._pending: tuple[Future, Path, Path, dict[str, Any]] | None = None
+        self._log = log or (lambda message: None)
         self._async_group = None
+        self._restored: Path | None = None
+        # the background commit (async saves, every rank) or pruning (rank 0) of the last save
+        self._worker: threading.Thread | None = None
+        self._worker_error: BaseException | None = None
 
     # -- restore -----------------------------------------------------------------------------------
     def restore(self, state: TrainState) -> Path | None:
@@ -102,6 +152,9 @@ class Manager:
             return None
         meta = read_marker(source)
         self._check_identity(source, meta)
+        if self.identity.training:
+            check_layout(source, meta.get("training") or {}, self.identity.training)
+        self._verify(source, meta)
         try:
             payload = state.state_dict()
             dcp.load(payload, checkpoint_id=str(source))
@@ -109,8 +162,30 @@ class Manager:
             raise CheckpointError(f"loading {source} failed ({type(err).__name__}: {first_line(err)})",
                                   "the shards are damaged or incomplete; resume from another checkpoint") from err
         state.load_state_dict(payload)
-        load_rng(source / "rng" / f"rank_{self.rank}.pt")
+        try:
+            load_rng(source / "rng" / f"rank_{self.rank}.pt")
+        except Exception as err:  # torch.load raises many types for a damaged file
+            raise CheckpointError(f"the random-generator state {source / 'rng' / f'rank_{self.rank}.pt'} is "
+                                  f"unreadable ({type(err).__name__}: {first_line(err)})",
+                                  "resume from another checkpoint; this one is left as it is") from err
+        if self.identity.training:
+            changes = changed_settings(meta.get("training") or {}, self.identity.training)
+            apply_settings(state.optimizer, state.schedule, self.identity.training)
+            if changes:
+                self._log(f"resumed from {source} with changed settings, applied: {'; '.join(changes)}")
+        self._restored = source
         return source
+
+    def _verify(self, source: Path, meta: dict[str, Any]) -> None:
+        """Every rank checks a share of the files; all ranks agree on the outcome."""
+        names = sorted(meta.get("checksums") or {})
+        bad = verify(source, meta, names[self.rank::self.world_size])
+        if self.world_size > 1:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, bad, group=self._cpu_group())
+            bad = [name for part in gathered for name in part]
+        if bad:
+            raise corrupt_error(source, bad)
 
     def _resume_source(self) -> Path | None:
         if self.cfg.resume == "never":
@@ -140,8 +215,8 @@ class Manager:
     def save(self, state: TrainState, reason: str) -> Path:
         final = self.root / f"step_{state.step}"
         self.wait()
-        if (final / MARKER).is_file():
-            return final  # already committed (e.g. resumed from it): never overwrite
+        if self._restored is not None and final.resolve() == self._restored.resolve():
+            return final  # the state is exactly what was loaded from there
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
             if partial.exists():
@@ -153,35 +228,119 @@ class Manager:
                 "reason": reason, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "fsdp_kit": __version__, "torch": torch.__version__,
                 "model_name": self.identity.model_name, "hf_config": self.identity.hf_config,
-                "tokenizer": self.identity.tokenizer, "param_shapes": self.identity.param_shapes}
+                "tokenizer": self.identity.tokenizer, "param_shapes": self.identity.param_shapes,
+                "training": self.identity.training}
         if self.cfg.async_save and reason != "preemption":
             future = dcp.async_save(state.state_dict(), checkpoint_id=str(partial), process_group=self._cpu_group())
-            self._pending = (future, partial, final, meta)
+            self._start_worker(self._finish_async, future, partial, final, meta)
         else:
             dcp.save(state.state_dict(), checkpoint_id=str(partial))
+            meta["checksums"] = self._own_checksums(partial)  # every rank hashes what it wrote, in parallel
             self._commit(partial, final, meta)
         return final
 
     def wait(self) -> None:
-        """Finish an in-flight asynchronous save (and commit it)."""
-        if self._pending is None:
-            return
-        future, partial, final, meta = self._pending
-        self._pending = None
-        future.result()
-        self._commit(partial, final, meta)
+        """Finish the background work of the last save: an asynchronous write and its commit, pruning."""
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        if self._worker_error is not None:
+            err, self._worker_error = self._worker_error, None
+            if isinstance(err, CheckpointError):
+                raise err
+            raise CheckpointError(f"saving a checkpoint failed ({type(err).__name__}: {first_line(err)})",
+                                  "check free space and permissions of the run dir; earlier checkpoints are "
+                                  "untouched") from err
 
     def _commit(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
-        self._barrier()  # every rank's shards and RNG file are on disk
+        # every rank's shards and RNG file are on disk (the gather is also the barrier)
+        meta = {**meta, "checksums": self._gather_checksums(meta.get("checksums", {}))}
         if self.rank == 0:
-            marker = partial / MARKER
-            marker.write_text(json.dumps(meta, indent=1))
-            _fsync(marker)
-            os.rename(partial, final)
-            _fsync(self.root)
+            self._publish(partial, final, meta)
+        self._barrier()
+        if self.rank == 0:
+            self._start_worker(self._prune)
+
+    def _finish_async(self, future: Future, partial: Path, final: Path, meta: dict[str, Any]) -> None:
+        """Background thread, every rank: the write finished here; once every rank says so, rank 0 commits.
+
+        ``async_save``'s future completes per rank, so the ranks agree over the save's own gloo group (never
+        the training one); a failure anywhere leaves the folder ``.partial``, as a kill would."""
+        sums: dict[str, str] | None = None
+        try:
+            future.result()
+            sums = self._own_checksums(partial)
+        except BaseException as err:  # surfaced by wait() on the training thread
+            self._worker_error = err
+        gathered: list[Any] = [sums]
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, sums, group=self._cpu_group())
+        if any(part is None for part in gathered):
+            if self._worker_error is None:
+                self._worker_error = CheckpointError(f"another rank failed writing {partial}",
+                                                     "see that rank's log; earlier checkpoints are untouched")
+            return
+        if self.rank == 0:
+            self._publish(partial, final, {**meta, "checksums": {k: v for part in gathered for k, v in part.items()}})
+            self._prune()
+
+    def _publish(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
+        """Rank 0: write the marker (with every file's checksum) and rename the folder into place."""
+        meta = {**meta, "checksum": ALGORITHM, "checksums": dict(sorted(meta["checksums"].items()))}
+        marker = partial / MARKER
+        marker.write_text(json.dumps(meta, indent=1))
+        _fsync(marker)
+        if final.exists():  # a step trained again after resuming from an older checkpoint, or a damaged folder
+            aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            suffix = 1
+            while aside.exists():
+                aside, suffix = aside.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"), \
+                    suffix + 1
+            os.rename(final, aside)
+            self._log(f"step {meta['step']} was saved again: moved the earlier {final} aside to {aside.name} "
+                      "(delete it when no longer needed)")
+        os.rename(partial, final)
+        _fsync(self.root)
+
+    def _own_checksums(self, partial: Path) -> dict[str, str]:
+        """CRC-32 of the files this rank wrote into ``partial`` (rank 0 also takes the shared ones)."""
+        sums = {}
+        for path in sorted(partial.rglob("*")):
+            name = str(path.relative_to(partial))
+            if not path.is_file() or name == MARKER:
+                continue
+            match = _RANK_FILE.match(name)
+            owner = int(match.group(1) or match.group(2)) if match else 0
+            if owner == self.rank or (self.rank == 0 and owner >= self.world_size):
+                sums[name] = file_checksum(path)
+        return sums
+
+    def _gather_checksums(self, own: dict[str, str]) -> dict[str, str]:
+        if self.world_size == 1:
+            return own
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, own, group=self._cpu_group())
+        return {name: crc for part in gathered for name, crc in part.items()}
+
+    def _prune(self) -> None:
+        """Rank 0, background: keep the newest ``keep`` complete checkpoints. Checkpoints are only ever saved
+        from a finite state (the trainer's non-finite guard), so the newest one is always kept."""
+        try:
             for old in complete_checkpoints(self.root)[: -self.cfg.keep]:
                 _remove(old)
-        self._barrier()
+        except OSError as err:  # a full or read-only disk must not stop training; the user is told
+            self._log(f"pruning old checkpoints failed ({first_line(err)}); they are kept")
+
+    def _start_worker(self, target: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            try:
+                target(*args)
+            except BaseException as err:  # surfaced by wait() on the training thread
+                self._worker_error = err
+
+        self._worker = threading.Thread(target=run, name="fsdp_kit-checkpoint", daemon=True)
+        self._worker.start()
 
     def _cpu_group(self) -> Any:
         """A gloo group of its own: the background save's collectives must never interleave with training's."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -23,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.errors import ConfigError, FsdpKitError, first_line
 from fsdp_kit.launch.shell import check_plain
-from fsdp_kit.preflight import preflight
+from fsdp_kit.preflight import check_run_dir, preflight
 
 
 def sweep_points(config: DictConfig) -> list[list[str]]:
@@ -70,7 +71,17 @@ def _strings(node: object, key: str) -> list[tuple[str, str]]:
 
 
 class CheckSweep(Callback):
-    """Hydra callback: validate all sweep points at ``on_multirun_start``, before the sweeper launches any."""
+    """Hydra callback: validate all sweep points at ``on_multirun_start``, before the sweeper launches any (and,
+    for a single run, its run dir at ``on_run_start``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run: refuse a run dir that another run is writing (or that cannot be written) before Hydra
+        writes its own files (.hydra/, the log) into it."""
+        try:
+            check_run_dir(Path(config.hydra.run.dir))
+        except FsdpKitError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         points = sweep_points(config)

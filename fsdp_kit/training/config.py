@@ -59,3 +59,6 @@ class TrainerConfig:
     0 disables the watchdog. Eval and checkpoint saves are not timed."""
     hang_factor: float = 10.0
     """Hang watchdog: how many times the median of the recent steps a step may take (above hang_timeout_s)."""
+    max_nonfinite_steps: int = 5
+    """Stop with an error after this many optimizer steps in a row with a non-finite loss or gradient norm
+    (each such step is skipped, never checkpointed)."""

@@ -17,6 +17,7 @@ from fsdp_kit.checkpoint import Manager, TrainState
 from fsdp_kit.data import DataBundle
 from fsdp_kit.data.loader import token_counts
 from fsdp_kit.distributed import DistEnv
+from fsdp_kit.errors import TrainingDivergedError
 from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
 from fsdp_kit.models.objective import IGNORE_INDEX, token_loss
 from fsdp_kit.training.config import TrainerConfig
@@ -69,6 +70,8 @@ class Trainer:
         # Step-boundary hooks, both free when off: a profiler window and the hang watchdog.
         self.profiler = StepProfiler(cfg, self.reporter.run_dir, env.rank, env.device_type, self.reporter.info)
         self.watchdog = HangWatchdog(cfg, self.reporter.run_dir, env.rank, on_fire=_requeue if env.is_main else None)
+        self.nonfinite_streak = 0  # consecutive steps whose update was skipped (non-finite loss or grad norm)
+        self.nonfinite_total = 0
 
     def fit(self) -> FitResult:
         result = FitResult()
@@ -90,6 +93,8 @@ class Trainer:
                 self.state.step += 1
                 self.state.samples_seen += self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size
                 step = self.state.step
+                if self.nonfinite_streak:
+                    self._nonfinite(step)
                 self.reporter.advance(step)
                 eval_due = self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.cfg.max_steps
                 if step % self.cfg.log_every == 0 or step == self.cfg.max_steps or eval_due:
@@ -103,7 +108,8 @@ class Trainer:
                     self.checkpoints.save(self.state, reason="preemption")
                     result.preempted = True
                     return result
-                self.checkpoints.maybe_save(self.state, final=step == self.cfg.max_steps)
+                if not self.nonfinite_streak:  # never checkpoint in the middle of a blow-up
+                    self.checkpoints.maybe_save(self.state, final=step == self.cfg.max_steps)
             self.checkpoints.wait()
         result.evals.append(self.evaluator.evaluate(self.state.step, generate=self.cfg.eval_generate))
         result.summary = {**self.tracker.summary(), "final_step": self.state.step,
@@ -131,15 +137,51 @@ class Trainer:
             self.grad_scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad_norm is not None:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+        else:  # still needed for the non-finite guard
+            self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
+                                                             if p.grad is not None])
+        finite = self._finite(loss_total, self._grad_norm)
         if self.grad_scaler:
+            # The scaler already skips steps whose scaled gradients overflowed (and lowers its scale): that is
+            # its normal work, not a blow-up. Only a non-finite loss counts.
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
-        else:
+            self.nonfinite_streak = 0 if finite[0] else self.nonfinite_streak + 1
+        elif all(finite):
             self.optimizer.step()
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_streak += 1  # the update is skipped: the weights stay the last finite ones
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         tokens, real = map(sum, zip(*(token_counts(mb) for mb in micro_batches)))
         self.tracker.add_step(loss_total, torch.tensor(float(local_tokens)), tokens, real, step_flops)
+
+    def _finite(self, loss_total: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+        """(loss finite on every rank, global gradient norm finite), the same on every rank.
+
+        Costs one small all-reduce and one host read per step; the two values travel as one tensor so it is
+        a single sync. (The gradient norm is already global; the loss is each rank's own.)"""
+        norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        check = torch.stack([loss_total.detach().float(), norm.detach().float().to(loss_total.device)])
+        if self.env.world_size > 1:
+            dist.all_reduce(check)  # a NaN/inf anywhere stays non-finite in the sum
+        loss_ok, norm_ok = torch.isfinite(check).tolist()
+        return bool(loss_ok), bool(norm_ok)
+
+    def _nonfinite(self, step: int) -> None:
+        """Count a skipped update; stop the run after ``max_nonfinite_steps`` in a row."""
+        self.nonfinite_total += 1
+        limit = self.cfg.max_nonfinite_steps
+        self.reporter.warning(f"step {step}: non-finite loss or gradient norm, the optimizer step was skipped "
+                              f"({self.nonfinite_streak} in a row of at most {limit}, {self.nonfinite_total} in all)")
+        if self.nonfinite_streak >= limit:
+            self.checkpoints.wait()  # the last finite checkpoint is committed and kept
+            raise TrainingDivergedError(
+                f"training diverged: {self.nonfinite_streak} steps in a row up to step {step} had a non-finite "
+                f"loss or gradient norm (trainer.max_nonfinite_steps={limit}); no checkpoint was saved from them",
+                "lower optim.lr or raise trainer.warmup_steps (with trainer.clip_grad_norm set), then resume from "
+                "the last checkpoint")
 
     def _log(self, step: int) -> dict[str, Any]:
         record = self.tracker.record(step, lr=self.schedule.get_last_lr()[0])
