@@ -88,7 +88,7 @@ def _positive(value: int | float, key: str, allow_zero: bool = False) -> None:
 
 def check_values(job: TrainConfig, world_size: int) -> None:
     """Ranges and cross-component rules, before any process group, model or job exists."""
-    for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batches"):
+    for key in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batches", "auto_batch_max"):
         _positive(getattr(job.trainer, key), f"trainer.{key}")
     for key in ("warmup_steps", "eval_every"):
         _positive(getattr(job.trainer, key), f"trainer.{key}", allow_zero=True)
