@@ -116,12 +116,14 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--reference {args.reference} does not exist",
                           "pass a gpu_probe_*.json file or leave it out")
     overrides = _with_config_dir(args)
-    results = run_bench(chosen, overrides, args.steps, reference)
-    if os.environ.get("RANK", "0") != "0":
-        return 0
     about = provenance(overrides, args.steps)
     out = Path(args.out) if args.out else Path("outputs/bench") / "".join(
         c if c.isalnum() else "_" for c in about["device"]).strip("_").lower()
+    main_rank = os.environ.get("RANK", "0") == "0"
+    results = run_bench(chosen, overrides, args.steps, reference,
+                        done=(lambda so_far: write(so_far, about, out)) if main_rank else None)
+    if not main_rank:
+        return 0
     paths = write(results, about, out)
     print(paths[1].read_text())
     print(f"wrote {', '.join(str(p) for p in paths)}")

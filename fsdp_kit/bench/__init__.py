@@ -14,6 +14,7 @@ import gc
 import io
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class BenchRun:
     overrides: list[str]
     numbers: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 @dataclass
@@ -73,10 +75,10 @@ def probe_factors(reference: Path | None) -> dict[str, float]:
 
 
 def run_bench(levers: list[Lever], overrides: list[str], steps: int, reference: Path | None = None,
-              log: Any = print) -> list[LeverResult]:
-    """Measure each lever off and on; ``overrides`` apply to every run (model=..., data lengths, ...)."""
-    from fsdp_kit.train import run
-
+              log: Callable[[str], None] = print,
+              done: Callable[[list[LeverResult]], None] | None = None) -> list[LeverResult]:
+    """Measure each lever off and on; ``overrides`` apply to every run (model=..., data lengths, ...).
+    ``done`` gets the results so far after each lever."""
     sides = {(lever.name, side): [*bench_overrides(steps), *overrides, *getattr(lever, side)]
              for lever in levers for side in ("off", "on")}
     jobs = {key: compose_job(value) for key, value in sides.items()}  # all errors before the first run
@@ -85,41 +87,53 @@ def run_bench(levers: list[Lever], overrides: list[str], steps: int, reference: 
     probe = probe_factors(reference)
     identities = {key: _identity(job) for key, job in jobs.items()}  # before the runs set their batch
     measured: dict[str, BenchRun] = {}
+    results: list[LeverResult] = []
     with tempfile.TemporaryDirectory(prefix="fsdp_kit_bench_") as scratch:
-        for index, (key, job) in enumerate(jobs.items()):
-            identity = identities[key]
-            if identity in measured:
-                continue
-            job.run_dir = str(Path(scratch) / f"run_{index}")
-            log(f"bench: {key[0]} {key[1]}: {' '.join(getattr(_lever(levers, key[0]), key[1]))}")
-            result = run(job, console=_quiet_console())
-            search = next((json.loads(line) for line in (Path(job.run_dir) / "metrics.jsonl").read_text().splitlines()
-                           if '"auto_batch"' in line), {})
-            numbers = {name: result.summary.get(name) for name in _MEASURED if name != "batch_size"}
-            numbers["batch_size"] = job.trainer.batch_size
-            measured[identity] = BenchRun(sides[key], numbers, search)
-            log(f"bench:   batch {numbers['batch_size']}, {_fmt(numbers['tflops_per_gpu'])} TFLOPS, "
-                f"{_fmt(numbers['tokens_per_s'])} tokens/s")
-            _release()
-    results = []
-    for lever in levers:
-        off, on = (measured[identities[(lever.name, side)]] for side in ("off", "on"))
-        factor = None
-        if lever.probe and all(label in probe for label in lever.probe):
-            factor = probe[lever.probe[1]] / probe[lever.probe[0]]
-        # a shared run's numbers, under this lever's own overrides
-        results.append(LeverResult(lever, dataclasses.replace(off, overrides=sides[(lever.name, "off")]),
-                                   dataclasses.replace(on, overrides=sides[(lever.name, "on")]), factor))
+        for lever in levers:
+            for side in ("off", "on"):
+                key = (lever.name, side)
+                if identities[key] in measured:
+                    continue
+                job = jobs[key]
+                job.run_dir = str(Path(scratch) / f"{lever.name}_{side}")
+                log(f"bench: {lever.name} {side}: {' '.join(getattr(lever, side))}")
+                measured[identities[key]] = _measure(job, sides[key])
+                numbers = measured[identities[key]].numbers
+                error = measured[identities[key]].error
+                log(f"bench:   FAILED: {error}" if error else f"bench:   batch {numbers['batch_size']}, "
+                    f"{_fmt(numbers['tflops_per_gpu'])} TFLOPS, {_fmt(numbers['tokens_per_s'])} tokens/s")
+                _release()
+            off, on = (measured[identities[(lever.name, side)]] for side in ("off", "on"))
+            factor = None
+            if lever.probe and all(label in probe for label in lever.probe):
+                factor = probe[lever.probe[1]] / probe[lever.probe[0]]
+            # a shared run's numbers, under this lever's own overrides
+            results.append(LeverResult(lever, dataclasses.replace(off, overrides=sides[(lever.name, "off")]),
+                                       dataclasses.replace(on, overrides=sides[(lever.name, "on")]), factor))
+            if done is not None:
+                done(results)  # partial results survive a time limit that stops a later lever
     return results
+
+
+def _measure(job: TrainConfig, overrides: list[str]) -> BenchRun:
+    from fsdp_kit.train import run
+
+    try:
+        result = run(job, console=_quiet_console())
+    except Exception as err:  # one failing recipe (a CUDA error, a compile failure) must not cost the others
+        from fsdp_kit.errors import first_line
+
+        return BenchRun(overrides, dict.fromkeys(_MEASURED), error=f"{type(err).__name__}: {first_line(err)}")
+    search = next((json.loads(line) for line in (Path(job.run_dir) / "metrics.jsonl").read_text().splitlines()
+                   if '"auto_batch"' in line), {})
+    numbers = {name: result.summary.get(name) for name in _MEASURED if name != "batch_size"}
+    numbers["batch_size"] = job.trainer.batch_size  # the batch the search found
+    return BenchRun(overrides, numbers, search)
 
 
 def _identity(job: TrainConfig) -> str:
     """Two sides that compose to the same config (e.g. every lever's "on" that is the base recipe) run once."""
     return to_yaml(dataclasses.replace(job, run_dir=""))
-
-
-def _lever(levers: list[Lever], name: str) -> Lever:
-    return next(lever for lever in levers if lever.name == name)
 
 
 def _quiet_console():

@@ -43,6 +43,11 @@ def markdown(results: list[LeverResult], about: dict[str, Any]) -> str:
              "gain (tokens/s) | published | probe (H100) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         off, on = r.off.numbers, r.on.numbers
+        if r.off.error or r.on.error:
+            failed = "; ".join(f"{side} failed: {run.error}" for side, run in (("off", r.off), ("on", r.on))
+                               if run.error)
+            lines.append(f"| {r.lever.name} | {failed} | | n/a | n/a | | {_factor(r.probe_factor)} |")
+            continue
         published = r.lever.published
         cited = f"{published.qualifier} {published.factor:g}x" if published else "n/a"
         lines.append(f"| {r.lever.name} | {off['batch_size']} / {_num(off['tflops_per_gpu'])} / "
