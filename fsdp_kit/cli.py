@@ -34,7 +34,9 @@ def _compose(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from fsdp_kit import train
+    from fsdp_kit.config import check_spelling
 
+    check_spelling(args.overrides)
     extra = ["--config-dir", str(Path(args.config_dir).resolve())] if args.config_dir else []
     sys.argv = ["fsdp-kit train", *extra, *args.overrides]
     train.main()

@@ -138,6 +138,16 @@ def search_path_override(config_dir: str) -> str:
     return f"hydra.searchpath=[file://{path}]"
 
 
+def check_spelling(overrides: list[str]) -> None:
+    """Overrides that read naturally but that the schema spells otherwise: one line naming the right spelling."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "trainer.batch_size" and value.strip().lower() == "auto":
+            raise ConfigError("trainer.batch_size holds a number; the batch search is trainer.auto_batch=true",
+                              "pass trainer.auto_batch=true (trainer.batch_size=N then only sets where a search "
+                              "without a planner estimate starts)")
+
+
 def compose_job(overrides: list[str]) -> TrainConfig:
     """The typed config that ``python -m fsdp_kit.train <overrides>`` would compose, outside a Hydra app
     (for launchers, the planner and benchmarks). ``run_dir`` defaults to outputs/unsubmitted."""
@@ -148,6 +158,7 @@ def compose_job(overrides: list[str]) -> TrainConfig:
 
     from fsdp_kit.run_dir import register_resolvers
 
+    check_spelling(overrides)
     register_resolvers()
     GlobalHydra.instance().clear()
     try:
