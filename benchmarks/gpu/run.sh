@@ -71,7 +71,7 @@ if [[ $DRY == 1 ]]; then
 else
     SMOKE=()
     BENCH=(--steps 6 model=t5_3b data.max_source_len=512 data.max_target_len=128 data.eval_examples=512)
-    BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-330}
+    BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-300}
     TESTS=(tests)
 fi
 

@@ -263,4 +263,8 @@ def find_batch_size(job: TrainConfig, model: nn.Module, optimizer: Optimizer, da
     bound = upper_bound(job.trainer.auto_batch_max, job.data.eval_examples, env.world_size)
     found = search_batch_size(model, optimizer, data, env.device, env.world_size, start, bound, source)
     job.trainer.batch_size = found.batch_size
+    if job.trainer.compile:
+        # The probes' several batch sizes made dynamo compile shape-generic kernels; training runs one shape,
+        # so compile afresh for it (what a run at a fixed batch would have).
+        torch._dynamo.reset()
     return found
