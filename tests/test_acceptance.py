@@ -36,3 +36,12 @@ def test_acceptance_command_refuses_a_cpu_machine_without_dry(tmp_path):
     result = subprocess.run([str(ROOT / "benchmarks/gpu/run.sh"), "--out", str(tmp_path)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "pass --dry" in result.stderr and not any(tmp_path.iterdir())
+
+
+def test_acceptance_scripts_pass_shellcheck():
+    import shutil
+
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    for script in ("benchmarks/gpu/run.sh", "benchmarks/gpu/build_wheels.sh"):
+        result = subprocess.run([shellcheck, str(ROOT / script)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout

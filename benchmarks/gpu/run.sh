@@ -12,7 +12,7 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
+cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 DRY=0
 OUT_DIR=""
@@ -36,7 +36,7 @@ if ! "$PY" -c "import hydra, omegaconf, submitit, hydra_plugins.hydra_submitit_l
         exit 2
     fi
     "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 2
-    install="pip install --no-index --no-deps --target /tmp/site $(ls .whl | tr '\n' ' ')"
+    install="pip install --no-index --no-deps --target /tmp/site $(cd .whl && printf '%s ' ./*.whl)"
 fi
 export PYTHONPATH="/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
