@@ -109,5 +109,6 @@ def test_batch_search_recovers_from_real_out_of_memory_errors(tmp_path):
                      "data.max_target_len=128", "data.eval_examples=4096", "trainer.auto_batch=true",
                      "trainer.auto_batch_max=4096", "precision=bf16", "trainer.max_steps=2"))
     event = next(r for r in _records(tmp_path) if r.get("event") == "auto_batch")
+    assert event["start_source"].startswith("the planner"), event
     assert any(not fits for _, fits in event["probes"]), "the search never ran out of memory: raise the bound"
     assert event["batch_size"] >= 1 and math.isfinite(result.losses[2])
