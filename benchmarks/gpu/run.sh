@@ -8,7 +8,8 @@
 # The dependencies the GPU machine lacks (hydra-core, omegaconf, antlr4, submitit, hydra-submitit-launcher) come
 # as wheels in .whl/ (build them here with `make gpu-wheels`). Every step writes JSON into the results folder
 # (and into $OUT/<device>/ when $OUT is set: the device tool returns only $OUT). Every step runs even when an
-# earlier one failed; the exit code is 1 when any failed. Budget: 9 minutes on a GPU (BENCH_TIMEOUT_S caps the bench).
+# earlier one failed; the exit code is 1 when any failed. Budget: 9 minutes on a GPU (BENCH_TIMEOUT_S caps the bench,
+# which writes its results after each lever; BENCH_LEVERS=a,b picks levers, e.g. for a second call with the rest).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -70,10 +71,12 @@ if [[ $DRY == 1 ]]; then
     TESTS=(tests/test_gpu.py)  # where the gpu-marked tests are; collecting the whole suite costs the rehearsal 10 s
 else
     SMOKE=()
-    BENCH=(--steps 6 model=t5_3b data.max_source_len=512 data.max_target_len=128 data.eval_examples=512)
+    BENCH=(--steps 4 model=t5_3b data.max_source_len=512 data.max_target_len=128 data.eval_examples=512)
     BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-300}
     TESTS=(tests)
 fi
+
+[[ -n ${BENCH_LEVERS:-} ]] && BENCH+=(--levers "$BENCH_LEVERS")
 
 # 2. The smoke grid, 3. the gpu-marked tests (skipped with their reason on CPU), 4. the bench.
 step smoke "$PY" benchmarks/gpu/smoke.py --out "$RESULTS" --work "$WORK/smoke" "${SMOKE[@]}"
