@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint wheel clean
+.PHONY: setup train test lint wheel gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 wheel: $(STAMP)
 	$(PIP) wheel --no-deps --no-build-isolation -w dist .
+
+# .whl/: hydra-core, omegaconf, antlr4, submitit, hydra-submitit-launcher for the offline GPU machine (Python 3.12);
+# benchmarks/gpu/run.sh installs them there.
+gpu-wheels: $(STAMP)
+	PYTHON=$(PY) benchmarks/gpu/build_wheels.sh .whl
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fsdp_kit tests benchmarks examples

@@ -34,7 +34,9 @@ def _compose(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from fsdp_kit import train
+    from fsdp_kit.config import check_spelling
 
+    check_spelling(args.overrides)
     extra = ["--config-dir", str(Path(args.config_dir).resolve())] if args.config_dir else []
     sys.argv = ["fsdp-kit train", *extra, *args.overrides]
     train.main()
@@ -145,6 +147,40 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import os
+
+    from fsdp_kit.bench import levers, run_bench
+    from fsdp_kit.bench.report import provenance, write
+
+    chosen = levers.select([name.strip() for name in args.levers.split(",")] if args.levers else None)
+    if args.steps < 2:
+        raise ConfigError(f"--steps {args.steps} leaves no step to measure after the first", "pass --steps 2 or more")
+    reference = Path(args.reference) if args.reference else _probe_record()
+    if args.reference and not reference.is_file():
+        raise ConfigError(f"--reference {args.reference} does not exist",
+                          "pass a gpu_probe_*.json file or leave it out")
+    overrides = _with_config_dir(args)
+    about = provenance(overrides, args.steps)
+    out = Path(args.out) if args.out else Path("outputs/bench") / "".join(
+        c if c.isalnum() else "_" for c in about["device"]).strip("_").lower()
+    main_rank = os.environ.get("RANK", "0") == "0"
+    results = run_bench(chosen, overrides, args.steps, reference,
+                        done=(lambda so_far: write(so_far, about, out)) if main_rank else None)
+    if not main_rank:
+        return 0
+    paths = write(results, about, out)
+    print(paths[1].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _probe_record() -> Path | None:
+    """Our GPU probe record, where this is a checkout of the repository (a wheel has no benchmarks/)."""
+    found = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "results").glob("gpu_probe_*.json"))
+    return found[-1] if found else None
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line naming the command, exit code 2 (argparse's own convention)."""
 
@@ -223,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--plot", default="compare.png", help="the PNG of curves (default: compare.png)")
     compare.add_argument("--no-plot", action="store_true", help="only the table")
     compare.set_defaults(handler=_compare)
+
+    bench = commands.add_parser("bench", help="the FSDP T5 blog's ablation on this hardware: each lever off vs on",
+                                description="For each speed lever (precision, AC, wrap, compile, ...) off and on: "
+                                            "find the largest batch, measure TFLOPS and tokens/s there, print the "
+                                            "gain beside the published factor. Writes bench.json, bench.md, bench.png.")
+    bench.add_argument("--levers", metavar="A,B", help="levers to run (default: all): "
+                       "bf16, bf16_pure, ac, wrap_transformer, wrap_size, compile")
+    bench.add_argument("--steps", type=int, default=6, help="training steps per run (the first log window is "
+                       "left out of the numbers; default 6)")
+    bench.add_argument("--out", metavar="DIR", help="where the results go (default: outputs/bench/<device>)")
+    bench.add_argument("--reference", metavar="JSON", help="our GPU probe record to compare with "
+                       "(default: benchmarks/results/gpu_probe_*.json of this checkout)")
+    _add_overrides(bench)
+    bench.set_defaults(handler=_bench)
     return parser
 
 

@@ -115,7 +115,7 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("trainer.eval_every", ">=0"), ("trainer.min_lr_ratio", "[0,1]"), ("trainer.clip_grad_norm", ">0"),
     ("trainer.max_new_tokens", ">0"), ("trainer.profile_wait", ">=0"), ("trainer.profile_warmup", ">=0"),
     ("trainer.profile_active", ">0"), ("trainer.hang_timeout_s", ">=0"), ("trainer.hang_factor", ">=1"),
-    ("trainer.max_nonfinite_steps", ">0"),
+    ("trainer.max_nonfinite_steps", ">0"), ("trainer.auto_batch_max", ">0"),
     ("data.max_source_len", ">0"), ("data.max_target_len", ">0"), ("data.num_examples", ">0"),
     ("data.eval_examples", ">0"), ("data.num_workers", ">=0"), ("data.max_skipped_fraction", "[0,1]"),
     ("wrap.min_num_params", ">0"), ("ac.every_n", ">0"),
@@ -247,6 +247,16 @@ def search_path_override(config_dir: str) -> str:
     return f"hydra.searchpath=[file://{path}]"
 
 
+def check_spelling(overrides: list[str]) -> None:
+    """Overrides that read naturally but that the schema spells otherwise: one line naming the right spelling."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "trainer.batch_size" and value.strip().lower() == "auto":
+            raise ConfigError("trainer.batch_size holds a number; the batch search is trainer.auto_batch=true",
+                              "pass trainer.auto_batch=true (trainer.batch_size=N then only sets where a search "
+                              "without a planner estimate starts)")
+
+
 def compose_job(overrides: list[str]) -> TrainConfig:
     """The typed config that ``python -m fsdp_kit.train <overrides>`` would compose, outside a Hydra app
     (for launchers, the planner and benchmarks). ``run_dir`` defaults to outputs/unsubmitted."""
@@ -257,6 +267,7 @@ def compose_job(overrides: list[str]) -> TrainConfig:
 
     from fsdp_kit.run_dir import register_resolvers
 
+    check_spelling(overrides)
     register_resolvers()
     GlobalHydra.instance().clear()
     try:

@@ -33,6 +33,7 @@ from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
 from fsdp_kit.preflight import preflight
 from fsdp_kit.run_dir import RunLock, register_resolvers
 from fsdp_kit.training import FitResult, Trainer, TrainParts
+from fsdp_kit.training.batch_size import find_batch_size
 
 
 def run(job: TrainConfig, console: Console | None = None) -> FitResult:
@@ -62,6 +63,9 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
             torch.manual_seed(job.trainer.seed + env.rank)  # each rank draws its own dropout masks
             optimizer = build_optimizer(model, job.optim)
             schedule = build_schedule(optimizer, job.trainer)
+            if job.trainer.auto_batch:  # before the config dump, so that it records the batch found
+                found = find_batch_size(job, model, optimizer, dataset, env)
+                reporter.note(found.record(), found.message())
             grad_scaler = torch.amp.GradScaler(env.device_type) if needs_grad_scaler(job.precision) else None
             checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity, log=reporter.info)
             if env.is_main:

@@ -422,3 +422,31 @@ def test_resume_from_a_folder_without_its_marker_is_refused(tmp_path):
                        cwd=tmp_path)
     assert_rejected(outcome, Case("resume-no-marker", [], 2, "fsdp_kit.json is missing"))
     assert snapshot(tmp_path / "old") == before
+
+
+# --- wt-bench: the batch search, `fsdp-kit bench` and the acceptance command -----------------------------------
+BENCH_CASES = [
+    Case("train-batch-size-auto", ["train", "trainer.batch_size=auto"], 2, "trainer.auto_batch=true"),
+    Case("plan-batch-size-auto", ["plan", "cluster=h100", "trainer.batch_size=auto"], 2, "trainer.auto_batch=true"),
+    Case("auto-batch-max-zero", ["plan", "cluster=h100", "trainer.auto_batch_max=0"], 2, "trainer.auto_batch_max=0"),
+    Case("bench-unknown-lever", ["bench", "--levers", "bf16,fp8"], 2, "unknown lever 'fp8'"),
+    Case("bench-one-step", ["bench", "--steps", "1"], 2, "--steps 1"),
+    Case("bench-missing-reference", ["bench", "--reference", "no/such.json"], 2, "--reference no/such.json"),
+    Case("bench-bad-override", ["bench", "--levers", "ac", "precision=bf61"], 2, "bf61"),
+]
+
+
+@pytest.mark.parametrize("case", BENCH_CASES, ids=[case.id for case in BENCH_CASES])
+def test_bench_and_batch_search_mistakes_are_refused_with_one_line(case, tmp_path):
+    args = case.args + ([f"hydra.run.dir={tmp_path / 'run'}", *FAST] if case.args[:1] == ["train"] else [])
+    before = snapshot(tmp_path)
+    assert_rejected(fsdp_kit(*args, cwd=tmp_path, env=case.env), case)
+    assert snapshot(tmp_path) == before
+
+
+def test_acceptance_command_refuses_an_unknown_argument(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "run.sh"
+    result = subprocess.run([str(script), "--fast"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert_rejected(Outcome(result.returncode, result.stdout, result.stderr),
+                    Case("run-sh-unknown", ["--fast"], 2, "unknown argument '--fast'"))
+    assert snapshot(tmp_path) == {}

@@ -82,6 +82,12 @@ class Reporter:
         if self.enabled:
             self.console.print(message, highlight=False)
 
+    def note(self, record: Record, message: str) -> None:
+        """A one-off event (e.g. the batch size search): a line in metrics.jsonl and one on the console."""
+        if self.enabled:
+            self._write(record, scalars=False)
+            self.console.print(message, highlight=False)
+
     def warning(self, message: str) -> None:
         if self.enabled:
             self.console.print(f"[bold red]warning:[/] {message}", highlight=False)

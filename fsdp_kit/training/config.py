@@ -16,7 +16,15 @@ class LrSchedule(Option):
 @dataclass
 class TrainerConfig:
     batch_size: int = 16
-    """Per-GPU (per-rank) micro-batch size."""
+    """Per-GPU (per-rank) micro-batch size. With ``auto_batch=true``: where the search starts when the planner
+    cannot estimate (CPU, or no GPU memory to plan for); the search replaces it with the batch it finds."""
+    auto_batch: bool = False
+    """Find the largest per-rank batch that fits before training (real forward/backward passes with in-process
+    out-of-memory recovery, starting from the planner's estimate, all ranks taking the smallest). This is what
+    the issue spells ``trainer.batch_size=auto``: OmegaConf 2.3 cannot type a field as int-or-"auto"."""
+    auto_batch_max: int = 512
+    """Upper bound of the batch search (also bounded by data.eval_examples / world size). On CPU, where running
+    out of memory is not an error torch can recover from, the search stops here."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_steps: int = 500
