@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fsdp_kit.bench.levers import LEVERS
 from fsdp_kit.errors import ConfigError, FsdpKitError, report_error
 
 _OVERRIDES_HELP = "Hydra overrides, e.g. model=t5_3b precision=bf16 cluster=p4d cluster.nodes=3"
@@ -265,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "find the largest batch, measure TFLOPS and tokens/s there, print the "
                                             "gain beside the published factor. Writes bench.json, bench.md, bench.png.")
     bench.add_argument("--levers", metavar="A,B", help="levers to run (default: all): "
-                       "bf16, bf16_pure, ac, wrap_transformer, wrap_size, compile")
+                       f"{', '.join(lever.name for lever in LEVERS)}")
     bench.add_argument("--steps", type=int, default=6, help="training steps per run (the first log window is "
                        "left out of the numbers; default 6)")
     bench.add_argument("--out", metavar="DIR", help="where the results go (default: outputs/bench/<device>)")

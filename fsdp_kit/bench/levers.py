@@ -52,6 +52,18 @@ LEVERS: tuple[Lever, ...] = (
     Lever("wrap_size", "size-based FSDP units vs one for the whole model", ("wrap=none",), ("wrap=size",)),
     Lever("compile", "torch.compile of each block vs eager", ("trainer.compile=false",), ("trainer.compile=true",),
           probe=("bf16 mixed, wrap, full AC", "bf16 mixed, wrap, full AC, blocks compiled")),
+    Lever("selective_ac", "selective activation checkpointing vs full", ("ac=full",), ("ac=selective",)),
+    Lever("keep_last_unit", "last unit kept unsharded after forward vs resharded", ("sharding.reshard_last_unit=true",),
+          ("sharding.reshard_last_unit=false",)),
+    Lever("prefetch", "explicit all-gather prefetch of the next unit vs FSDP2's implicit", ("sharding.prefetch=0",),
+          ("sharding.prefetch=1",)),
+    Lever("optim_chunks", "AnyPrecision in 128M-element chunks vs 16M", ("precision=bf16_pure", "optim=anyprecision",
+          "optim.chunk_elements=16777216"), ("precision=bf16_pure", "optim=anyprecision",
+          "optim.chunk_elements=134217728")),
+    Lever("sdpa", "scaled_dot_product_attention vs eager attention", ("model.attn_implementation=eager",),
+          ("model.attn_implementation=sdpa",)),
+    Lever("pinned_batches", "pinned host batches with non-blocking copies vs pageable", ("data.pin_memory=false",),
+          ("data.pin_memory=true",)),
 )
 
 
