@@ -87,18 +87,23 @@ class Trainer:
         return result
 
     def _train_step(self, micro_batches: list[Batch]) -> None:
+        # No host sync and no host-blocking collective here (tests/test_step_sync.py): counts stay tensors
+        # and are read at log steps only.
+        batches = [{k: v.to(self.env.device, non_blocking=True) for k, v in micro.items()} for micro in micro_batches]
         # Normalize by the step's global target-token count so the loss and its gradient are the same at
-        # any world size; FSDP averages gradients over ranks, hence the world-size factor.
-        local_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-        global_tokens = torch.tensor(float(local_tokens), device=self.env.device)
-        if self.env.world_size > 1:
-            dist.all_reduce(global_tokens)
+        # any world size; FSDP averages gradients over ranks, hence the world-size factor. The count's
+        # all-reduce runs while the first forward does; waiting on it orders the GPU stream, not the host.
+        local_tokens = torch.stack([(batch["labels"] != IGNORE_INDEX).sum() for batch in batches]).sum()
+        global_tokens = local_tokens.float()
+        reduced = dist.all_reduce(global_tokens, async_op=True) if self.env.world_size > 1 else None
         loss_total = torch.zeros((), device=self.env.device)
         step_flops = 0
-        for micro in micro_batches:
+        for micro, batch in zip(micro_batches, batches):
             step_flops += self.flops.flops(micro)
-            batch = {k: v.to(self.env.device, non_blocking=True) for k, v in micro.items()}
             loss_sum, _ = token_loss(self.model, batch)
+            if reduced is not None:
+                reduced.wait()
+                reduced = None
             loss = loss_sum * self.env.world_size / global_tokens
             (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
             loss_total += loss_sum.detach()
@@ -113,8 +118,9 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
-        tokens, real = map(sum, zip(*(token_counts(mb) for mb in micro_batches)))
-        self.tracker.add_step(loss_total, torch.tensor(float(local_tokens)), tokens, real, step_flops)
+        counts = [token_counts(batch) for batch in batches]
+        tokens, real = sum(total for total, _ in counts), torch.stack([real for _, real in counts]).sum()
+        self.tracker.add_step(loss_total, local_tokens, tokens, real, step_flops)
 
     def _log(self, step: int) -> dict[str, Any]:
         record = self.tracker.record(step, lr=self.schedule.get_last_lr()[0])

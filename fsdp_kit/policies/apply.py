@@ -73,5 +73,7 @@ def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Ap
     units = fsdp_units(model, policies.wrap, layer_cls)
     for unit in units:
         fully_shard(unit, **fsdp_kwargs)
-    fully_shard(model, **fsdp_kwargs)
+    # The root's parameters are needed again as soon as backward starts: resharding them after forward would
+    # only add an all-gather per step (FSDP2's own default keeps the root unsharded, as FSDP1 did).
+    fully_shard(model, **{**fsdp_kwargs, "reshard_after_forward": False})
     return Applied(checkpointed, len(compiled), len(units) + 1)
