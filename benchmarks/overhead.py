@@ -11,14 +11,16 @@ a job with the same model, batch and lengths (no gradient clipping, like the pla
 
 Per-step time: a timestamp at the end of each optimizer step (for fsdp_kit, when the fit loop reports the step
 to its Reporter), then (t[warmup + steps] - t[warmup]) / steps, so start-up, the first steps and the final eval
-are left out; log steps inside the window (every ``--log-every``) are counted. The ratio is fsdp_kit / plain of
-the same repeat; the summary gives the median and the range over repeats. Writes
+are left out; log steps inside the window (every ``--log-every``) are counted. The median of the single step
+durations is recorded too: on a machine shared with other work it is the steadier of the two. The ratio is
+fsdp_kit / plain of the same repeat; the summary gives the median and the range over repeats. Writes
 benchmarks/results/<device>/overhead_<model>_b<batch>_<src>x<tgt>.json with the command that made it.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import os
 import socket
@@ -32,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from common import compose_job, device_slug, provenance, write_json
+
+import fsdp_kit
 
 WORLD = 2
 
@@ -99,10 +103,13 @@ def _fsdp_kit(args: argparse.Namespace) -> list[float]:
     return stamps
 
 
-def _per_step(stamps: list[float], warmup: int, steps: int) -> float:
+def _per_step(stamps: list[float], warmup: int, steps: int) -> tuple[float, float]:
+    """(mean, median) seconds per step over the timed window. The mean counts everything, log steps
+    included; the median is robust to other processes taking the cores for a while."""
     if len(stamps) != warmup + steps:
         raise RuntimeError(f"expected {warmup + steps} step timestamps, got {len(stamps)}")
-    return (stamps[-1] - stamps[warmup - 1]) / steps
+    window = stamps[warmup - 1:]
+    return (window[-1] - window[0]) / steps, statistics.median(b - a for a, b in itertools.pairwise(window))
 
 
 def _rank(rank: int, port: int, args: argparse.Namespace, queue: Any) -> None:
@@ -118,12 +125,14 @@ def _rank(rank: int, port: int, args: argparse.Namespace, queue: Any) -> None:
             for name in order:
                 dist.barrier()
                 stamps = _plain(args) if name == "plain" else _fsdp_kit(args)
-                row[f"{name}_step_s"] = _per_step(stamps, args.warmup, args.steps)
+                row[f"{name}_step_s"], row[f"{name}_median_step_s"] = _per_step(stamps, args.warmup, args.steps)
             row["ratio"] = row["fsdp_kit_step_s"] / row["plain_step_s"]
+            row["ratio_of_medians"] = row["fsdp_kit_median_step_s"] / row["plain_median_step_s"]
             rows.append(row)
             if rank == 0:
                 print(f"repeat {repeat}: plain {row['plain_step_s'] * 1e3:.1f} ms, fsdp_kit "
-                      f"{row['fsdp_kit_step_s'] * 1e3:.1f} ms, ratio {row['ratio']:.3f}", flush=True)
+                      f"{row['fsdp_kit_step_s'] * 1e3:.1f} ms, ratio {row['ratio']:.3f} "
+                      f"(of step medians {row['ratio_of_medians']:.3f})", flush=True)
         dist.destroy_process_group()
         queue.put((rank, "ok", rows))
     except BaseException as err:  # the parent reports it
@@ -147,6 +156,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--log-every", type=int, default=10, help="fsdp_kit's trainer.log_every")
     parser.add_argument("--clip", action="store_true", help="clip the gradient norm to 1.0 in both loops")
+    parser.add_argument("--tag", default="", help="appended to the result file name (e.g. before)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
@@ -172,14 +182,17 @@ def main() -> None:
     record = {
         "model": args.model, "batch_per_rank": args.batch, "source_len": args.source_len,
         "target_len": args.target_len, "world_size": WORLD, "threads_per_rank": 1, "backend": "gloo",
+        "fsdp_kit_source": str(Path(fsdp_kit.__file__).resolve().parent),
         "timed_steps": args.steps, "warmup_steps": args.warmup, "log_every": args.log_every, "clip": args.clip,
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ratio_of_step_medians": [row["ratio_of_medians"] for row in rows],
         "plain_step_ms_median": 1e3 * statistics.median(plain),
         "fsdp_kit_step_ms_median": 1e3 * statistics.median(ours),
         "extra_ms_per_step_median": 1e3 * statistics.median(o - p for o, p in zip(ours, plain)),
         "repeats": rows, "load_avg_at_end": list(os.getloadavg()), "provenance": provenance(),
     }
-    name = f"overhead_{args.model}_b{args.batch}_{args.source_len}x{args.target_len}.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    name = f"overhead_{args.model}_b{args.batch}_{args.source_len}x{args.target_len}{tag}.json"
     write_json(args.out / device_slug() / name, record)
     print({k: v for k, v in record.items() if k not in ("repeats", "provenance")})
 
