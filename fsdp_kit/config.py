@@ -115,7 +115,7 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("trainer.eval_every", ">=0"), ("trainer.min_lr_ratio", "[0,1]"), ("trainer.clip_grad_norm", ">0"),
     ("trainer.max_new_tokens", ">0"), ("trainer.profile_wait", ">=0"), ("trainer.profile_warmup", ">=0"),
     ("trainer.profile_active", ">0"), ("trainer.hang_timeout_s", ">=0"), ("trainer.hang_factor", ">=1"),
-    ("trainer.max_nonfinite_steps", ">0"), ("trainer.auto_batch_max", ">0"),
+    ("trainer.max_nonfinite_steps", ">=0"), ("trainer.auto_batch_max", ">0"),
     ("data.max_source_len", ">0"), ("data.max_target_len", ">0"), ("data.num_examples", ">0"),
     ("data.eval_examples", ">0"), ("data.num_workers", ">=0"), ("data.max_skipped_fraction", "[0,1]"),
     ("wrap.min_num_params", ">0"), ("ac.every_n", ">0"),

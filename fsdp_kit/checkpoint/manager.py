@@ -359,7 +359,8 @@ class Manager:
             yield
 
     def should_stop(self) -> bool:
-        return self.flag.agreed()
+        """Collective: call once per step on every rank. Lags the signal by one step and never waits."""
+        return self.flag.poll()
 
 
 def _remove(path: Path) -> None:

@@ -102,12 +102,13 @@ class Collator:
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
-def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(tokens the model processed, of which not padding) for throughput numbers."""
+def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """(tokens the model processed, of which not padding) for throughput numbers. The second stays a
+    tensor on the batch's device: reading it would be a host sync, so the tracker does that at log steps."""
     total = batch["input_ids"].numel() + (batch["decoder_input_ids"].numel() if "decoder_input_ids" in batch else 0)
-    real = int(batch["attention_mask"].sum())
+    real = batch["attention_mask"].sum()
     if "decoder_input_ids" in batch:
-        real += int((batch["labels"] != IGNORE_INDEX).sum())
+        real = real + (batch["labels"] != IGNORE_INDEX).sum()
     return total, real
 
 
@@ -138,7 +139,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.start_sample = seed, start_sample
         self.global_batch = batch_size * world_size
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+        self._epoch, self._order = -1, []  # a list: reading a tensor element per sample costs a dispatch
 
     def __iter__(self) -> Iterator[list[int]]:
         position = self.start_sample + self.rank * self.batch_size
@@ -150,8 +151,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
         epoch, index = divmod(position, self.size)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return int(self._order[index])
+            self._order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return self._order[index]
 
 
 class EvalBatchSampler(Sampler[list[int]]):

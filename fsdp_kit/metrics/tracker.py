@@ -31,7 +31,7 @@ class _Window:
     loss_sum: list[torch.Tensor] = field(default_factory=list)
     target_tokens: list[torch.Tensor] = field(default_factory=list)
     tokens: int = 0
-    real_tokens: int = 0
+    real_tokens: list[torch.Tensor] = field(default_factory=list)
     flops: int = 0
     started: float = 0.0
 
@@ -50,15 +50,15 @@ class Tracker:
         synchronize(self.device)
         self._window = _Window(started=time.perf_counter())
 
-    def add_step(self, loss_sum: torch.Tensor, target_tokens: torch.Tensor, tokens: int, real_tokens: int,
-                 flops: int) -> None:
-        """One optimizer step's local numbers (loss_sum and target_tokens stay on device)."""
+    def add_step(self, loss_sum: torch.Tensor, target_tokens: torch.Tensor, tokens: int,
+                 real_tokens: torch.Tensor, flops: int) -> None:
+        """One optimizer step's local numbers (the tensors stay where they are, unread, until ``record``)."""
         w = self._window
         w.steps += 1
         w.loss_sum.append(loss_sum.detach().float())
         w.target_tokens.append(target_tokens.detach().float())
         w.tokens += tokens
-        w.real_tokens += real_tokens
+        w.real_tokens.append(real_tokens.detach())
         w.flops += flops
 
     def record(self, step: int, lr: float) -> dict[str, float | int | None]:
@@ -66,12 +66,13 @@ class Tracker:
         w = self._window
         synchronize(self.device)
         elapsed = time.perf_counter() - w.started
-        local = torch.stack([torch.stack(w.loss_sum).sum(), torch.stack(w.target_tokens).sum()]).double()
-        counts = torch.tensor([w.tokens, w.real_tokens, w.flops], dtype=torch.float64, device=local.device)
+        local = torch.stack([torch.stack(w.loss_sum).sum(), torch.stack(w.target_tokens).sum(),
+                             torch.stack(w.real_tokens).sum().to(w.loss_sum[0].device)]).double()
+        counts = torch.tensor([w.tokens, w.flops], dtype=torch.float64, device=local.device)
         totals = torch.cat([local, counts])
         if self.world_size > 1:
             dist.all_reduce(totals)
-        loss_sum, target_tokens, tokens, real_tokens, flops = totals.tolist()
+        loss_sum, target_tokens, real_tokens, tokens, flops = totals.tolist()
         step_time = elapsed / w.steps
         tflops = flops / elapsed / self.world_size / 1e12
         allocated, reserved = peak_memory_gb(self.device)

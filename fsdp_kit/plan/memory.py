@@ -41,6 +41,9 @@ class ModelShape:
     params: int
     largest_unit: int
     units: int
+    regathered: int | None = None
+    """Parameters all-gathered a second time for backward when resharding (every unit but the root and, unless
+    sharding.reshard_last_unit, the last one: policies/apply.py keeps those unsharded); None: all of them."""
 
     @classmethod
     def of(cls, model: nn.Module, job: TrainConfig, layer_cls: tuple[type[nn.Module], ...]) -> ModelShape:
@@ -48,7 +51,8 @@ class ModelShape:
         unit_params = [sum(p.numel() for p in unit.parameters()) for unit in units]
         total = sum(p.numel() for p in model.parameters())
         root = total - sum(unit_params)
-        return cls(total, max([root, *unit_params]), len(units) + 1)
+        regathered = sum(unit_params) - (unit_params[-1] if unit_params and not job.sharding.reshard_last_unit else 0)
+        return cls(total, max([root, *unit_params]), len(units) + 1, regathered)
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,9 @@ def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, b
     factor = shard_factor(job, world, cluster.gpus_per_node)
     replicas = world // factor
     _, cbytes, rbytes = precision_bytes(job)
-    gathers = 2 if reshard_after_forward(job.sharding) else 1
-    shard_traffic = shape.params * (gathers * cbytes + rbytes) * (factor - 1) / factor
+    regathered = (shape.params if shape.regathered is None else shape.regathered) \
+        if reshard_after_forward(job.sharding) else 0
+    shard_traffic = ((shape.params + regathered) * cbytes + shape.params * rbytes) * (factor - 1) / factor
     replica_traffic = 2 * shape.params / factor * rbytes * (replicas - 1) / replicas if replicas > 1 else 0.0
     shard_spans_nodes = factor > cluster.gpus_per_node
     replicas_span_nodes = replicas > 1 and world > cluster.gpus_per_node

@@ -94,7 +94,9 @@ def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Ap
     for index, unit in enumerate(units):
         keep_last = index == len(units) - 1 and not policies.sharding.reshard_last_unit
         fully_shard(unit, **fsdp_kwargs, reshard_after_forward=reshard and not keep_last)
-    fully_shard(model, **fsdp_kwargs, reshard_after_forward=reshard)
+    # The root's parameters are needed again as soon as backward starts: resharding them after forward would
+    # only add an all-gather per step (FSDP2's own default keeps the root unsharded, as FSDP1 did).
+    fully_shard(model, **fsdp_kwargs, reshard_after_forward=False)
     if policies.wrap.policy == WrapPolicy.transformer:  # only layers come in the order they run
         set_prefetch(units, policies.sharding.prefetch)
     return Applied(checkpointed, len(compiled), len(units) + 1)

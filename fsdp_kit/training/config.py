@@ -69,4 +69,5 @@ class TrainerConfig:
     """Hang watchdog: how many times the median of the recent steps a step may take (above hang_timeout_s)."""
     max_nonfinite_steps: int = 5
     """Stop with an error after this many optimizer steps in a row with a non-finite loss or gradient norm
-    (each such step is skipped, never checkpointed)."""
+    (each such step is skipped, never checkpointed). The guard reads one flag per step on the host; 0 turns it
+    off (no such read, and a blow-up is neither skipped nor stopped)."""

@@ -118,18 +118,23 @@ class Trainer:
         return result
 
     def _train_step(self, micro_batches: list[Batch]) -> None:
+        # No host sync and no host-blocking collective here (tests/test_step_sync.py), except the non-finite
+        # guard's one flag read when it is on: counts stay tensors and are read at log steps only.
+        batches = [{k: v.to(self.env.device, non_blocking=True) for k, v in micro.items()} for micro in micro_batches]
         # Normalize by the step's global target-token count so the loss and its gradient are the same at
-        # any world size; FSDP averages gradients over ranks, hence the world-size factor.
-        local_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-        global_tokens = torch.tensor(float(local_tokens), device=self.env.device)
-        if self.env.world_size > 1:
-            dist.all_reduce(global_tokens)
+        # any world size; FSDP averages gradients over ranks, hence the world-size factor. The count's
+        # all-reduce runs while the first forward does; waiting on it orders the GPU stream, not the host.
+        local_tokens = torch.stack([(batch["labels"] != IGNORE_INDEX).sum() for batch in batches]).sum()
+        global_tokens = local_tokens.float()
+        reduced = dist.all_reduce(global_tokens, async_op=True) if self.env.world_size > 1 else None
         loss_total = torch.zeros((), device=self.env.device)
         step_flops = 0
-        for micro in micro_batches:
+        for micro, batch in zip(micro_batches, batches):
             step_flops += self.flops.flops(micro)
-            batch = {k: v.to(self.env.device, non_blocking=True) for k, v in micro.items()}
             loss_sum, _ = token_loss(self.model, batch)
+            if reduced is not None:
+                reduced.wait()
+                reduced = None
             loss = loss_sum * self.env.world_size / global_tokens
             (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
             loss_total += loss_sum.detach()
@@ -137,10 +142,10 @@ class Trainer:
             self.grad_scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad_norm is not None:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
-        else:  # still needed for the non-finite guard
+        elif self.cfg.max_nonfinite_steps:  # the guard needs the norm even without clipping
             self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
                                                              if p.grad is not None])
-        finite = self._finite(loss_total, self._grad_norm)
+        finite = self._finite(loss_total, self._grad_norm) if self.cfg.max_nonfinite_steps else (True, True)
         if self.grad_scaler:
             # The scaler already skips steps whose scaled gradients overflowed (and lowers its scale): that is
             # its normal work, not a blow-up. Only a non-finite loss counts.
@@ -154,8 +159,9 @@ class Trainer:
             self.nonfinite_streak += 1  # the update is skipped: the weights stay the last finite ones
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
-        tokens, real = map(sum, zip(*(token_counts(mb) for mb in micro_batches)))
-        self.tracker.add_step(loss_total, torch.tensor(float(local_tokens)), tokens, real, step_flops)
+        counts = [token_counts(batch) for batch in batches]
+        tokens, real = sum(total for total, _ in counts), torch.stack([real for _, real in counts]).sum()
+        self.tracker.add_step(loss_total, local_tokens, tokens, real, step_flops)
 
     def _finite(self, loss_total: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
         """(loss finite on every rank, global gradient norm finite), the same on every rank.
