@@ -81,3 +81,9 @@ def test_cpu_offload_matches_and_carries_pure_bf16_with_anyprecision(reference, 
     pure = losses(run_ranks(train, 2, job(tmp_path / "bf16", "sharding.cpu_offload=true", "precision=bf16_pure",
                                           "optim=anyprecision", "optim.use_kahan_summation=true"))[0])
     assert all(map(math.isfinite, pure)) and pure[-1] < pure[0], pure
+
+
+def test_gradient_accumulation_without_per_micro_batch_sync_matches_the_full_batch(reference, tmp_path):
+    """FSDP2's set_requires_gradient_sync: one reduce-scatter per step, the same math (fp32, 1e-6)."""
+    cfg = job(tmp_path, "trainer.batch_size=2", "trainer.grad_accum=2", "trainer.grad_accum_no_sync=true")
+    assert_close(losses(run_ranks(train, 2, cfg)[0]), reference["transformer"], tol=1e-6)

@@ -191,3 +191,10 @@ def test_search_ranks_fitting_recipes_and_prints_the_command_for_the_best(tmp_pa
     multi = compose_job(["model=t5_small", "cluster=p4d", "cluster.nodes=2"])
     best = search(multi)[0][0]
     assert launch_command(best, ["cluster=p4d", "cluster.nodes=2"]).startswith("fsdp-kit slurm cluster=p4d")
+
+
+def test_deferred_gradient_sync_costs_one_unsharded_gradient():
+    synced = _memory("precision=bf16", "trainer.grad_accum=4")
+    deferred = _memory("precision=bf16", "trainer.grad_accum=4", "trainer.grad_accum_no_sync=true")
+    assert deferred.grads - synced.grads == pytest.approx(SHAPE.params * 2)  # bf16 compute copy, whole model
+    assert _memory("precision=bf16", "trainer.grad_accum_no_sync=true").grads == synced.grads  # nothing to defer

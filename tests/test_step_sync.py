@@ -52,9 +52,8 @@ class HostSyncCounter(TorchDispatchMode):
 
 def _count_syncs(cfg):
     """Rank body: train, counting host syncs by the step they happened in."""
-    from fsdp_kit.trainer import Trainer
-
     from fsdp_kit.train import run
+    from fsdp_kit.training.trainer import Trainer
 
     fit = Trainer.fit
     counters = []
@@ -74,8 +73,10 @@ def _count_syncs(cfg):
 
 def test_no_host_sync_outside_log_steps(tmp_path):
     # One log step, the last: every step before it must run without reading a tensor on the host. Gradient
-    # accumulation and clipping (on by default) are on the path too.
-    cfg = job(tmp_path, f"trainer.max_steps={STEPS}", f"trainer.log_every={STEPS}", "trainer.grad_accum=2")
+    # accumulation and clipping (on by default) are on the path too. The non-finite guard (its one read per
+    # step is the price of never applying or saving a NaN update) is off here; the next test counts it.
+    cfg = job(tmp_path, f"trainer.max_steps={STEPS}", f"trainer.log_every={STEPS}", "trainer.grad_accum=2",
+              "trainer.max_nonfinite_steps=0")
     for rank, events in enumerate(run_ranks(_count_syncs, 2, cfg)):
         # Train step s runs while state.step == s - 1; the log of step STEPS (and the final eval) after it.
         # Step 1 is left out: creating the loader iterator (before it) draws its seed with an .item().
@@ -83,3 +84,11 @@ def test_no_host_sync_outside_log_steps(tmp_path):
         assert not on_step_path, f"rank {rank} synced on the step path:\n" + "\n".join(map(str, on_step_path))
         # The counter sees syncs where they are allowed, so an empty step path is not a blind spot.
         assert any(event[0] == STEPS and event[3] is None for event in events), f"rank {rank}: blind at the log step"
+
+
+def test_the_non_finite_guard_reads_one_flag_per_step(tmp_path):
+    cfg = job(tmp_path, f"trainer.max_steps={STEPS}", f"trainer.log_every={STEPS}", "trainer.max_nonfinite_steps=3")
+    events = run_ranks(_count_syncs, 1, cfg)[0]
+    for step in range(1, STEPS):
+        reads = [event for event in events if event[0] == step and event[3] is None]
+        assert len(reads) == 1, f"step {step + 1}: {len(reads)} host reads\n" + "\n".join(map(str, reads))

@@ -62,6 +62,9 @@ LEVERS: tuple[Lever, ...] = (
           "optim.chunk_elements=134217728")),
     Lever("sdpa", "scaled_dot_product_attention vs eager attention", ("model.attn_implementation=eager",),
           ("model.attn_implementation=sdpa",)),
+    Lever("grad_accum_no_sync", "one reduce-scatter per step vs one per micro-batch (grad_accum=4)",
+          ("trainer.grad_accum=4", "trainer.grad_accum_no_sync=false"),
+          ("trainer.grad_accum=4", "trainer.grad_accum_no_sync=true")),
     Lever("pinned_batches", "pinned host batches with non-blocking copies vs pageable", ("data.pin_memory=false",),
           ("data.pin_memory=true",)),
 )

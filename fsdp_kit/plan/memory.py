@@ -131,6 +131,8 @@ def breakdown(job: TrainConfig, shape: ModelShape, activations: ActivationProfil
     on_gpu = 0.0 if job.sharding.cpu_offload else 1.0
     params = on_gpu * shape.params * pbytes / factor
     grads = on_gpu * shape.params * pbytes / factor
+    if job.trainer.grad_accum_no_sync and job.trainer.grad_accum > 1 and factor > 1:
+        grads += shape.params * cbytes  # every rank accumulates the whole, unsharded gradient between syncs
     optimizer = on_gpu * shape.params * optimizer_bytes_per_param(job) / factor
     if factor == 1 and cbytes == pbytes and not job.sharding.cpu_offload:
         unsharded = 0.0  # nothing to gather: the "unsharded" parameters are the parameters themselves

@@ -27,6 +27,10 @@ class TrainerConfig:
     out of memory is not an error torch can recover from, the search stops here."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    grad_accum_no_sync: bool = False
+    """With grad_accum > 1: reduce-scatter gradients once per step instead of after every micro-batch (FSDP2's
+    set_requires_gradient_sync). Less communication; each rank holds the whole unsharded gradient meanwhile
+    (the planner counts it)."""
     max_steps: int = 500
     """Optimizer steps to train."""
     lr_schedule: LrSchedule = LrSchedule.cosine

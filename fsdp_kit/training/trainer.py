@@ -129,7 +129,10 @@ class Trainer:
         reduced = dist.all_reduce(global_tokens, async_op=True) if self.env.world_size > 1 else None
         loss_total = torch.zeros((), device=self.env.device)
         step_flops = 0
-        for micro, batch in zip(micro_batches, batches):
+        defer_sync = self.cfg.grad_accum_no_sync and len(batches) > 1
+        for index, (micro, batch) in enumerate(zip(micro_batches, batches)):
+            if defer_sync:  # reduce-scatter only after the last micro-batch's backward
+                self.model.set_requires_gradient_sync(index == len(batches) - 1)
             step_flops += self.flops.flops(micro)
             loss_sum, _ = token_loss(self.model, batch)
             if reduced is not None:
@@ -172,8 +175,9 @@ class Trainer:
         check = torch.stack([loss_total.detach().float(), norm.detach().float().to(loss_total.device)])
         if self.env.world_size > 1:
             dist.all_reduce(check)  # a NaN/inf anywhere stays non-finite in the sum
-        loss_ok, norm_ok = torch.isfinite(check).tolist()
-        return bool(loss_ok), bool(norm_ok)
+        finite = torch.isfinite(check)
+        code = int(finite[0] + 2 * finite[1])  # the one host read
+        return bool(code & 1), bool(code & 2)
 
     def _nonfinite(self, step: int) -> None:
         """Count a skipped update; stop the run after ``max_nonfinite_steps`` in a row."""
