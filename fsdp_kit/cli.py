@@ -195,7 +195,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fsdp-kit", description=__doc__.splitlines()[0].strip("`: "),
+    parser = _Parser(prog="fsdp-kit", description=__doc__.splitlines()[0].replace("``", ""),
                      epilog="`fsdp-kit COMMAND --help` describes each command.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
 
