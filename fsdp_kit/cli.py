@@ -137,9 +137,15 @@ def _plan(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from fsdp_kit.compare import compare
 
-    table, png = compare(args.runs, None if args.no_plot else args.plot)
+    try:
+        table, png = compare(args.runs, None if args.no_plot else args.plot)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # as the plot's folder is
+            Path(args.output).write_text(table)
+    except OSError as err:  # -o or --plot onto a folder, a file in the way, no permission
+        raise ConfigError(f"compare could not write {err.filename}: {err.strerror}",
+                          "pass -o/--plot a file path in a writable folder") from err
     if args.output:
-        Path(args.output).write_text(table)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(table)
