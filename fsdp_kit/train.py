@@ -143,6 +143,11 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     # Run the module's own main, not __main__'s copy: submitit (Hydra's Slurm/local launchers) pickles the task
     # function, and a function of an importable module is pickled by name instead of by value with its globals.
+    from fsdp_kit.config import check_spelling
     from fsdp_kit.train import main as importable_main
 
+    try:  # as `fsdp-kit train` does: Hydra's own error for these is a multi-line type mismatch
+        check_spelling(sys.argv[1:])
+    except FsdpKitError as err:
+        sys.exit(report_error(err))
     importable_main()
