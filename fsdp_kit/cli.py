@@ -35,9 +35,11 @@ def _compose(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from fsdp_kit import train
-    from fsdp_kit.config import check_spelling
+    from fsdp_kit.config import check_spelling, search_path_override
 
     check_spelling(args.overrides)
+    if args.config_dir:
+        search_path_override(args.config_dir)  # a missing folder: the one line the other commands print
     extra = ["--config-dir", str(Path(args.config_dir).resolve())] if args.config_dir else []
     sys.argv = ["fsdp-kit train", *extra, *args.overrides]
     train.main()
@@ -291,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(config_dir=None, overrides=argv[1:], handler=_train, argv=argv[1:])
         if "--config-dir" in args.overrides:
             at = args.overrides.index("--config-dir")
-            args.config_dir = args.overrides[at + 1] if at + 1 < len(args.overrides) else None
+            if at + 1 == len(args.overrides):  # not silently dropped: that would train without the user's configs
+                return report_error(ConfigError("fsdp-kit train --config-dir names no folder",
+                                                "pass --config-dir DIR, a folder holding e.g. cluster/mine.yaml"))
+            args.config_dir = args.overrides[at + 1]
             args.overrides = args.overrides[:at] + args.overrides[at + 2:]
     else:
         args = parser.parse_args(argv)
