@@ -68,6 +68,7 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
                 reporter.note(found.record(), found.message())
             grad_scaler = torch.amp.GradScaler(env.device_type) if needs_grad_scaler(job.precision) else None
             checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity, log=reporter.info)
+            checkpoints.check_resume()  # another model's checkpoint: refused before resolved_config.yaml is replaced
             if env.is_main:
                 (run_dir / "resolved_config.yaml").write_text(to_yaml(job))
             _announce(reporter, job, env, model, identity.num_params, applied, run_dir)

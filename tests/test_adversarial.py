@@ -508,3 +508,22 @@ def test_top_level_help_has_no_markup():
     from fsdp_kit.cli import build_parser
 
     assert "``" not in build_parser().format_help()
+
+
+def test_resume_with_another_model_leaves_the_run_dir_as_it_was(tmp_path):
+    """The shape check ran after resolved_config.yaml was rewritten: the run dir then described the refused
+    model. (Hydra's own .hydra/ and train.log are rewritten by any launch into the folder.)"""
+    run_dir = tmp_path / "run"
+    trained = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
+    assert trained.code == 0, trained.stderr
+
+    def state() -> dict[str, str]:
+        return {name: digest for name, digest in snapshot(run_dir).items()
+                if not name.startswith(".hydra") and name != "train.log"}
+
+    before = state()
+    assert "resolved_config.yaml" in before and any(name.startswith("checkpoints/") for name in before)
+    outcome = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, "trainer.max_steps=3",
+                       "model.hf_config.d_ff=256", cwd=tmp_path)
+    assert_rejected(outcome, Case("resume-another-model", [], 2, "saved from a different model"))
+    assert state() == before
