@@ -527,3 +527,17 @@ def test_resume_with_another_model_leaves_the_run_dir_as_it_was(tmp_path):
                        "model.hf_config.d_ff=256", cwd=tmp_path)
     assert_rejected(outcome, Case("resume-another-model", [], 2, "saved from a different model"))
     assert state() == before
+
+
+def test_a_failing_sinfo_is_one_error_line(tmp_path):
+    """sinfo's stderr is several lines (DNS, config, fatal); the error carried all of them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sinfo = bin_dir / "sinfo"  # the Slurm client of a machine whose controller is unreachable
+    sinfo.write_text("#!/bin/sh\necho 'sinfo: error: fetch_config: DNS SRV lookup failed' >&2\n"
+                     "echo 'sinfo: fatal: Could not establish a configuration source' >&2\nexit 1\n")
+    sinfo.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    outcome = fsdp_kit("slurm", "cluster=p4d", "slurm.partition=train", cwd=tmp_path, env=env)
+    assert_rejected(outcome, Case("slurm-sinfo-fails", [], 2, "sinfo: fatal: Could not establish"))
+    assert outcome.stderr.count("\n") == 1, outcome.stderr
