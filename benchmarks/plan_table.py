@@ -32,15 +32,13 @@ from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.plan import GB, make_plan, model_shape, traced
 from fsdp_kit.plan.memory import breakdown
 from fsdp_kit.plan.records import RESULTS, load_records
-from fsdp_kit.plan.search import Candidate, search
+from fsdp_kit.plan.search import TIE, Candidate, search
 from fsdp_kit.plan.speed import ASSUMED_MFU
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("t5_small", "t5_base", "t5_large", "t5_3b", "t5_11b")
 WORLDS = (1, 8, 16, 24)
 GPUS_PER_NODE = 8
-TIE = 1e-6
-"""Relative difference in predicted tokens/s below which two recipes tie."""
 README_START = "<!-- plan_table:start (benchmarks/plan_table.py --readme README.md writes this) -->"
 README_END = "<!-- plan_table:end -->"
 COLUMNS = ("model", "params", "GPU", "GPUs", "precision", "sharding", "wrap", "AC", "compile", "CPU offload",

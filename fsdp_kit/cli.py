@@ -35,9 +35,11 @@ def _compose(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from fsdp_kit import train
-    from fsdp_kit.config import check_spelling
+    from fsdp_kit.config import check_spelling, search_path_override
 
     check_spelling(args.overrides)
+    if args.config_dir:
+        search_path_override(args.config_dir)  # a missing folder: the one line the other commands print
     extra = ["--config-dir", str(Path(args.config_dir).resolve())] if args.config_dir else []
     sys.argv = ["fsdp-kit train", *extra, *args.overrides]
     train.main()
@@ -137,9 +139,15 @@ def _plan(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from fsdp_kit.compare import compare
 
-    table, png = compare(args.runs, None if args.no_plot else args.plot)
+    try:
+        table, png = compare(args.runs, None if args.no_plot else args.plot)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # as the plot's folder is
+            Path(args.output).write_text(table)
+    except OSError as err:  # -o or --plot onto a folder, a file in the way, no permission
+        raise ConfigError(f"compare could not write {err.filename}: {err.strerror}",
+                          "pass -o/--plot a file path in a writable folder") from err
     if args.output:
-        Path(args.output).write_text(table)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(table)
@@ -195,7 +203,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fsdp-kit", description=__doc__.splitlines()[0].strip("`: "),
+    parser = _Parser(prog="fsdp-kit", description=__doc__.splitlines()[0].replace("``", ""),
                      epilog="`fsdp-kit COMMAND --help` describes each command.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
 
@@ -285,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(config_dir=None, overrides=argv[1:], handler=_train, argv=argv[1:])
         if "--config-dir" in args.overrides:
             at = args.overrides.index("--config-dir")
-            args.config_dir = args.overrides[at + 1] if at + 1 < len(args.overrides) else None
+            if at + 1 == len(args.overrides):  # not silently dropped: that would train without the user's configs
+                return report_error(ConfigError("fsdp-kit train --config-dir names no folder",
+                                                "pass --config-dir DIR, a folder holding e.g. cluster/mine.yaml"))
+            args.config_dir = args.overrides[at + 1]
             args.overrides = args.overrides[:at] + args.overrides[at + 2:]
     else:
         args = parser.parse_args(argv)

@@ -116,7 +116,7 @@ def _names(runs: list[Run]) -> list[str]:
     common = 0
     while len(runs) > 1 and all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
         common += 1
-    return ["/".join(p[common:]) for p in parts]
+    return [str(Path(*p[common:])) for p in parts]  # Path, not "/".join: a root part is "/" itself
 
 
 def markdown_table(runs: list[Run]) -> str:

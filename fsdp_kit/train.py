@@ -68,6 +68,7 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
                 reporter.note(found.record(), found.message())
             grad_scaler = torch.amp.GradScaler(env.device_type) if needs_grad_scaler(job.precision) else None
             checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity, log=reporter.info)
+            checkpoints.check_resume()  # another model's checkpoint: refused before resolved_config.yaml is replaced
             if env.is_main:
                 (run_dir / "resolved_config.yaml").write_text(to_yaml(job))
             _announce(reporter, job, env, model, identity.num_params, applied, run_dir)
@@ -143,6 +144,11 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     # Run the module's own main, not __main__'s copy: submitit (Hydra's Slurm/local launchers) pickles the task
     # function, and a function of an importable module is pickled by name instead of by value with its globals.
+    from fsdp_kit.config import check_spelling
     from fsdp_kit.train import main as importable_main
 
+    try:  # as `fsdp-kit train` does: Hydra's own error for these is a multi-line type mismatch
+        check_spelling(sys.argv[1:])
+    except FsdpKitError as err:
+        sys.exit(report_error(err))
     importable_main()

@@ -72,3 +72,13 @@ def test_auto_picks_the_lightest_mode_that_fits_the_budget(tmp_path):
         assert all(totals[m] > totals[mode] + 1 for m in lighter)  # nothing lighter fits
     chosen, _ = choose_checkpointing(cfg, 1, 1, 1.0)  # nothing fits: the heaviest, the caller reports it
     assert chosen.mode == CheckpointMode.full
+
+
+def test_auto_says_when_even_full_checkpointing_does_not_fit(tmp_path):
+    """choose_checkpointing falls back to full and leaves the report to its caller; the caller said nothing."""
+    from fsdp_kit.plan import resolve_auto_checkpointing
+
+    cfg = job(tmp_path, "ac=auto", "ac.budget_gb=0.000001")
+    with pytest.warns(UserWarning, match="no checkpointing mode fits"):
+        chosen = resolve_auto_checkpointing(cfg, 1, 1, torch.device("cpu"))
+    assert chosen.ac.mode == CheckpointMode.full

@@ -450,3 +450,94 @@ def test_acceptance_command_refuses_an_unknown_argument(tmp_path):
     assert_rejected(Outcome(result.returncode, result.stdout, result.stderr),
                     Case("run-sh-unknown", ["--fast"], 2, "unknown argument '--fast'"))
     assert snapshot(tmp_path) == {}
+
+
+# --- wt-review: a new user's pass over README after the merge ---------------------------------------------------
+REVIEW_CASES = [
+    Case("train-config-dir-without-folder", ["train", "--config-dir"], 2, "--config-dir names no folder"),
+    Case("train-missing-config-dir", ["train", "--config-dir", "no/such/dir"], 2, "--config-dir no/such/dir"),
+]
+
+
+@pytest.mark.parametrize("case", REVIEW_CASES, ids=[case.id for case in REVIEW_CASES])
+def test_review_train_options_are_refused_with_one_line(case, tmp_path):
+    before = snapshot(tmp_path)
+    # --config-dir last: without its folder it must not be dropped in silence (that trained the defaults)
+    args = [case.args[0], f"hydra.run.dir={tmp_path / 'run'}", *FAST, *case.args[1:]]
+    assert_rejected(fsdp_kit(*args, cwd=tmp_path), case)
+    assert snapshot(tmp_path) == before
+
+
+def test_module_entry_point_refuses_batch_size_auto_with_one_line(tmp_path):
+    """README's `python -m fsdp_kit.train` path says what `fsdp-kit train` says, not Hydra's type mismatch."""
+    result = subprocess.run([sys.executable, "-m", "fsdp_kit.train", "trainer.batch_size=auto",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert_rejected(Outcome(result.returncode, result.stdout, result.stderr),
+                    Case("module-batch-size-auto", [], 2, "trainer.auto_batch=true"))
+    assert snapshot(tmp_path) == {}
+
+
+def _finished_run(folder: Path, lr: float) -> Path:
+    """A run dir as the trainer leaves it (metrics.jsonl and resolved_config.yaml), without training."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5, "tokens_per_s": 10.0}\n')
+    (folder / "resolved_config.yaml").write_text(f"optim:\n  lr: {lr}\n")
+    return folder
+
+
+def test_compare_labels_one_run_by_its_path(tmp_path):
+    run = _finished_run(tmp_path / "run", 1e-3)
+    outcome = fsdp_kit("compare", "--no-plot", str(run), cwd=tmp_path)
+    assert outcome.code == 0, outcome.stderr
+    assert f"| {run.resolve()} |" in outcome.stdout and "//" not in outcome.stdout
+
+
+def test_compare_output_that_cannot_be_written_is_one_line(tmp_path):
+    run = _finished_run(tmp_path / "run", 1e-3)
+    (tmp_path / "taken").mkdir()
+    before = snapshot(tmp_path)
+    assert_rejected(fsdp_kit("compare", "--no-plot", "-o", "taken", str(run), cwd=tmp_path),
+                    Case("compare-output-is-a-folder", [], 2, "could not write taken"))
+    assert snapshot(tmp_path) == before
+    written = fsdp_kit("compare", "--no-plot", "-o", "new/table.md", str(run), cwd=tmp_path)
+    assert written.code == 0 and "| run |" in (tmp_path / "new" / "table.md").read_text(), written.stderr
+
+
+def test_top_level_help_has_no_markup():
+    from fsdp_kit.cli import build_parser
+
+    assert "``" not in build_parser().format_help()
+
+
+def test_resume_with_another_model_leaves_the_run_dir_as_it_was(tmp_path):
+    """The shape check ran after resolved_config.yaml was rewritten: the run dir then described the refused
+    model. (Hydra's own .hydra/ and train.log are rewritten by any launch into the folder.)"""
+    run_dir = tmp_path / "run"
+    trained = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, cwd=tmp_path)
+    assert trained.code == 0, trained.stderr
+
+    def state() -> dict[str, str]:
+        return {name: digest for name, digest in snapshot(run_dir).items()
+                if not name.startswith(".hydra") and name != "train.log"}
+
+    before = state()
+    assert "resolved_config.yaml" in before and any(name.startswith("checkpoints/") for name in before)
+    outcome = fsdp_kit("train", f"hydra.run.dir={run_dir}", *FAST, "trainer.max_steps=3",
+                       "model.hf_config.d_ff=256", cwd=tmp_path)
+    assert_rejected(outcome, Case("resume-another-model", [], 2, "saved from a different model"))
+    assert state() == before
+
+
+def test_a_failing_sinfo_is_one_error_line(tmp_path):
+    """sinfo's stderr is several lines (DNS, config, fatal); the error carried all of them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sinfo = bin_dir / "sinfo"  # the Slurm client of a machine whose controller is unreachable
+    sinfo.write_text("#!/bin/sh\necho 'sinfo: error: fetch_config: DNS SRV lookup failed' >&2\n"
+                     "echo 'sinfo: fatal: Could not establish a configuration source' >&2\nexit 1\n")
+    sinfo.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    outcome = fsdp_kit("slurm", "cluster=p4d", "slurm.partition=train", cwd=tmp_path, env=env)
+    assert_rejected(outcome, Case("slurm-sinfo-fails", [], 2, "sinfo: fatal: Could not establish"))
+    assert outcome.stderr.count("\n") == 1, outcome.stderr

@@ -146,7 +146,10 @@ class Manager:
         self._worker_error: BaseException | None = None
 
     # -- restore -----------------------------------------------------------------------------------
-    def restore(self, state: TrainState) -> Path | None:
+    def check_resume(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint a restore would load and its marker, after the checks that load nothing (model
+        shapes, optimizer/precision layout): run before the run dir is written to, so that a refused resume
+        leaves the run's resolved_config.yaml as it was."""
         source = self._resume_source()
         if source is None:
             return None
@@ -154,6 +157,13 @@ class Manager:
         self._check_identity(source, meta)
         if self.identity.training:
             check_layout(source, meta.get("training") or {}, self.identity.training)
+        return source, meta
+
+    def restore(self, state: TrainState) -> Path | None:
+        found = self.check_resume()
+        if found is None:
+            return None
+        source, meta = found
         self._verify(source, meta)
         try:
             payload = state.state_dict()

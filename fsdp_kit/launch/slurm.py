@@ -42,7 +42,8 @@ def available_partitions() -> list[str] | None:
         return None
     result = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
-        raise ConfigError(f"sinfo failed ({result.stderr.strip() or result.returncode})",
+        lines = result.stderr.strip().splitlines()  # sinfo's last line is its fatal reason; one line for the user
+        raise ConfigError(f"sinfo failed ({lines[-1] if lines else f'exit {result.returncode}'})",
                           "check that the Slurm controller is reachable (SLURM_CONF, munge)")
     return sorted(set(result.stdout.split()))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -150,7 +151,11 @@ def resolve_auto_checkpointing(job: TrainConfig, world_size: int, gpus_per_node:
         budget = job.cluster.gpu_memory_gb * GB
     else:
         budget = device_memory_bytes(device)
-    chosen, _ = choose_checkpointing(job, world_size, gpus_per_node, budget)
+    chosen, memory = choose_checkpointing(job, world_size, gpus_per_node, budget)
+    if memory.total > budget:  # choose_checkpointing leaves saying so to its caller
+        warnings.warn(f"ac=auto: no checkpointing mode fits {budget / GB:.2f} GB at trainer.batch_size="
+                      f"{job.trainer.batch_size} (ac=full is planned at {memory.total / GB:.2f} GB); using ac=full. "
+                      "Lower trainer.batch_size or shard across more GPUs", stacklevel=2)
     return dataclasses.replace(job, ac=chosen)
 
 

@@ -52,6 +52,11 @@ class Candidate:
         return out
 
 
+TIE = 1e-6
+"""Relative difference in predicted tokens/s below which two recipes tie (one GPU: every recipe at the same
+compute speed ties whatever its batch; the larger batch leaves the most room for the global batch)."""
+
+
 def _shardings(nodes: int) -> tuple[ShardingStrategy, ...]:
     base = (ShardingStrategy.full_shard, ShardingStrategy.shard_grad_op, ShardingStrategy.no_shard)
     return base + ((ShardingStrategy.hybrid_shard, ShardingStrategy.hybrid_shard_zero2) if nodes > 1 else ())
@@ -97,6 +102,9 @@ def search(job: TrainConfig) -> tuple[list[Candidate], int]:
                                records)
         found.append(Candidate(final, batch, memory(batch), speed))
     found.sort(key=lambda c: (-c.tokens_per_s, c.memory.total))
+    if found:  # ties with the fastest go to the larger batch, as in README's table (benchmarks/plan_table.py)
+        tied = [c for c in found if c.tokens_per_s >= found[0].tokens_per_s * (1 - TIE)]
+        found[:len(tied)] = sorted(tied, key=lambda c: -c.batch)  # stable: equal batches keep their order
     return found, priced
 
 
