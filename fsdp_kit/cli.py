@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fsdp_kit.bench.levers import LEVERS
-from fsdp_kit.errors import ConfigError, FsdpKitError, report_error
+from fsdp_kit.errors import ConfigError, FsdpKitError, one_line_warnings, report_error
 
 _OVERRIDES_HELP = "Hydra overrides, e.g. model=t5_3b precision=bf16 cluster=p4d cluster.nodes=3"
 _CONFIG_DIR_HELP = "a folder of your own configs, searched beside the shipped ones (e.g. DIR/cluster/mine.yaml)"
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    one_line_warnings()
     parser = build_parser()
     if argv[:1] == ["train"]:
         # Hydra parses train's options itself (--cfg, -m, --help): only pull out our --config-dir.

@@ -44,3 +44,10 @@ def report_error(err: FsdpKitError) -> int:
         traceback.print_exception(err, file=sys.stderr)
     print(f"error: {err}", file=sys.stderr)
     return err.exit_code
+
+
+def one_line_warnings() -> None:
+    """Show warnings as ``warning: <message>`` lines, without Python's source-line echo."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"

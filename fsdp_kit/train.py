@@ -23,7 +23,7 @@ from fsdp_kit.checkpoint import EXIT_REQUEUE, PREEMPTED_MARKER, Manager, RunIden
 from fsdp_kit.checkpoint.compat import training_settings
 from fsdp_kit.config import TrainConfig, to_dict, to_yaml
 from fsdp_kit.distributed import DistEnv
-from fsdp_kit.errors import ConfigError, FsdpKitError, report_error
+from fsdp_kit.errors import ConfigError, FsdpKitError, one_line_warnings, report_error
 from fsdp_kit.launch.requeue import request_requeue
 from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
 from fsdp_kit.optim import build_optimizer, build_schedule
@@ -133,6 +133,7 @@ register_resolvers()
 
 @hydra.main(config_path="pkg://fsdp_kit.configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
+    one_line_warnings()
     try:
         result = run(TrainConfig.from_hydra(cfg))
     except FsdpKitError as err:

@@ -19,7 +19,7 @@ ASSUMPTIONS = (
 
 
 def show(plan: Plan, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     job, cluster = plan.job, plan.job.cluster
     machines = f"{cluster.nodes} x {cluster.instance_type or cluster.name} = {plan.world_size} x {cluster.gpu}"
     recipe = (f"precision={job.precision.name} sharding={job.sharding.strategy} wrap={job.wrap.policy} "
@@ -51,7 +51,7 @@ def show(plan: Plan, console: Console | None = None) -> None:
 def show_search(found: list[Candidate], priced: int, job, user_overrides: list[str], top: int = 10,
                 console: Console | None = None) -> None:
     """The ``top`` fastest recipes that fit, and the command that runs the best."""
-    console = console or Console()
+    console = console or _console()
     cluster = job.cluster
     gpus = cluster.nodes * cluster.gpus_per_node
     machines = f"{cluster.nodes} x {cluster.instance_type or cluster.name} ({gpus} x {cluster.gpu}, " \
@@ -77,3 +77,9 @@ def show_search(found: list[Candidate], priced: int, job, user_overrides: list[s
     console.print(escape(launch_command(found[0], user_overrides)), highlight=False, soft_wrap=True)
     for line in ASSUMPTIONS:
         console.print(f"[dim]{line}[/]", highlight=False)
+
+
+def _console() -> Console:
+    """Wide enough for the tables when the output is a file or a pipe (rich assumes 80 columns there)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
