@@ -7,6 +7,7 @@ import os
 import pickle
 import queue as queue_module
 import socket
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -115,3 +116,16 @@ def train(job_cfg: TrainConfig):
     from fsdp_kit.train import run
 
     return run(job_cfg)
+
+
+def signal_after_first_log(proc: subprocess.Popen, run_dir: Path, sig: int, timeout: float = 120) -> str:
+    """Send ``sig`` to ``proc`` once training has logged (``metrics.jsonl`` exists); its output after it ends."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return output

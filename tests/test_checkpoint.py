@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import job, run_ranks, train
+from helpers import job, run_ranks, signal_after_first_log, train
 
 from fsdp_kit.checkpoint import EXIT_REQUEUE, complete_checkpoints
 from fsdp_kit.errors import CheckpointError, ConfigError
@@ -124,14 +124,7 @@ def test_sigusr2_through_the_cli_saves_and_exits_with_the_requeue_code(tmp_path)
                              "trainer.max_steps=100000", "trainer.log_every=1", "trainer.eval_every=0",
                              "data.num_examples=256", "data.eval_examples=32"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGUSR2)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    output = signal_after_first_log(proc, tmp_path, signal.SIGUSR2)
     assert proc.returncode == EXIT_REQUEUE, output[-2000:]
     assert len(complete_checkpoints(tmp_path / "checkpoints")) == 1
 

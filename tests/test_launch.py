@@ -13,12 +13,11 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import typing
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, signal_after_first_log
 
 from fsdp_kit.checkpoint import EXIT_REQUEUE, PREEMPTED_MARKER, complete_checkpoints
 from fsdp_kit.config import TrainConfig, compose_job
@@ -40,14 +39,7 @@ def test_sigterm_to_torchrun_saves_and_exits_with_the_requeue_code(tmp_path):
          "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_generate=false", "metrics.progress=false",
          "data.num_examples=64", "data.eval_examples=16"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    output = signal_after_first_log(proc, tmp_path, signal.SIGTERM)
     assert proc.returncode == EXIT_REQUEUE, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     saved = complete_checkpoints(tmp_path / "checkpoints")
