@@ -29,6 +29,7 @@ from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
 from fsdp_kit.optim import build_optimizer, build_schedule
 from fsdp_kit.plan import resolve_auto_checkpointing
 from fsdp_kit.policies import Applied, Policies, apply_policies, check_policies
+from fsdp_kit.policies.config import CheckpointMode
 from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
 from fsdp_kit.preflight import preflight
 from fsdp_kit.run_dir import RunLock, register_resolvers
@@ -44,6 +45,7 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
         transformers.logging.set_verbosity_error()
     preflight(job, world_size=runtime.world_size, device_type=runtime.device_type)
     # ac=auto: the lightest checkpointing whose planned peak fits this device (fsdp_kit.plan)
+    chose_ac = job.ac.mode == CheckpointMode.auto
     job = resolve_auto_checkpointing(job, runtime.world_size, runtime.local_world_size, runtime.device)
 
     config = models.hf_config(job.model)
@@ -71,7 +73,7 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
             checkpoints.check_resume()  # another model's checkpoint: refused before resolved_config.yaml is replaced
             if env.is_main:
                 (run_dir / "resolved_config.yaml").write_text(to_yaml(job))
-            _announce(reporter, job, env, model, identity.num_params, applied, run_dir)
+            _announce(reporter, job, env, model, identity.num_params, applied, run_dir, chose_ac)
             for line in dataset.report:  # every skipped row counted, by reason
                 reporter.info(line)
             parts = TrainParts(model, optimizer, schedule, dataset, FlopCounter(job.model, config),
@@ -90,13 +92,14 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
 
 
 def _announce(reporter: Reporter, job: TrainConfig, env: DistEnv, model: PreTrainedModel, num_params: int,
-              applied: Applied, run_dir: Path) -> None:
+              applied: Applied, run_dir: Path, chose_ac: bool = False) -> None:
     """The run's header line: what is trained, where, and with which recipe."""
+    ac = f"{job.ac.mode}{' (chosen by ac=auto)' if chose_ac else ''}"
     reporter.info(
         f"[bold]{job.model.name}[/] {num_params / 1e6:,.1f}M params | "
         f"{env.world_size} x {env.device_type} | precision={job.precision.name} "
         f"sharding={job.sharding.strategy} wrap={job.wrap.policy} ({applied.fsdp_units} FSDP units) "
-        f"ac={job.ac.mode} ({applied.checkpointed_layers} layers) compile={applied.compiled_layers} layers "
+        f"ac={ac} ({applied.checkpointed_layers} layers) compile={applied.compiled_layers} layers "
         f"optim={job.optim.name} attention={model.config._attn_implementation} | run dir {run_dir}")
 
 
