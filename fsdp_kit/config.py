@@ -197,7 +197,7 @@ def check_values(job: TrainConfig, world_size: int, for_training: bool = True) -
     if len(job.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in job.optim.betas):
         raise ConfigError(f"optim.betas={job.optim.betas} must be two numbers in [0, 1)",
                           "pass e.g. optim.betas=[0.9,0.999]")
-    _check_profile_and_watchdog(job)
+    _check_profile_window_and_wandb(job)
     if job.trainer.warmup_steps >= job.trainer.max_steps:
         warnings.warn(f"trainer.warmup_steps={job.trainer.warmup_steps} >= trainer.max_steps={job.trainer.max_steps}: "
                       "the learning rate never reaches its peak", stacklevel=3)
@@ -214,7 +214,7 @@ def check_values(job: TrainConfig, world_size: int, for_training: bool = True) -
     _warn_precision(job)
 
 
-def _check_profile_and_watchdog(job: TrainConfig) -> None:
+def _check_profile_window_and_wandb(job: TrainConfig) -> None:
     trainer = job.trainer
     window = trainer.profile_wait + trainer.profile_warmup + trainer.profile_active
     if trainer.profile and window > trainer.max_steps:

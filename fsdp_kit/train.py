@@ -49,7 +49,8 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
     job = resolve_auto_checkpointing(job, runtime.world_size, runtime.local_world_size, runtime.device)
 
     config = models.hf_config(job.model)
-    models.check_fits(config, job.data, job.trainer.max_new_tokens)  # a pretrained model's table too
+    if job.model.pretrained:  # a preset's position table was checked with the values (config.check_values)
+        models.check_fits(config, job.data, job.trainer.max_new_tokens)
     model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
     check_policies(model, Policies.of(job))
     identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from fsdp_kit.models.build import layer_classes, layers
 from fsdp_kit.policies.activation import apply_checkpointing
@@ -100,3 +100,11 @@ def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Ap
     if policies.wrap.policy == WrapPolicy.transformer:  # only layers come in the order they run
         set_prefetch(units, policies.sharding.prefetch)
     return Applied(checkpointed, len(compiled), len(units) + 1)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Reshard every FSDP unit. Units that keep their parameters after forward (the root, the last unit,
+    shard_grad_op) reshard only after a backward, which forward-only passes and interrupted steps never reach."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

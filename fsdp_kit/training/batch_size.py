@@ -37,6 +37,7 @@ from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.optim.anyprecision import AnyPrecisionAdamW
+from fsdp_kit.policies.apply import reshard_all
 
 __all__ = ["BatchSearch", "find_batch_size", "planner_start", "search_batch_size", "upper_bound"]
 
@@ -161,9 +162,7 @@ def _free(model: nn.Module, device: torch.device) -> None:
     """Drop what a probe left: gradients, parameters an interrupted forward/backward left unsharded, cached
     blocks (so the next probe sees the memory as free, not fragmented)."""
     model.zero_grad(set_to_none=True)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    reshard_all(model)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

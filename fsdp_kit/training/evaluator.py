@@ -7,12 +7,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+from torch.distributed.fsdp import register_fsdp_forward_method
 
 from fsdp_kit.data import DataBundle
 from fsdp_kit.distributed import DistEnv
 from fsdp_kit.metrics import Reporter
 from fsdp_kit.models.objective import token_loss
+from fsdp_kit.policies.apply import reshard_all
 from fsdp_kit.training.config import TrainerConfig
 
 
@@ -40,7 +41,7 @@ class Evaluator:
         if generate and self.data.eval_pairs is not None:
             record["exact_match"] = self.exact_match()
         self.model.train()
-        reshard(self.model)
+        reshard_all(self.model)  # eval/generate run forward only
         self.reporter.eval(record)
         return record
 
@@ -75,11 +76,3 @@ class Evaluator:
         longer than the limit."""
         ids = self.data.eval[index]["target"]
         return self.data.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
-def reshard(model: nn.Module) -> None:
-    """Free what forward-only passes left unsharded: units that keep their parameters after forward (the last
-    unit, shard_grad_op) reshard only after a backward, which evaluation never runs."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()

@@ -171,7 +171,7 @@ class Trainer:
 
         Costs one small all-reduce and one host read per step; the two values travel as one tensor so it is
         a single sync. (The gradient norm is already global; the loss is each rank's own.)"""
-        norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        norm = _full(grad_norm)
         check = torch.stack([loss_total.detach().float(), norm.detach().float().to(loss_total.device)])
         if self.env.world_size > 1:
             dist.all_reduce(check)  # a NaN/inf anywhere stays non-finite in the sum
@@ -196,12 +196,16 @@ class Trainer:
     def _log(self, step: int) -> dict[str, Any]:
         record = self.tracker.record(step, lr=self.schedule.get_last_lr()[0])
         if self._grad_norm is not None:
-            norm = self._grad_norm.full_tensor() if isinstance(self._grad_norm, DTensor) else self._grad_norm
-            record["grad_norm"] = float(norm)
+            record["grad_norm"] = float(_full(self._grad_norm))
         if not math.isfinite(record["loss"]):
             self.reporter.warning(f"non-finite loss at step {step}")
         self.reporter.log(record)
         return record
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a tensor that may be a DTensor (clip_grad_norm_ returns one under FSDP2)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _requeue() -> None:
