@@ -30,10 +30,10 @@ from common import provenance, write_json
 
 from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.plan import GB, make_plan, model_shape, traced
+from fsdp_kit.plan.calibration import shipped
 from fsdp_kit.plan.memory import breakdown
 from fsdp_kit.plan.records import RESULTS, load_records
 from fsdp_kit.plan.search import TIE, Candidate, search
-from fsdp_kit.plan.speed import ASSUMED_MFU
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("t5_small", "t5_base", "t5_large", "t5_3b", "t5_11b")
@@ -180,7 +180,8 @@ def row_cells(row: dict[str, Any]) -> list[str]:
     offload = _yes(row["cpu_offload"])
     if row["host_gb_per_node"] is not None:
         offload += f" ({row['host_gb_per_node']:.0f} GB host RAM/node)"
-    speed = "measured" if row["tflops_source"].startswith("measured") else "assumed MFU"
+    speed = "calibrated" + (" + compile on record" if "compile speed-up" in row["tflops_source"]
+                            and "none on record" not in row["tflops_source"] else "")
     return [row["model"], params, row["gpu"], str(row["world"]), row["precision"], row["sharding"], row["wrap"],
             row["ac"], _yes(row["compile"]), offload, str(row["batch"]), f"{row['peak_gb']:.1f}",
             f"{row['tokens_per_s']:,.0f}", speed]
@@ -218,23 +219,8 @@ def check_text(check: dict[str, Any]) -> str:
     return text
 
 
-def measured_mfu() -> dict[str, Any] | None:
-    """The range of model FLOPs utilization measured on record (uncompiled bf16-compute runs on a GPU with a known
-    peak), to put the assumed MFU of the predictions in context."""
-    found = []
-    for record in load_records(RESULTS):
-        device = str(record.get("device") or "").lower()
-        spec = next((s for s in GPUS.values() if s.gpu.split("-")[0].lower() in device), None)
-        if spec and record.get("tflops") and not record.get("compile") and record.get("precision") != "fp32":
-            found.append(float(record["tflops"]) / spec.peak_tflops)
-    return {"min": min(found), "max": max(found), "runs": len(found)} if found else None
-
-
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict[str, Any] | None) -> str:
     source, target = meta["source_len"], meta["target_len"]
-    mfu = meta.get("measured_mfu")
-    mfu_text = (f" (optimistic: the {mfu['runs']} uncompiled bf16 GPU runs on record reached "
-                f"{mfu['min']:.0%}-{mfu['max']:.0%}; read tokens/s as a ranking)" if mfu else "")
     gpus = ", ".join(f"{spec['label']}: {spec['memory_gb']:g} GB" for spec in meta["gpus"].values())
     lines = [
         f"**PLANNED, not measured.** What each model needs for full fine-tuning at {source} source / {target} target "
@@ -244,13 +230,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], check: dict[str, 
         "GPU that fits. Full search "
         "space (precision fp32/bf16/bf16_pure x sharding x wrap x AC x compile x CPU offload); bf16_pure uses "
         "AnyPrecision AdamW (Kahan, bf16 states), the rest torch AdamW. GB = 1e9 bytes; GPU memory is the nominal "
-        f"size ({gpus}), as the cluster presets state it. \"speed from\": TFLOPS measured for that recipe and GPU "
-        "under benchmarks/results/, "
-        f"else an assumed {ASSUMED_MFU:.0%} of the dense peak{mfu_text}. "
-        "CPU offload needs the host RAM shown (not checked against the machine's), and its tokens/s leave out the "
-        "optimizer step on the host, which the planner does not price: where the fastest recipe offloads, a second "
-        "row gives the smallest world that fits without offload. Batches are the planner's largest, at the edge of "
-        "memory, and it under-predicts some peaks (see the check below and benchmarks/results/plan_vs_measured.md): "
+        f"size ({gpus}), as the cluster presets state it. \"speed from\": the planner's step-time model "
+        f"(fsdp_kit/plan/calibration.py: {shipped().describe()}; see benchmarks/results/plan_vs_measured.md), "
+        "times the compile speed-up measured on record for compiled recipes. "
+        "CPU offload needs the host RAM shown (not checked against the machine's), and its tokens/s price "
+        "the optimizer step on the host at an assumed 25 GB/s of host memory bandwidth per GPU: where the fastest "
+        "recipe offloads, a second row gives the smallest world that fits without offload. Batches are the "
+        "planner's largest, at the edge of memory, and it under-predicts some peaks (see the check below and "
+        "benchmarks/results/plan_vs_measured.md): "
         "start lower. Predictions only: run `fsdp-kit bench` before renting a cluster on them.",
         "",
         f"Made by `{meta['command']}` at commit {meta['commit']} on {meta['date']}.",
@@ -304,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     meta = {**provenance(), "commit": git_commit(), "worlds": args.worlds, "source_len": args.source_len,
             "target_len": args.target_len,
-            "measured_mfu": measured_mfu(), "gpus": {key: dataclasses.asdict(GPUS[key]) for key in args.gpus}}
+            "gpus": {key: dataclasses.asdict(GPUS[key]) for key in args.gpus}}
     rows = []
     for model in args.models:
         for gpu_key in args.gpus:

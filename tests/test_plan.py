@@ -109,10 +109,10 @@ def test_step_time_uses_nvlink_inside_a_node_and_the_network_across_nodes():
                                  "trainer.batch_size=8"])).speed
     three = make_plan(compose_job(["model=t5_3b", "precision=bf16", "ac=full", "cluster=p4d", "cluster.nodes=3",
                                    "data=synthetic", "trainer.batch_size=8"])).speed
-    assert one.compute_s == pytest.approx(three.compute_s)
+    assert three.compute_s < one.compute_s  # the same step, with a third of the optimizer shard per GPU
     assert three.comm_s > 5 * one.comm_s  # 50 GB/s EFA vs 600 GB/s NVLink
     assert one.step_s_overlapped == max(one.compute_s, one.comm_s)
-    assert "assumed 35%" in one.tflops_source or "measured" in one.tflops_source
+    assert one.tflops_source.startswith("calibrated: ")
 
 
 def _state_bytes_per_rank(cfg):
@@ -200,13 +200,14 @@ def test_deferred_gradient_sync_costs_one_unsharded_gradient():
     assert _memory("precision=bf16", "trainer.grad_accum_no_sync=true").grads == synced.grads  # nothing to defer
 
 
-def test_search_best_is_the_largest_batch_among_equally_fast_recipes():
-    """`fsdp-kit plan --search` and README's planned table (benchmarks/plan_table.py) name the same best: on one
-    GPU every recipe at the same compute speed ties, and the search put a small batch first."""
-    from fsdp_kit.plan.search import TIE, search
+def test_search_best_is_the_largest_batch_among_equally_fast_recipes(monkeypatch):
+    """`fsdp-kit plan --search` and README's planned table (benchmarks/plan_table.py) name the same best: among
+    recipes within TIE of the fastest, the largest batch (a wide TIE makes several recipes tie here)."""
+    from fsdp_kit.plan import search as search_module
 
-    found, _ = search(compose_job(["model=t5_small", "cluster=h100", "cluster.gpu_memory_gb=2",
-                                   "data.max_source_len=128", "data.max_target_len=32"]))
-    tied = [c for c in found if c.tokens_per_s >= found[0].tokens_per_s * (1 - TIE)]
-    assert len({c.batch for c in tied}) > 1  # the case at hand: equal speeds at different batches
+    monkeypatch.setattr(search_module, "TIE", 0.5)
+    found, _ = search_module.search(compose_job(["model=t5_small", "cluster=h100", "cluster.gpu_memory_gb=2",
+                                                 "data.max_source_len=128", "data.max_target_len=32"]))
+    tied = [c for c in found if c.tokens_per_s >= max(c.tokens_per_s for c in found) * (1 - 0.5)]
+    assert len({c.batch for c in tied}) > 1  # the case at hand: near-equal speeds at different batches
     assert found[0].batch == max(c.batch for c in tied)

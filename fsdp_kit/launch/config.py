@@ -25,6 +25,9 @@ class ClusterConfig:
     peak_tflops_fp32: float | None = None
     """Dense fp32 peak of one GPU (CUDA cores; torch leaves TF32 matmuls off by default), TFLOPS; the planner
     prices precision=fp32 with it (null: peak_tflops / 16, the A100/H100 ratio)."""
+    memory_bandwidth_gb_s: float | None = None
+    """HBM bandwidth of one GPU, GB/s (the planner prices memory-bound ops with it; null: assumed from peak_tflops
+    at an H100's ratio)."""
     intra_node_gbps: float | None = None
     """GPU-to-GPU bandwidth inside a node (NVLink), GB/s per GPU."""
     inter_node_gbps: float | None = None

@@ -22,6 +22,7 @@ from fsdp_kit.metrics.flops import FlopCounter
 from fsdp_kit.plan.activations import ActivationProfile, profile
 from fsdp_kit.plan.memory import GB, MemoryBreakdown, ModelShape, breakdown
 from fsdp_kit.plan.speed import SpeedEstimate, estimate_speed
+from fsdp_kit.plan.work import StepWork, step_work
 from fsdp_kit.policies.config import ActivationCheckpointConfig, CheckpointMode
 from fsdp_kit.policies.precision import compute_dtype
 
@@ -52,6 +53,8 @@ class Traced:
     activations: ActivationProfile
     flops_per_sample: int
     encoder_decoder: bool
+    work: StepWork
+    """The GPU work of a forward + backward, for the step time."""
 
 
 _TRACED: dict[tuple, Traced] = {}
@@ -81,7 +84,9 @@ def traced(job: TrainConfig) -> Traced:
         enc_dec = bool(model.config.is_encoder_decoder)
         acts = profile(model, layer_cls, _batch_shapes(job, enc_dec, 2), samples=2)
         flops = FlopCounter(job.model, model.config).flops_for_shapes(_batch_shapes(job, enc_dec, 1))
-        _TRACED[key] = Traced(acts, flops, enc_dec)
+        model, layer_cls = _meta_model(job)  # profile() faked the first one's parameters
+        work = step_work(model, layer_cls, lambda batch: _batch_shapes(job, enc_dec, batch))
+        _TRACED[key] = Traced(acts, flops, enc_dec, work)
     return _TRACED[key]
 
 
@@ -172,7 +177,7 @@ def make_plan(job: TrainConfig) -> Plan:
     def memory(batch: int) -> MemoryBreakdown:
         return breakdown(job, shape, trace.activations, batch, world, cluster.gpus_per_node)
 
-    speed = (estimate_speed(job, shape, trace.flops_per_sample, job.trainer.batch_size, world,
-                            len(trace.activations.per_layer)) if cluster.peak_tflops else None)
+    speed = (estimate_speed(job, shape, trace.flops_per_sample, job.trainer.batch_size, world, trace.work)
+             if cluster.peak_tflops else None)
     return Plan(job, world, cluster.gpu_memory_gb, shape, memory(job.trainer.batch_size),
                 largest_batch(memory, capacity), speed)

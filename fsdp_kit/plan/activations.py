@@ -75,6 +75,11 @@ class ActivationProfile:
         return largest * (2 if checkpointed else 1) + self.shared_inputs()
 
 
+ATTENTION_LISTENERS: list = []
+"""Called as ``listener(query, key, bias, backward=...)`` for each fused-attention forward and backward the
+stand-in runs (plan/work.py prices them)."""
+
+
 class _SavedLikeEfficientAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, bias):  # type: ignore[override]
@@ -82,14 +87,21 @@ class _SavedLikeEfficientAttention(torch.autograd.Function):
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
         for recorder in _Recorder.active:  # the fused kernels' outputs, which ac=selective keeps
             recorder.record((output, lse))
+        for listener in ATTENTION_LISTENERS:
+            listener(query, key, bias, backward=False)
         ctx.save_for_backward(query, key, value, output, lse, *(() if bias is None else (bias,)))
         return output
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        query, key, value = ctx.saved_tensors[:3]
-        bias_grad = torch.zeros_like(ctx.saved_tensors[5]) if len(ctx.saved_tensors) > 5 else None
-        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value), bias_grad
+        saved = ctx.saved_tensors  # read once: a checkpointed layer's saved tensors unpack once
+        query, key, value = saved[:3]
+        bias = saved[5] if len(saved) > 5 else None
+        for listener in ATTENTION_LISTENERS:
+            listener(query, key, bias, backward=True)
+        # Allocations only (fake tensors hold no values): the kernel's own traffic is priced by the listeners.
+        bias_grad = torch.empty_like(bias) if bias is not None else None
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), bias_grad
 
 
 @contextmanager

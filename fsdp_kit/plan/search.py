@@ -98,8 +98,7 @@ def search(job: TrainConfig) -> tuple[list[Candidate], int]:
         if not batch:
             continue
         final = dataclasses.replace(recipe, trainer=dataclasses.replace(recipe.trainer, batch_size=batch))
-        speed = estimate_speed(final, shape, trace.flops_per_sample, batch, world, len(trace.activations.per_layer),
-                               records)
+        speed = estimate_speed(final, shape, trace.flops_per_sample, batch, world, trace.work, records)
         found.append(Candidate(final, batch, memory(batch), speed))
     found.sort(key=lambda c: (-c.tokens_per_s, c.memory.total))
     if found:  # ties with the fastest go to the larger batch, as in README's table (benchmarks/plan_table.py)

@@ -1,39 +1,51 @@
-"""Step time from compute and FSDP communication volume.
+"""Step time from the traced work of a step (plan/work.py), calibrated efficiencies, and FSDP communication.
 
-Compute: counted model FLOPs per GPU divided by a per-GPU TFLOPS: measured, where benchmarks/results/ holds a run
-of the same model and recipe on the same GPU, else an assumed fraction of the GPU's dense peak (bf16, or fp32 for
-precision=fp32; stated), plus the forward recomputed under activation checkpointing (a third of a layer's
-forward+backward FLOPs per checkpointed layer; selective recomputes only elementwise ops, counted as free) and
-times the compile speed-up measured on record (1 without one). CPU offload adds the host<->GPU copies of the
-parameter and gradient shards over PCIe (PCIE_GB_S), not overlapped; the host optimizer step is not modeled. Traffic per
-GPU and step: all-gather of the parameters in forward, again in backward when resharding, reduce-scatter of the
-gradients; hybrid sharding adds an all-reduce of the sharded gradients across replicas. Collectives inside a node
-run at NVLink speed; a group that spans nodes runs at the node's aggregate network bandwidth (ring bus bandwidth). FSDP
-prefetches, so collectives overlap compute: the estimate gives full overlap (max) and none (sum).
+Compute: the step's matmul and attention FLOPs (with the forward that activation checkpointing recomputes), the
+bytes of its memory-bound ops, the optimizer step (its traffic per element traced on the configured optimizer),
+gradient clipping and FSDP's local copies around each collective, and its kernel count, priced by the four
+efficiencies of plan/calibration.py (fitted to the GPU runs on record), times the compile speed-up measured on
+record (1 without one). CPU offload adds the host<->GPU copies of the parameter and gradient shards over PCIe
+(PCIE_GB_S) and the optimizer step on the host (HOST_MEMORY_GB_S), neither overlapped. Traffic per GPU and step:
+all-gather of the parameters in forward, again in backward when resharding, reduce-scatter of the gradients; hybrid
+sharding adds an all-reduce of the sharded gradients across replicas. Collectives inside a node run at NVLink speed;
+a group that spans nodes runs at the node's aggregate network bandwidth (ring bus bandwidth). FSDP prefetches, so
+collectives overlap compute: the estimate gives full overlap (max) and none (sum).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from fsdp_kit.config import TrainConfig
+from fsdp_kit.plan import calibration as calibration_file
+from fsdp_kit.plan.calibration import Calibration, Observation, predict
 from fsdp_kit.plan.memory import ModelShape, dtype_bytes, precision_bytes, shard_factor
-from fsdp_kit.plan.records import RESULTS, load_records
+from fsdp_kit.plan.records import load_records
+from fsdp_kit.plan.work import StepWork, Work, optimizer_bytes_per_element
 from fsdp_kit.policies.activation import checkpointed_indices
 from fsdp_kit.policies.config import CheckpointMode, Precision
 from fsdp_kit.policies.precision import param_dtype
 from fsdp_kit.policies.sharding import reshard_after_forward
 
-ASSUMED_MFU = 0.35
 PCIE_GB_S = 25.0
 """Host<->GPU copy bandwidth per GPU with CPU offload (PCIe 4.0 x16 in practice)."""
+HOST_MEMORY_GB_S = 25.0
+"""Host memory bandwidth per GPU for the optimizer step that CPU offload runs on the host (a node's ~200 GB/s of
+DRAM bandwidth shared by 8 GPUs)."""
+BYTES_PER_S_PER_FLOPS = 3.35e12 / 989e12
+"""HBM bandwidth per dense peak FLOPS of an H100 SXM: the bandwidth assumed for a GPU whose cluster preset gives
+none (cluster.memory_bandwidth_gb_s)."""
 
 
 @dataclass(frozen=True)
 class SpeedEstimate:
     tflops_per_gpu: float
+    """Model TFLOPS (recompute not counted) at the predicted compute time."""
     tflops_source: str
     compute_s: float
     comm_gb_per_gpu: float
@@ -41,21 +53,6 @@ class SpeedEstimate:
     step_s_overlapped: float
     step_s_serial: float
     tokens_per_s: float
-
-
-def _same_gpu(job: TrainConfig, record: dict[str, Any]) -> bool:
-    gpu = (job.cluster.gpu or "").split("-")[0].lower()
-    return bool(gpu) and gpu in str(record.get("device", "")).lower()
-
-
-def measured_tflops(job: TrainConfig, results: Path | list[dict[str, Any]] = RESULTS) -> tuple[float, str] | None:
-    """Median model TFLOPS of the matching runs on record (model, precision, AC, compile and GPU)."""
-    records = load_records(results) if isinstance(results, Path) else results
-    found = sorted((float(r["tflops"]), str(r.get("source", "?"))) for r in records
-                   if r.get("model") == job.model.name and r.get("precision") == job.precision.name
-                   and r.get("ac") == job.ac.mode and bool(r.get("compile")) == job.trainer.compile
-                   and r.get("tflops") and _same_gpu(job, r))
-    return found[len(found) // 2] if found else None
 
 
 def compile_speedup(job: TrainConfig, records: list[dict[str, Any]]) -> tuple[float, str]:
@@ -71,11 +68,88 @@ def compile_speedup(job: TrainConfig, records: list[dict[str, Any]]) -> tuple[fl
                                      "measured pairs)"
 
 
-def recompute_fraction(job: TrainConfig, layer_count: int) -> float:
-    """Extra FLOPs of activation checkpointing, as a fraction of the step's model FLOPs."""
-    if job.ac.mode in (CheckpointMode.none, CheckpointMode.selective) or not layer_count:
-        return 0.0
-    return len(checkpointed_indices(job.ac, layer_count)) / layer_count / 3.0
+class _Holder(nn.Module):
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+
+_OPTIMIZER_TRAFFIC: dict[tuple, tuple[float, int]] = {}
+
+
+def optimizer_traffic(job: TrainConfig) -> tuple[float, int]:
+    """(bytes per parameter element, kernels per multi-tensor call) of the configured optimizer's step on GPU."""
+    dtype = param_dtype(job.precision)
+    key = (repr(job.optim), dtype)
+    if key not in _OPTIMIZER_TRAFFIC:
+        optim = job.optim
+        if optim.name == "anyprecision":
+            from fsdp_kit.optim.build import build_optimizer
+
+            traffic = optimizer_bytes_per_element(lambda params: build_optimizer(_Holder(params), optim), dtype)
+        elif optim.fused:  # one kernel: reads parameter, gradient and both moments, writes all but the gradient
+            traffic = (7.0 * dtype_bytes(dtype), 1)
+        else:  # torch's multi-tensor AdamW, its default on GPU
+            traffic = optimizer_bytes_per_element(
+                lambda params: torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                                 weight_decay=optim.weight_decay, foreach=True), dtype)
+        _OPTIMIZER_TRAFFIC[key] = traffic
+    return _OPTIMIZER_TRAFFIC[key]
+
+
+def _optimizer_work(job: TrainConfig, shard_elements: float) -> Work:
+    if job.sharding.cpu_offload:
+        return Work()  # the step runs on the host
+    per_element, kernels = optimizer_traffic(job)
+    chunk = job.optim.chunk_elements if job.optim.name == "anyprecision" else shard_elements
+    return Work(memory_bytes=per_element * shard_elements, kernels=kernels * max(1, math.ceil(shard_elements / chunk)))
+
+
+def _fsdp_copies(job: TrainConfig, shape: ModelShape, factor: int) -> Work:
+    """FSDP2's local traffic around its collectives: the copy into the all-gather buffer (with the cast to the
+    compute dtype) and out of it into the unsharded parameters, and the same for the gradients' reduce-scatter."""
+    pbytes, cbytes, rbytes = precision_bytes(job)
+    regathered = (shape.params if shape.regathered is None else shape.regathered) \
+        if reshard_after_forward(job.sharding) else 0
+    gathered = shape.params + regathered
+    all_gather = gathered * ((pbytes + cbytes) / factor + 3 * cbytes)
+    reduce_scatter = shape.params * (cbytes + 2 * rbytes + (rbytes + pbytes) / factor)
+    return Work(memory_bytes=all_gather + reduce_scatter, kernels=4 * shape.units)
+
+
+def step_work(job: TrainConfig, shape: ModelShape, work: StepWork, batch: int, factor: int) -> Work:
+    """All the GPU work of one training step on one GPU."""
+    selective = job.ac.mode == CheckpointMode.selective
+    checkpointed = set(checkpointed_indices(job.ac, len(work.layer_forward)))
+    total = work.at(batch, checkpointed, selective) + _fsdp_copies(job, shape, factor)
+    total = total + _optimizer_work(job, shape.params / factor)
+    if job.trainer.clip_grad_norm is not None:  # one norm over the gradients, one in-place scale
+        total = total + Work(memory_bytes=3 * dtype_bytes(param_dtype(job.precision)) * shape.params / factor,
+                             kernels=2)
+    return total
+
+
+def _memory_bandwidth(job: TrainConfig) -> tuple[float, str]:
+    cluster = job.cluster
+    if cluster.memory_bandwidth_gb_s:
+        return cluster.memory_bandwidth_gb_s * 1e9, ""
+    assumed = (cluster.peak_tflops or 0.0) * 1e12 * BYTES_PER_S_PER_FLOPS
+    return assumed, f"; HBM bandwidth assumed {assumed / 1e9:.0f} GB/s (set cluster.memory_bandwidth_gb_s)"
+
+
+def observation(job: TrainConfig, shape: ModelShape, work: StepWork, batch: int, world: int,
+                measured_s: float = 0.0, label: str = "") -> Observation:
+    """The step's work as the terms of plan/calibration.py's time model."""
+    cluster = job.cluster
+    total = step_work(job, shape, work, batch, shard_factor(job, world, cluster.gpus_per_node))
+    flops = total.matmul_flops + total.attention_flops
+    bandwidth, _ = _memory_bandwidth(job)
+    if job.precision.name == Precision.fp32:
+        peak32 = cluster.peak_tflops_fp32 or (cluster.peak_tflops or 0.0) / 16
+        matmul = (0.0, flops / (peak32 * 1e12))
+    else:
+        matmul = (flops / ((cluster.peak_tflops or 0.0) * 1e12), 0.0)
+    return Observation(*matmul, total.memory_bytes / bandwidth, total.kernels, measured_s, label)
 
 
 def _bandwidth_gb_s(job: TrainConfig, group_spans_nodes: bool) -> float:
@@ -89,24 +163,17 @@ def _bandwidth_gb_s(job: TrainConfig, group_spans_nodes: bool) -> float:
     return min(nvlink, network)
 
 
-def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, batch: int,
-                   world: int, layer_count: int = 0, records: list[dict[str, Any]] | None = None) -> SpeedEstimate:
+def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, batch: int, world: int,
+                   work: StepWork, records: list[dict[str, Any]] | None = None,
+                   calibration: Calibration | None = None) -> SpeedEstimate:
     cluster = job.cluster
     records = load_records() if records is None else records
-    measured = measured_tflops(job, records)
-    if measured:
-        tflops, source = measured[0], f"measured ({measured[1]})"
-    else:
-        fp32 = job.precision.name == Precision.fp32
-        peak = (cluster.peak_tflops_fp32 or (cluster.peak_tflops or 0.0) / 16) if fp32 else cluster.peak_tflops or 0.0
-        speedup, speedup_text = compile_speedup(job, records) if job.trainer.compile else (1.0, "")
-        recompute = recompute_fraction(job, layer_count)
-        tflops = ASSUMED_MFU * peak * speedup / (1.0 + recompute)
-        source = (f"assumed {ASSUMED_MFU:.0%} of the {peak:g} TFLOPS {'fp32' if fp32 else 'bf16'} peak"
-                  + (f", {recompute:.0%} recompute" if recompute else "")
-                  + (f", {speedup_text}" if speedup_text else "")
-                  + "; no measurement on record")
-    compute_s = flops_per_sample * batch / (tflops * 1e12)
+    calibration = calibration or calibration_file.shipped()
+    speedup, speedup_text = compile_speedup(job, records) if job.trainer.compile else (1.0, "")
+    compute_s = predict(calibration, observation(job, shape, work, batch, world)) / speedup
+    _, bandwidth_text = _memory_bandwidth(job)
+    source = f"calibrated: {calibration.describe()}" + (f", {speedup_text}" if speedup_text else "") + bandwidth_text
+    tflops = flops_per_sample * batch / compute_s / 1e12
 
     factor = shard_factor(job, world, cluster.gpus_per_node)
     replicas = world // factor
@@ -121,7 +188,9 @@ def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, b
               + replica_traffic / (_bandwidth_gb_s(job, replicas_span_nodes) * 1e9))
     offload_s = 0.0
     if job.sharding.cpu_offload:  # parameter shards up, gradient shards down, every step
-        offload_s = 2 * shape.params / factor * dtype_bytes(param_dtype(job.precision)) / (PCIE_GB_S * 1e9)
+        shard = shape.params / factor
+        offload_s = 2 * shard * dtype_bytes(param_dtype(job.precision)) / (PCIE_GB_S * 1e9)
+        offload_s += optimizer_traffic(job)[0] * shard / (HOST_MEMORY_GB_S * 1e9)  # the optimizer step on the host
     overlapped = max(compute_s, comm_s) + offload_s
     tokens = batch * world * (job.data.max_source_len + job.data.max_target_len)
     return SpeedEstimate(tflops, source, compute_s, (shard_traffic + replica_traffic) / 1e9, comm_s, overlapped,

@@ -1,0 +1,116 @@
+"""The planner's step time: the traced work of a step, the optimizer's traffic, and the calibration fit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fsdp_kit.launch.slurm import compose_job
+from fsdp_kit.plan import _batch_shapes, _meta_model, make_plan, model_shape, traced
+from fsdp_kit.plan.calibration import Calibration, Observation, fit, predict
+from fsdp_kit.plan.speed import observation, optimizer_traffic
+from fsdp_kit.plan.work import StepWork, _trace, op_bytes, step_work
+
+TINY = ["model=t5_tiny", "cluster=h100", "data=synthetic", "data.max_source_len=32", "data.max_target_len=8"]
+
+
+def _fresh_trace(job, batch: int):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fsdp_kit.plan import activations
+
+    model, layer_cls = _meta_model(job)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, activations._gpu_like_attention():
+        activations._fake_parameters(model, mode)
+        return _trace(model, layer_cls, _batch_shapes(job, True, batch), mode)
+
+
+def test_work_interpolated_from_batches_2_and_3_equals_a_trace_at_batch_5():
+    job = compose_job(TINY)
+    model, layer_cls = _meta_model(job)
+    work = step_work(model, layer_cls, lambda batch: _batch_shapes(job, True, batch))
+    total, per_layer = _fresh_trace(job, 5)
+    at_five = work.at(5)
+    for name in ("matmul_flops", "attention_flops", "kernels"):
+        assert getattr(at_five, name) == pytest.approx(getattr(total, name), rel=1e-9), name
+    # bytes are linear but for broadcast reads (a bias read once per batch, not per sample): within 2%
+    assert at_five.memory_bytes == pytest.approx(total.memory_bytes, rel=0.02)
+    assert work.layer_forward[0].at(5).matmul_flops == pytest.approx(per_layer[0].matmul_flops)
+    # the counted matmul and attention FLOPs are the model FLOPs that FlopCounterMode counts
+    flops = traced(job).flops_per_sample * 5
+    # (plus the scores that fused attention recomputes in backward: under 1% here)
+    assert at_five.matmul_flops + at_five.attention_flops == pytest.approx(flops, rel=0.01)
+    assert at_five.matmul_flops + at_five.attention_flops > flops
+
+
+def test_checkpointing_adds_the_forward_of_the_layers_it_checkpoints():
+    work: StepWork = traced(compose_job(TINY)).work
+    plain = work.at(4)
+    full = work.at(4, {0, 1})
+    selective = work.at(4, {0, 1}, selective=True)
+    forward = work.layer_forward[0].at(4) + work.layer_forward[1].at(4)
+    assert full.matmul_flops - plain.matmul_flops == pytest.approx(forward.matmul_flops)
+    assert full.memory_bytes - plain.memory_bytes == pytest.approx(forward.memory_bytes)
+    assert selective.matmul_flops == pytest.approx(plain.matmul_flops)  # matmul outputs are kept, not recomputed
+    assert selective.memory_bytes == pytest.approx(full.memory_bytes)
+
+
+def test_op_bytes_count_reads_and_writes_and_nothing_for_views():
+    a, b = torch.ones(8, 4), torch.ones(8, 4)
+    aten = torch.ops.aten
+    assert op_bytes(aten.add.Tensor, (a, b), {}, a + b) == 3 * a.nbytes
+    assert op_bytes(aten.add_.Tensor, (a, b), {}, a) == 3 * a.nbytes  # reads both, writes a
+    assert op_bytes(aten.t.default, (a,), {}, a.t()) == 0
+    assert op_bytes(aten.empty_like.default, (a,), {}, torch.empty_like(a)) == 0
+    assert op_bytes(aten.zeros_like.default, (a,), {}, torch.zeros_like(a)) == a.nbytes
+
+
+def _optim(*overrides: str) -> tuple[float, int]:
+    return optimizer_traffic(compose_job([*TINY, *overrides]))
+
+
+def test_optimizer_traffic_follows_dtypes_fusion_and_kahan():
+    fp32, _ = _optim("precision=fp32", "optim=adamw")
+    bf16_pure, _ = _optim("precision=bf16_pure", "optim=adamw")
+    assert fp32 == pytest.approx(2 * bf16_pure, rel=1e-5)  # the same ops on half the bytes (the step counts aside)
+    fused, kernels = _optim("precision=fp32", "optim=adamw", "optim.fused=true")
+    assert fused < fp32 and kernels == 1
+    kahan, _ = _optim("precision=bf16_pure", "optim=anyprecision", "optim.use_kahan_summation=true")
+    plain, _ = _optim("precision=bf16_pure", "optim=anyprecision", "optim.use_kahan_summation=false")
+    assert kahan > plain  # the compensation buffer is read and written
+
+
+def test_fit_recovers_the_efficiencies_that_made_the_measurements_and_keeps_unexercised_ones():
+    truth = Calibration(0.4, 0.7, 0.6, 2e-5)
+    rows = []
+    for i in range(5):
+        terms = Observation(0.1 * (i + 1), 0.0, 0.05 * (5 - i) + 0.01, 1000.0 * (i % 3 + 1), 0.0)
+        rows.append(dataclasses.replace(terms, measured_s=predict(truth, terms)))
+    default = Calibration(0.5, 0.33, 0.5, 1e-5)
+    found = fit(rows, default)
+    assert found.matmul_efficiency == pytest.approx(0.4)
+    assert found.memory_efficiency == pytest.approx(0.6)
+    assert found.seconds_per_kernel == pytest.approx(2e-5)
+    assert found.fp32_matmul_efficiency == default.fp32_matmul_efficiency  # no fp32 run to fit it to
+    assert all(predict(found, r) == pytest.approx(r.measured_s) for r in rows)
+
+
+def test_step_time_grows_with_batch_and_checkpointing_and_the_source_names_the_calibration():
+    def compute_s(*overrides: str) -> float:
+        return make_plan(compose_job([*TINY, *overrides])).speed.compute_s
+
+    assert compute_s("trainer.batch_size=16") > compute_s("trainer.batch_size=8")
+    assert compute_s("ac=full") > compute_s("ac=selective") > compute_s("ac=none")
+    speed = make_plan(compose_job(TINY)).speed
+    assert speed.tflops_source.startswith("calibrated: ") and "fitted to" in speed.tflops_source
+
+
+def test_observation_prices_fp32_on_the_fp32_peak():
+    job = compose_job([*TINY, "precision=fp32"])
+    terms = observation(job, model_shape(job), traced(job).work, 8, 1)
+    assert terms.bf16_matmul_s == 0 and terms.fp32_matmul_s > 0
+    bf16 = compose_job([*TINY, "precision=bf16"])
+    assert observation(bf16, model_shape(bf16), traced(bf16).work, 8, 1).fp32_matmul_s == 0
