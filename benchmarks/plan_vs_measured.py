@@ -20,7 +20,7 @@ import dataclasses
 from common import provenance, write_json
 
 from fsdp_kit.config import compose_job
-from fsdp_kit.plan import calibration, make_plan, model_shape, traced
+from fsdp_kit.plan import calibration, make_plan, model_shape, traced_work
 from fsdp_kit.plan.records import RESULTS, load_records
 from fsdp_kit.plan.speed import observation
 
@@ -67,7 +67,7 @@ def main() -> None:
         job, overrides = _job(record, cluster)
         label = f"{record['source']}: {record.get('label') or ' '.join(overrides[:5])} batch {record['batch']}"
         measured_s = _measured_step_s(record)
-        terms = observation(job, model_shape(job), traced(job).work, job.trainer.batch_size, 1,
+        terms = observation(job, model_shape(job), traced_work(job), job.trainer.batch_size, 1,
                             measured_s or 0.0, label)
         rows.append({"record": record, "job": job, "overrides": overrides, "cluster": cluster, "terms": terms})
     fitted = [r["terms"] for r in rows if not r["record"].get("compile") and r["terms"].measured_s]

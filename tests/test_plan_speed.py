@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fsdp_kit.launch.slurm import compose_job
-from fsdp_kit.plan import _batch_shapes, _meta_model, make_plan, model_shape, traced
+from fsdp_kit.plan import _batch_shapes, _meta_model, make_plan, model_shape, traced, traced_work
 from fsdp_kit.plan.calibration import Calibration, Observation, fit, predict
 from fsdp_kit.plan.speed import observation, optimizer_traffic
 from fsdp_kit.plan.work import StepWork, _trace, op_bytes, step_work
@@ -47,7 +47,7 @@ def test_work_interpolated_from_batches_2_and_3_equals_a_trace_at_batch_5():
 
 
 def test_checkpointing_adds_the_forward_of_the_layers_it_checkpoints():
-    work: StepWork = traced(compose_job(TINY)).work
+    work: StepWork = traced_work(compose_job(TINY))
     plain = work.at(4)
     full = work.at(4, {0, 1})
     selective = work.at(4, {0, 1}, selective=True)
@@ -110,7 +110,7 @@ def test_step_time_grows_with_batch_and_checkpointing_and_the_source_names_the_c
 
 def test_observation_prices_fp32_on_the_fp32_peak():
     job = compose_job([*TINY, "precision=fp32"])
-    terms = observation(job, model_shape(job), traced(job).work, 8, 1)
+    terms = observation(job, model_shape(job), traced_work(job), 8, 1)
     assert terms.bf16_matmul_s == 0 and terms.fp32_matmul_s > 0
     bf16 = compose_job([*TINY, "precision=bf16"])
-    assert observation(bf16, model_shape(bf16), traced(bf16).work, 8, 1).fp32_matmul_s == 0
+    assert observation(bf16, model_shape(bf16), traced_work(bf16), 8, 1).fp32_matmul_s == 0

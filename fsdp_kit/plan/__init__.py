@@ -26,7 +26,8 @@ from fsdp_kit.plan.work import StepWork, step_work
 from fsdp_kit.policies.config import ActivationCheckpointConfig, CheckpointMode
 from fsdp_kit.policies.precision import compute_dtype
 
-__all__ = ["Plan", "Traced", "choose_checkpointing", "make_plan", "resolve_auto_checkpointing", "traced"]
+__all__ = ["Plan", "Traced", "choose_checkpointing", "make_plan", "resolve_auto_checkpointing", "traced",
+           "traced_work"]
 
 MAX_BATCH = 4096
 
@@ -53,12 +54,11 @@ class Traced:
     activations: ActivationProfile
     flops_per_sample: int
     encoder_decoder: bool
-    work: StepWork
-    """The GPU work of a forward + backward, for the step time."""
 
 
 _TRACED: dict[tuple, Traced] = {}
 _SHAPES: dict[tuple, ModelShape] = {}
+_WORK: dict[tuple, StepWork] = {}
 
 
 def _batch_shapes(job: TrainConfig, encoder_decoder: bool, batch: int) -> dict[str, tuple[int, ...]]:
@@ -84,10 +84,20 @@ def traced(job: TrainConfig) -> Traced:
         enc_dec = bool(model.config.is_encoder_decoder)
         acts = profile(model, layer_cls, _batch_shapes(job, enc_dec, 2), samples=2)
         flops = FlopCounter(job.model, model.config).flops_for_shapes(_batch_shapes(job, enc_dec, 1))
-        model, layer_cls = _meta_model(job)  # profile() faked the first one's parameters
-        work = step_work(model, layer_cls, lambda batch: _batch_shapes(job, enc_dec, batch))
-        _TRACED[key] = Traced(acts, flops, enc_dec, work)
+        _TRACED[key] = Traced(acts, flops, enc_dec)
     return _TRACED[key]
+
+
+def traced_work(job: TrainConfig) -> StepWork:
+    """The GPU work of ``job``'s forward + backward at ``job.data``'s lengths, for the step time (cached; only
+    the planner's speed needs it, so training-time planning (ac=auto, the batch search) never traces it)."""
+    key = (repr(job.model), repr(job.wrap.layer_cls), job.data.max_source_len, job.data.max_target_len,
+           compute_dtype(job.precision))
+    if key not in _WORK:
+        model, layer_cls = _meta_model(job)
+        enc_dec = bool(model.config.is_encoder_decoder)
+        _WORK[key] = step_work(model, layer_cls, lambda batch: _batch_shapes(job, enc_dec, batch))
+    return _WORK[key]
 
 
 def model_shape(job: TrainConfig) -> ModelShape:
@@ -177,7 +187,7 @@ def make_plan(job: TrainConfig) -> Plan:
     def memory(batch: int) -> MemoryBreakdown:
         return breakdown(job, shape, trace.activations, batch, world, cluster.gpus_per_node)
 
-    speed = (estimate_speed(job, shape, trace.flops_per_sample, job.trainer.batch_size, world, trace.work)
+    speed = (estimate_speed(job, shape, trace.flops_per_sample, job.trainer.batch_size, world, traced_work(job))
              if cluster.peak_tflops else None)
     return Plan(job, world, cluster.gpu_memory_gb, shape, memory(job.trainer.batch_size),
                 largest_batch(memory, capacity), speed)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.errors import ConfigError
-from fsdp_kit.plan import GB, _world, largest_batch, model_shape, traced
+from fsdp_kit.plan import GB, _world, largest_batch, model_shape, traced, traced_work
 from fsdp_kit.plan.memory import MemoryBreakdown, breakdown
 from fsdp_kit.plan.records import load_records
 from fsdp_kit.plan.speed import SpeedEstimate, estimate_speed
@@ -98,7 +98,7 @@ def search(job: TrainConfig) -> tuple[list[Candidate], int]:
         if not batch:
             continue
         final = dataclasses.replace(recipe, trainer=dataclasses.replace(recipe.trainer, batch_size=batch))
-        speed = estimate_speed(final, shape, trace.flops_per_sample, batch, world, trace.work, records)
+        speed = estimate_speed(final, shape, trace.flops_per_sample, batch, world, traced_work(recipe), records)
         found.append(Candidate(final, batch, memory(batch), speed))
     found.sort(key=lambda c: (-c.tokens_per_s, c.memory.total))
     if found:  # ties with the fastest go to the larger batch, as in README's table (benchmarks/plan_table.py)
