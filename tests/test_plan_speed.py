@@ -114,3 +114,13 @@ def test_observation_prices_fp32_on_the_fp32_peak():
     assert terms.bf16_matmul_s == 0 and terms.fp32_matmul_s > 0
     bf16 = compose_job([*TINY, "precision=bf16"])
     assert observation(bf16, model_shape(bf16), traced_work(bf16), 8, 1).fp32_matmul_s == 0
+
+
+@pytest.mark.parametrize("setting", ["cluster.memory_bandwidth_gb_s=-5", "cluster.memory_bandwidth_gb_s=0",
+                                     "cluster.peak_tflops_fp32=0"])
+def test_bad_gpu_figures_are_refused_with_one_line(setting):
+    from fsdp_kit.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        make_plan(compose_job([*TINY, setting]))
+    assert setting.split("=")[0] in str(info.value) and "must be > 0" in str(info.value)
