@@ -186,6 +186,10 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
     hooks = [layer.register_forward_pre_hook(enter, with_kwargs=True) for layer in found]
     hooks += [layer.register_forward_hook(leave) for layer in found]
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # The fake-tensor dispatch cache is shared by every FakeTensorMode in the process: an output it serves may
+    # not share the storage its inputs do, which hides a tensor that several layers receive (the count then
+    # depends on what was traced before). Storage identity is what this profile counts, so no cache.
+    mode.cache_enabled = False
     recorder = _Recorder(running)
     try:
         with mode, _gpu_like_attention():
