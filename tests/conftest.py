@@ -17,13 +17,43 @@ torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _group_tests_that_share_fixtures(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _group_tests_that_share_fixtures(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n N --dist loadgroup``), tests that use the same module- or session-scoped fixture of
+    ours run on one worker, so that the fixture is built once: ONE local Slurm (the ``slurm`` fixture refuses to
+    start beside another), one wheel venv, one reference run per module. Tests linked through a shared fixture
+    form one group (``xdist_group``); without xdist the marks change nothing."""
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    shared: dict[pytest.Item, list[str]] = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        names = []
+        for name, defs in (info.name2fixturedefs.items() if info else ()):
+            fixture = defs[-1]
+            if fixture.scope in ("module", "session") and str(fixture.baseid or "").startswith("tests"):
+                names.append(f"{fixture.baseid}::{name}")
+        shared[item] = names
+        for name in names[1:]:
+            parent[root(name)] = root(names[0])
+    for item, names in shared.items():
+        if names:
+            item.add_marker(pytest.mark.xdist_group(root(names[0])))
 
 
 @pytest.fixture(scope="session")

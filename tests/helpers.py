@@ -6,7 +6,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_module
-import socket
 import subprocess
 import time
 import traceback
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from ports import free_port
 
 from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.run_dir import register_resolvers
@@ -51,12 +51,6 @@ def compose_cfg(overrides: list[str]):
 def job(run_dir: Path | str, *overrides: str, fast: bool = True) -> TrainConfig:
     """A typed job from the shipped configs plus overrides (later overrides win)."""
     return compose_job([*(FAST if fast else []), f"run_dir={run_dir}", *overrides])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, queue: Any, args: tuple) -> None:
