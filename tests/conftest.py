@@ -17,9 +17,8 @@ torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    _group_tests_that_share_fixtures(items)
+    _slurm_tests_in_one_file_first(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -28,32 +27,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _group_tests_that_share_fixtures(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n N --dist loadgroup``), tests that use the same module- or session-scoped fixture of
-    ours run on one worker, so that the fixture is built once: ONE local Slurm (the ``slurm`` fixture refuses to
-    start beside another), one wheel venv, one reference run per module. Tests linked through a shared fixture
-    form one group (``xdist_group``); without xdist the marks change nothing."""
-    parent: dict[str, str] = {}
-
-    def root(name: str) -> str:
-        while parent.setdefault(name, name) != name:
-            name = parent[name]
-        return name
-
-    shared: dict[pytest.Item, list[str]] = {}
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        names = []
-        for name, defs in (info.name2fixturedefs.items() if info else ()):
-            fixture = defs[-1]
-            if fixture.scope in ("module", "session") and str(fixture.baseid or "").startswith("tests"):
-                names.append(f"{fixture.baseid}::{name}")
-        shared[item] = names
-        for name in names[1:]:
-            parent[root(name)] = root(names[0])
-    for item, names in shared.items():
-        if names:
-            item.add_marker(pytest.mark.xdist_group(root(names[0])))
+def _slurm_tests_in_one_file_first(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs the tests in parallel with ``-n N --dist loadfile`` (pytest-xdist): each file on one worker,
+    so a module's fixtures are built once. The tests of the private Slurm (the session-scoped ``slurm`` fixture,
+    which refuses to start beside another Slurm) share one cluster, one job after the other: they must stay in one
+    file, which goes first under xdist since it is the longest chain (it mostly waits for Slurm)."""
+    files = sorted({str(item.path) for item in items if "slurm" in getattr(item, "fixturenames", ())})
+    if len(files) > 1:
+        raise pytest.UsageError(f"tests in {', '.join(files)} use the slurm fixture: keep them in one file (with "
+                                "--dist loadfile a second worker would skip them, a Slurm already running)")
+    if files and hasattr(config, "workerinput"):  # an xdist worker: the scheduler hands out files in this order
+        items.sort(key=lambda item: str(item.path) not in files)  # stable: the others keep their order
 
 
 @pytest.fixture(scope="session")
