@@ -1,15 +1,22 @@
-"""Compose jobs from the shipped configs and run them on real process groups (gloo, forked ranks)."""
+"""Compose jobs from the shipped configs and run them on real process groups (gloo, forked ranks); run the
+``fsdp-kit`` command line in a forked copy of the test process."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import pickle
 import queue as queue_module
+import signal
 import subprocess
+import sys
+import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +130,88 @@ def signal_after_first_log(proc: subprocess.Popen, run_dir: Path, sig: int, time
     finally:
         proc.kill()
     return output
+
+
+@dataclass
+class Outcome:
+    """How a command ended: its exit code and what it wrote."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
+
+
+def run_cli(*args: str, cwd: Path | str, env: dict[str, str] | None = None, timeout: float = 180) -> Outcome:
+    """``fsdp-kit ARGS`` run from ``cwd`` with ``env`` added, as a user types it: its exit code, stdout and stderr.
+
+    The real entry point (``fsdp_kit.cli.main``) runs in a forked copy of this process: a process of its own (its
+    own cwd, environment, Hydra and logging state, file descriptors 1 and 2, exit code) without a new interpreter
+    importing torch and transformers again (seconds per command). Tests of what only a new process shows (the
+    console script itself, signals, imports) run the command with ``subprocess`` instead.
+    """
+    with tempfile.TemporaryDirectory(prefix="fsdp_kit_cli_") as scratch:
+        out_path, err_path = Path(scratch) / "stdout", Path(scratch) / "stderr"
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                code = _cli_child(list(args), cwd, env or {}, out_path, err_path)
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:  # a hard deadline, as subprocess.run(timeout=...) has
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"fsdp-kit {' '.join(args)} did not end within {timeout}s")
+            time.sleep(0.01)
+        return Outcome(os.waitstatus_to_exitcode(status), out_path.read_text(errors="replace"),
+                       err_path.read_text(errors="replace"))
+
+
+def _cli_child(args: list[str], cwd: Path | str, env: dict[str, str], out_path: Path, err_path: Path) -> int:
+    """In the forked child: set up what a fresh ``fsdp-kit`` process would have, run ``main(args)``, flush."""
+    for fd, path in ((1, out_path), (2, err_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(target, fd)
+        os.close(target)
+    # pytest's capture replaced sys.stdout/sys.stderr and records warnings and log records: undo all of that
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+    warnings.resetwarnings()  # Python's default filters, and warnings printed to stderr
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.showwarning = _print_warning
+    logging.root.handlers.clear()
+    logging.root.setLevel(logging.WARNING)
+    GlobalHydra.instance().clear()
+    os.chdir(cwd)
+    os.environ.update(env)
+    sys.argv = [str(Path(sys.executable).parent / "fsdp-kit"), *args]
+    try:
+        from fsdp_kit.cli import main
+
+        code: Any = main(args)
+    except SystemExit as exit_:  # what the interpreter makes of it
+        code = exit_.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    except BaseException:  # an uncaught exception: its traceback and exit code 1, as a real process shows it
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code or 0
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

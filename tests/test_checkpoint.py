@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import job, run_ranks, signal_after_first_log, train
+from helpers import Outcome, job, run_cli, run_ranks, signal_after_first_log, train
 
 from fsdp_kit.checkpoint import EXIT_REQUEUE, complete_checkpoints
 from fsdp_kit.errors import CheckpointError, ConfigError
@@ -187,10 +187,8 @@ def test_export_writes_a_hf_folder_that_loads_with_identical_weights_and_logits(
 
     trained = run_ranks(_logits_after_training, 2, job(tmp_path / "run", "checkpoint.at_end=true"))[0]
     out = tmp_path / "hf"
-    result = subprocess.run([str(Path(sys.executable).parent / "fsdp-kit"), "export",
-                             str(tmp_path / "run" / "checkpoints" / "step_4"), str(out)],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
+    result = run_cli("export", str(tmp_path / "run" / "checkpoints" / "step_4"), str(out), cwd=ROOT, timeout=300)
+    assert result.code == 0, result.stderr
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     model = T5ForConditionalGeneration.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -202,10 +200,8 @@ def test_export_writes_a_hf_folder_that_loads_with_identical_weights_and_logits(
     decoder = torch.zeros((1, 3), dtype=torch.long)
     torch.testing.assert_close(model(**batch, decoder_input_ids=decoder).logits,
                                reference(**batch, decoder_input_ids=decoder).logits, rtol=0, atol=0)
-    again = subprocess.run([str(Path(sys.executable).parent / "fsdp-kit"), "export",
-                            str(tmp_path / "run" / "checkpoints" / "step_4"), str(out)],
-                           capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert again.returncode != 0 and "not empty" in again.stderr  # never overwrites
+    again = run_cli("export", str(tmp_path / "run" / "checkpoints" / "step_4"), str(out), cwd=ROOT, timeout=300)
+    assert again.code != 0 and "not empty" in again.stderr  # never overwrites
 
 
 @pytest.fixture()
@@ -261,11 +257,11 @@ def test_resume_never_refuses_to_overwrite_existing_checkpoints(saved, tmp_path)
 # -- issue #13: reliability ------------------------------------------------------------------------------------
 
 
-def _cli_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _cli_train(run_dir: Path, *overrides: str) -> Outcome:
+    """``fsdp-kit train`` through the real entry point, in a forked process."""
     fast = ["data.num_examples=64", "data.eval_examples=16", "trainer.batch_size=4", "trainer.eval_every=0",
             "trainer.eval_generate=false", "metrics.progress=false", "trainer.warmup_steps=1"]
-    return subprocess.run([str(Path(sys.executable).parent / "fsdp-kit"), "train", f"hydra.run.dir={run_dir}",
-                           *fast, *overrides], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return run_cli("train", f"hydra.run.dir={run_dir}", *fast, *overrides, cwd=ROOT, timeout=300)
 
 
 def _all_finite(checkpoint: Path, out: Path) -> bool:
@@ -280,7 +276,7 @@ def _all_finite(checkpoint: Path, out: Path) -> bool:
 def test_a_run_that_blows_up_stops_with_an_error_and_keeps_its_finite_checkpoints(tmp_path):
     result = _cli_train(tmp_path / "run", "optim.lr=1e8", "checkpoint.every=1", "checkpoint.keep=2",
                         "trainer.max_steps=30", "trainer.max_nonfinite_steps=3")
-    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.code == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training diverged: 3 steps in a row" in errors[0] and "Fix:" in errors[0]
     assert "optimizer step was skipped (1 in a row" in result.stdout
