@@ -112,6 +112,25 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     return [results[rank] for rank in range(world)]
 
 
+def exit_codes(fn: Callable[..., Any], world: int, *args: Any, timeout: float) -> list[int | None]:
+    """Fork ``world`` ranks with a real gloo group (as ``run_ranks`` does) and return their exit codes (-N: killed
+    by signal N; None: still running at the deadline, then killed)."""
+    ctx = mp.get_context("fork")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, rank, world, port, queue, args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    codes = [proc.exitcode for proc in procs]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return codes
+
+
 def train(job_cfg: TrainConfig):
     """Rank body: train and return the FitResult."""
     from fsdp_kit.train import run

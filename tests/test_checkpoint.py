@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Outcome, job, run_cli, run_ranks, signal_after_first_log, train
+from helpers import Outcome, exit_codes, job, run_cli, run_ranks, signal_after_first_log, train
 
 from fsdp_kit.checkpoint import EXIT_REQUEUE, complete_checkpoints
 from fsdp_kit.errors import CheckpointError, ConfigError
@@ -129,28 +129,25 @@ def test_sigusr2_through_the_cli_saves_and_exits_with_the_requeue_code(tmp_path)
     assert len(complete_checkpoints(tmp_path / "checkpoints")) == 1
 
 
-KILL_MID_SAVE = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {tests!r})
-    from helpers import job
+def _killed_mid_save(run_dir: str) -> None:
+    """Rank body (a forked process of its own): train, and SIGKILL itself once the shards of step 4 are written,
+    before they are committed."""
     from fsdp_kit.checkpoint import manager
     from fsdp_kit.train import run
 
     commit = manager.Manager._commit
+
     def commit_or_die(self, partial, final, meta):
-        if final.name == "step_4":  # the shards of step 4 are written; die before they are committed
+        if final.name == "step_4":
             os.kill(os.getpid(), signal.SIGKILL)
         commit(self, partial, final, meta)
-    manager.Manager._commit = commit_or_die
-    run(job({run_dir!r}, "trainer.max_steps=6", "checkpoint.every=2"))
-""")
+
+    manager.Manager._commit = commit_or_die  # this forked process's own copy of the class
+    run(job(run_dir, "trainer.max_steps=6", "checkpoint.every=2"))
 
 
 def test_kill_9_mid_save_loses_only_the_steps_since_the_last_complete_checkpoint(tmp_path):
-    script = tmp_path / "kill_mid_save.py"
-    script.write_text(KILL_MID_SAVE.format(tests=str(ROOT / "tests"), run_dir=str(tmp_path / "run")))
-    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == -signal.SIGKILL
+    assert exit_codes(_killed_mid_save, 1, str(tmp_path / "run"), timeout=300) == [-signal.SIGKILL]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in complete_checkpoints(checkpoints)] == ["step_2"]
     assert (checkpoints / "step_4.partial").is_dir()

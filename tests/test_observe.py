@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import time
 
 import pytest
-from helpers import _rank_main, free_port, job, run_ranks, train
+from helpers import exit_codes, job, run_ranks, train
 
 from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE
 from fsdp_kit.errors import ConfigError
@@ -57,29 +56,11 @@ def _rank_that_hangs(cfg):
     return train(cfg)
 
 
-def _exit_codes(fn, world: int, *args, timeout: float) -> list[int | None]:
-    """Fork ``world`` ranks with a real gloo group (as helpers.run_ranks does) and return their exit codes."""
-    ctx = mp.get_context("fork")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, rank, world, port, queue, args)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    codes = [proc.exitcode for proc in procs]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    return codes
-
-
 def test_hang_watchdog_dumps_stacks_on_every_rank_and_exits_for_requeue(tmp_path, capfd):
     cfg = job(tmp_path, "trainer.max_steps=8", "trainer.hang_timeout_s=5", "trainer.hang_factor=5",
               "checkpoint.every=2")
     started = time.monotonic()
-    codes = _exit_codes(_rank_that_hangs, 2, cfg, timeout=150)
+    codes = exit_codes(_rank_that_hangs, 2, cfg, timeout=150)
     assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], "every rank exits with the requeue code, the blocked one too"
     assert time.monotonic() - started < 120, "the watchdog, not the sleep, ended the ranks"
     hung = (tmp_path / "hang" / "rank1.txt").read_text()
