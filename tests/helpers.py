@@ -67,7 +67,8 @@ def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, queue: 
     try:
         # Plain pickle: torch's multiprocessing reductions would pass tensors as shared-memory handles,
         # which die with this process.
-        queue.put((rank, "ok", pickle.dumps(fn(*args))))
+        result = fn(*args)
+        queue.put((rank, "ok", pickle.dumps((result, _flop_counts()))))
     except BaseException as err:  # report everything, SystemExit included, to the parent
         queue.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
 
@@ -98,7 +99,8 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
                     errors.append(f"no result within {timeout}s")
                 continue
             if status == "ok":
-                results[rank] = pickle.loads(value)
+                results[rank], counts = pickle.loads(value)
+                _keep_flop_counts(counts)
             else:
                 errors.append(f"rank {rank}: {value}")
     finally:
@@ -110,6 +112,21 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[rank] for rank in range(world)]
+
+
+def _flop_counts() -> dict:
+    """The FLOP counts this rank made or inherited (fsdp_kit.metrics.flops.COUNTED)."""
+    flops = sys.modules.get("fsdp_kit.metrics.flops")
+    return dict(flops.COUNTED) if flops is not None else {}
+
+
+def _keep_flop_counts(counts: dict) -> None:
+    """Keep the ranks' FLOP counts in this process, so that ranks forked later inherit them: each model and batch
+    shape is counted once per test process instead of once per rank and run (about 0.6 s each for the tiny T5)."""
+    if counts:
+        from fsdp_kit.metrics import flops
+
+        flops.COUNTED.update(counts)
 
 
 def exit_codes(fn: Callable[..., Any], world: int, *args: Any, timeout: float) -> list[int | None]:
