@@ -25,7 +25,7 @@ train: $(STAMP)
 # one worker, so a module's fixtures are built once and the Slurm tests share one cluster (tests/conftest.py).
 PYTEST_WORKERS ?= 3
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 wheel: $(STAMP)
 	$(PIP) wheel --no-deps --no-build-isolation -w dist .
