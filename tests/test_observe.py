@@ -38,13 +38,24 @@ def test_a_profile_window_longer_than_the_run_is_refused(tmp_path):
 
 
 HANG_STEP = 3
+LATER_S = 3
 
 
 def _rank_that_hangs(cfg):
-    """Rank body: rank 1 sleeps inside training step HANG_STEP (a test-only stand-in for a hung kernel)."""
+    """Rank body: rank 1 sleeps inside training step HANG_STEP (a test-only stand-in for a hung kernel); rank 0
+    blocks in that step's first collective.
+
+    Rank 1's watchdog allows LATER_S more than rank 0's, so that rank 0's fires first: on CPU, gloo fails rank 0's
+    collective as soon as rank 1's process exits, and rank 0 then ends with that error instead of by its own
+    watchdog, which is what this test checks (with equal limits that happened in about one run in three on a busy
+    machine: both watchdogs fire about 5 s into the step)."""
+    import dataclasses
+
     from fsdp_kit.training.trainer import Trainer
 
     if int(os.environ["RANK"]) == 1:
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
+            cfg.trainer, hang_timeout_s=cfg.trainer.hang_timeout_s + LATER_S))
         original = Trainer._train_step
 
         def hanging_train_step(self, micro_batches):
