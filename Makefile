@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(PY) -m fsdp_kit.train $(ARGS)
 
+# Tests in parallel (pytest-xdist): many wait on subprocesses, sleeps and Slurm rather than on a core, so 3 workers
+# fill a 2-core machine; PYTEST_WORKERS=0 runs them in this process, one after the other. loadfile: each file on
+# one worker, so a module's fixtures are built once and the Slurm tests share one cluster (tests/conftest.py).
+PYTEST_WORKERS ?= 3
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 wheel: $(STAMP)
 	$(PIP) wheel --no-deps --no-build-isolation -w dist .

@@ -118,14 +118,14 @@ def _plan_lengths(args: argparse.Namespace, overrides: list[str]) -> tuple[int |
 def _plan(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from fsdp_kit.plan import make_plan
-    from fsdp_kit.plan.report import show, show_search
-    from fsdp_kit.plan.search import search
-
     if args.top <= 0:
         raise ConfigError(f"--top {args.top} must be > 0", "pass e.g. --top 10")
     source, target = _plan_lengths(args, list(args.overrides))
     job, _ = _compose(args)
+    from fsdp_kit.plan import make_plan  # torch and transformers: after the checks that need neither
+    from fsdp_kit.plan.report import show, show_search
+    from fsdp_kit.plan.search import search
+
     job = dataclasses.replace(job, data=dataclasses.replace(
         job.data, max_source_len=source or job.data.max_source_len, max_target_len=target or job.data.max_target_len))
     if args.search:
@@ -160,7 +160,6 @@ def _bench(args: argparse.Namespace) -> int:
     import os
 
     from fsdp_kit.bench import levers, run_bench
-    from fsdp_kit.bench.report import provenance, write
 
     chosen = levers.select([name.strip() for name in args.levers.split(",")] if args.levers else None)
     if args.steps < 2:
@@ -170,6 +169,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--reference {args.reference} does not exist",
                           "pass a gpu_probe_*.json file or leave it out")
     overrides = _with_config_dir(args)
+    from fsdp_kit.bench.report import provenance, write  # torch and transformers: after the checks above
+
     about = provenance(overrides, args.steps)
     out = Path(args.out) if args.out else Path("outputs/bench") / "".join(
         c if c.isalnum() else "_" for c in about["device"]).strip("_").lower()

@@ -7,13 +7,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+if TYPE_CHECKING:  # torch is imported where it is used: the config (DistConfig) must not import it
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
 
-from fsdp_kit.policies.config import ShardingConfig
-from fsdp_kit.policies.sharding import mesh_layout
+    from fsdp_kit.policies.config import ShardingConfig
 
 
 @dataclass
@@ -51,12 +51,16 @@ class DistEnv(Runtime):
 
     def barrier(self) -> None:
         if self.world_size > 1:
+            import torch.distributed as dist
+
             dist.barrier()
 
 
 def detect() -> Runtime:
     """Read the launcher's environment: RANK/WORLD_SIZE/LOCAL_RANK from torchrun, or submitit's job environment
     (one task per GPU, as `fsdp-kit submit` and Hydra's submitit launcher start them)."""
+    import torch
+
     env = os.environ
     if "RANK" not in env and (env.get("SUBMITIT_EXECUTOR") == "slurm" or "SUBMITIT_LOCAL_JOB_ID" in env):
         import submitit
@@ -76,6 +80,12 @@ def detect() -> Runtime:
 @contextmanager
 def session(runtime: Runtime, cfg: DistConfig, sharding: ShardingConfig) -> Iterator[DistEnv]:
     """Start the process group and mesh; tear the group down on exit, also on errors."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fsdp_kit.policies.sharding import mesh_layout
+
     backend = cfg.backend or ("nccl" if runtime.device_type == "cuda" else "gloo")
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     if runtime.device_type == "cuda":

@@ -2,6 +2,8 @@
 group, model or job exists. It sits above the component modules, so none of them imports it.
 
 ``preflight(job, ...)`` = ``job.validated()`` (values and combinations) + what only this machine can answer.
+torch, transformers and the checkpoint manager are imported where a check needs them, so that a value the
+config refuses is refused before they are (the Hydra callback imports this module for every run).
 """
 
 from __future__ import annotations
@@ -10,14 +12,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from fsdp_kit.checkpoint.compat import check_layout, training_settings
-from fsdp_kit.checkpoint.manager import complete_checkpoints, read_marker
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.data.sources import check_source
 from fsdp_kit.errors import ConfigError
-from fsdp_kit.models.build import check_pretrained
 from fsdp_kit.policies.config import Precision
 from fsdp_kit.run_dir import check_unlocked
 
@@ -30,23 +28,34 @@ def preflight(job: TrainConfig, world_size: int | None = None, device_type: str 
     ``probe_device=False`` skips asking this machine's GPU (the job runs elsewhere); ``check_files=False``
     skips data and checkpoint paths that only the job's machines can see."""
     world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     job.validated(world_size)
     if probe_device:
-        check_device(job, device_type)
+        check_device(job, device_type or _this_device_type())
     check_packages(job)
     if check_files:
         check_source(job.data)
         if job.model.pretrained:
+            from fsdp_kit.models.build import check_pretrained
+
             check_pretrained(job.model.pretrained)
         check_run_dir(Path(job.run_dir))
         check_resume(job)
     return job
 
 
+def _this_device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_device(job: TrainConfig, device_type: str) -> None:
     name = job.precision.name
-    if name in (Precision.bf16, Precision.bf16_pure) and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+    if name not in (Precision.bf16, Precision.bf16_pure) or device_type != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_bf16_supported():
         raise ConfigError(f"precision={name} needs bf16, which {torch.cuda.get_device_name()} does not support",
                           "use precision=fp16 (with its gradient scaler) or precision=fp32")
 
@@ -68,6 +77,8 @@ def check_packages(job: TrainConfig) -> None:
 
 
 def check_resume(job: TrainConfig) -> None:
+    from fsdp_kit.checkpoint.manager import complete_checkpoints, read_marker
+
     resume = job.checkpoint.resume
     existing = complete_checkpoints(Path(job.run_dir) / "checkpoints")
     if resume == "never" and existing:

@@ -2,6 +2,9 @@
 
 Config -> validation -> meta-device model -> process group -> policies (AC -> compile -> FSDP) ->
 weights into the local shards -> optimizer -> data -> Trainer.fit().
+
+torch, transformers and the training code are imported by ``run``, not with this module: a command line that
+Hydra or the config refuses is refused without them (they take seconds to import).
 """
 
 from __future__ import annotations
@@ -9,41 +12,54 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
-import torch.distributed as dist
-import transformers
 from omegaconf import DictConfig
-from rich.console import Console
-from transformers import PreTrainedModel
 
-from fsdp_kit import data, distributed, models
-from fsdp_kit.checkpoint import EXIT_REQUEUE, PREEMPTED_MARKER, Manager, RunIdentity
-from fsdp_kit.checkpoint.compat import training_settings
+from fsdp_kit import distributed
+from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER
 from fsdp_kit.config import TrainConfig, to_dict, to_yaml
-from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import ConfigError, FsdpKitError, one_line_warnings, report_error
-from fsdp_kit.launch.requeue import request_requeue
-from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
-from fsdp_kit.optim import build_optimizer, build_schedule
-from fsdp_kit.plan import resolve_auto_checkpointing
-from fsdp_kit.policies import Applied, Policies, apply_policies, check_policies
 from fsdp_kit.policies.config import CheckpointMode
-from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
-from fsdp_kit.preflight import preflight
 from fsdp_kit.run_dir import RunLock, register_resolvers
-from fsdp_kit.training import FitResult, Trainer, TrainParts
-from fsdp_kit.training.batch_size import find_batch_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from transformers import PreTrainedModel
+
+    from fsdp_kit.distributed import DistEnv
+    from fsdp_kit.metrics import Reporter
+    from fsdp_kit.policies import Applied
+    from fsdp_kit.training import FitResult
 
 
 def run(job: TrainConfig, console: Console | None = None) -> FitResult:
     """Train ``job`` in this process (one rank of however many the launcher started)."""
+    from fsdp_kit.preflight import preflight
+
     runtime = distributed.detect()
     if not runtime.is_main:
+        import transformers
+
         warnings.filterwarnings("ignore")  # one copy of each warning, from rank 0
         transformers.logging.set_verbosity_error()
     preflight(job, world_size=runtime.world_size, device_type=runtime.device_type)
+
+    import torch  # what training needs, after the checks: a refused config costs none of it
+
+    from fsdp_kit import data, models
+    from fsdp_kit.checkpoint import Manager, RunIdentity
+    from fsdp_kit.checkpoint.compat import training_settings
+    from fsdp_kit.launch.requeue import request_requeue
+    from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
+    from fsdp_kit.optim import build_optimizer, build_schedule
+    from fsdp_kit.plan import resolve_auto_checkpointing
+    from fsdp_kit.policies import Policies, check_policies
+    from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
+    from fsdp_kit.training import Trainer, TrainParts
+    from fsdp_kit.training.batch_size import find_batch_size
+
     # ac=auto: the lightest checkpointing whose planned peak fits this device (fsdp_kit.plan)
     chose_ac = job.ac.mode == CheckpointMode.auto
     job = resolve_auto_checkpointing(job, runtime.world_size, runtime.local_world_size, runtime.device)
@@ -106,6 +122,9 @@ def _announce(reporter: Reporter, job: TrainConfig, env: DistEnv, model: PreTrai
 
 def shard_and_materialize(model: PreTrainedModel, job: TrainConfig, env: DistEnv) -> Applied:
     """Apply the policies to the meta-device ``model`` (AC -> compile -> FSDP) and fill its local shards."""
+    from fsdp_kit import models
+    from fsdp_kit.policies import Policies, apply_policies
+
     applied = apply_policies(model, Policies.of(job), env.mesh)
     models.materialize(model, job.model, env.device, env.rank, seed=job.trainer.seed)
     return applied
@@ -114,6 +133,8 @@ def shard_and_materialize(model: PreTrainedModel, job: TrainConfig, env: DistEnv
 def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> tuple[Path, RunLock | None]:
     """Rank 0's run dir for everyone (ranks on different nodes may have resolved different time stamps),
     locked by rank 0; if another run holds it, every rank raises the same error."""
+    import torch.distributed as dist
+
     lock, refused = None, None
     if is_main:
         Path(proposed).mkdir(parents=True, exist_ok=True)

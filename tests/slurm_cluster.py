@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from ports import free_port
+
 NEEDED = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "munged")
 # Where a real installation keeps its config (Debian's current and older layout, the upstream default).
 REAL_CONFIGS = (Path("/etc/slurm/slurm.conf"), Path("/etc/slurm-llnl/slurm.conf"), Path("/usr/local/etc/slurm.conf"))
@@ -42,12 +44,6 @@ def _pid_of(name: str) -> list[int]:
         except OSError:
             continue  # exited while we looked
     return pids
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _refuse_real_slurm() -> None:
@@ -144,8 +140,8 @@ class LocalSlurm:
         self.conf.write_text(f"""\
 ClusterName=fsdpkit-test
 SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -1,5 +1,9 @@
 """Careless and hostile input, run as a user types it: the exit code, one line naming the problem and the fix,
-no traceback, and nothing in the run dir changed. Add a case here for every new one found."""
+no traceback, and nothing in the run dir changed. Add a case here for every new one found.
+
+The commands run through the real entry point (``fsdp_kit.cli.main``) in a forked copy of the test process
+(``helpers.run_cli``: its own process, exit code and output, without a new interpreter's seconds of imports);
+``test_the_console_script_refuses_with_one_line`` and a few others run the installed console script itself."""
 
 from __future__ import annotations
 
@@ -12,25 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Outcome, run_cli
 
 BIN = Path(sys.executable).parent
 FAST = ["data.num_examples=64", "data.eval_examples=16", "trainer.batch_size=4", "trainer.max_steps=2",
         "trainer.eval_every=0", "trainer.eval_generate=false", "metrics.progress=false"]
 
 
-@dataclass
-class Outcome:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
-
-
 def fsdp_kit(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 180) -> Outcome:
-    """Run the installed console script as a user would."""
+    """``fsdp-kit ARGS`` as a user runs it, through the real entry point in a forked process."""
+    return run_cli(*args, cwd=cwd, env=env, timeout=timeout)
+
+
+def console_script(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 180) -> Outcome:
+    """Run the installed console script itself, in a new interpreter."""
     result = subprocess.run([str(BIN / "fsdp-kit"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, **(env or {})})
     return Outcome(result.returncode, result.stdout, result.stderr)
@@ -87,9 +86,23 @@ def test_bad_command_lines_are_refused_with_one_line(case, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_the_console_script_refuses_with_one_line(tmp_path):
+    """The process-level contract, through the installed console script: argparse's usage errors, Hydra's own
+    composition errors and the config's checks end the process with their exit codes and no traceback."""
+    cases = {case.id: case for case in [*CLI_CASES, *TYPED_CASES]}
+    for name in ("no-subcommand", "train-bad-enum", "train-plus-unknown-key"):
+        case = cases[name]
+        args = case.args + ([f"hydra.run.dir={tmp_path / 'run'}", *FAST] if case.args[:1] == ["train"] else [])
+        outcome = console_script(*args, cwd=tmp_path)
+        if name == "train-bad-enum":  # Hydra's composition error is its multi-line text, exit 1
+            assert outcome.code == 1 and case.message in outcome.stderr and "Traceback" not in outcome.stderr
+        else:
+            assert_rejected(outcome, case)
+
+
 def test_debug_env_shows_the_cause_with_its_traceback(tmp_path):
-    quiet = fsdp_kit("plan", "--config-dir", "no/such/dir", cwd=tmp_path)
-    loud = fsdp_kit("plan", "--config-dir", "no/such/dir", cwd=tmp_path, env={"FSDP_KIT_DEBUG": "1"})
+    quiet = console_script("plan", "--config-dir", "no/such/dir", cwd=tmp_path)
+    loud = console_script("plan", "--config-dir", "no/such/dir", cwd=tmp_path, env={"FSDP_KIT_DEBUG": "1"})
     assert "Traceback" not in quiet.stderr
     assert "Traceback" in loud.stderr and loud.error_lines == quiet.error_lines
 

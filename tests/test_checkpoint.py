@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import job, run_ranks, signal_after_first_log, train
+from helpers import Outcome, exit_codes, job, run_cli, run_ranks, signal_after_first_log, train
 
 from fsdp_kit.checkpoint import EXIT_REQUEUE, complete_checkpoints
 from fsdp_kit.errors import CheckpointError, ConfigError
@@ -129,28 +129,25 @@ def test_sigusr2_through_the_cli_saves_and_exits_with_the_requeue_code(tmp_path)
     assert len(complete_checkpoints(tmp_path / "checkpoints")) == 1
 
 
-KILL_MID_SAVE = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {tests!r})
-    from helpers import job
+def _killed_mid_save(run_dir: str) -> None:
+    """Rank body (a forked process of its own): train, and SIGKILL itself once the shards of step 4 are written,
+    before they are committed."""
     from fsdp_kit.checkpoint import manager
     from fsdp_kit.train import run
 
     commit = manager.Manager._commit
+
     def commit_or_die(self, partial, final, meta):
-        if final.name == "step_4":  # the shards of step 4 are written; die before they are committed
+        if final.name == "step_4":
             os.kill(os.getpid(), signal.SIGKILL)
         commit(self, partial, final, meta)
-    manager.Manager._commit = commit_or_die
-    run(job({run_dir!r}, "trainer.max_steps=6", "checkpoint.every=2"))
-""")
+
+    manager.Manager._commit = commit_or_die  # this forked process's own copy of the class
+    run(job(run_dir, "trainer.max_steps=6", "checkpoint.every=2"))
 
 
 def test_kill_9_mid_save_loses_only_the_steps_since_the_last_complete_checkpoint(tmp_path):
-    script = tmp_path / "kill_mid_save.py"
-    script.write_text(KILL_MID_SAVE.format(tests=str(ROOT / "tests"), run_dir=str(tmp_path / "run")))
-    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == -signal.SIGKILL
+    assert exit_codes(_killed_mid_save, 1, str(tmp_path / "run"), timeout=300) == [-signal.SIGKILL]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in complete_checkpoints(checkpoints)] == ["step_2"]
     assert (checkpoints / "step_4.partial").is_dir()
@@ -187,10 +184,8 @@ def test_export_writes_a_hf_folder_that_loads_with_identical_weights_and_logits(
 
     trained = run_ranks(_logits_after_training, 2, job(tmp_path / "run", "checkpoint.at_end=true"))[0]
     out = tmp_path / "hf"
-    result = subprocess.run([str(Path(sys.executable).parent / "fsdp-kit"), "export",
-                             str(tmp_path / "run" / "checkpoints" / "step_4"), str(out)],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
+    result = run_cli("export", str(tmp_path / "run" / "checkpoints" / "step_4"), str(out), cwd=ROOT, timeout=300)
+    assert result.code == 0, result.stderr
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     model = T5ForConditionalGeneration.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -202,10 +197,8 @@ def test_export_writes_a_hf_folder_that_loads_with_identical_weights_and_logits(
     decoder = torch.zeros((1, 3), dtype=torch.long)
     torch.testing.assert_close(model(**batch, decoder_input_ids=decoder).logits,
                                reference(**batch, decoder_input_ids=decoder).logits, rtol=0, atol=0)
-    again = subprocess.run([str(Path(sys.executable).parent / "fsdp-kit"), "export",
-                            str(tmp_path / "run" / "checkpoints" / "step_4"), str(out)],
-                           capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert again.returncode != 0 and "not empty" in again.stderr  # never overwrites
+    again = run_cli("export", str(tmp_path / "run" / "checkpoints" / "step_4"), str(out), cwd=ROOT, timeout=300)
+    assert again.code != 0 and "not empty" in again.stderr  # never overwrites
 
 
 @pytest.fixture()
@@ -261,11 +254,11 @@ def test_resume_never_refuses_to_overwrite_existing_checkpoints(saved, tmp_path)
 # -- issue #13: reliability ------------------------------------------------------------------------------------
 
 
-def _cli_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _cli_train(run_dir: Path, *overrides: str) -> Outcome:
+    """``fsdp-kit train`` through the real entry point, in a forked process."""
     fast = ["data.num_examples=64", "data.eval_examples=16", "trainer.batch_size=4", "trainer.eval_every=0",
             "trainer.eval_generate=false", "metrics.progress=false", "trainer.warmup_steps=1"]
-    return subprocess.run([str(Path(sys.executable).parent / "fsdp-kit"), "train", f"hydra.run.dir={run_dir}",
-                           *fast, *overrides], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return run_cli("train", f"hydra.run.dir={run_dir}", *fast, *overrides, cwd=ROOT, timeout=300)
 
 
 def _all_finite(checkpoint: Path, out: Path) -> bool:
@@ -280,7 +273,7 @@ def _all_finite(checkpoint: Path, out: Path) -> bool:
 def test_a_run_that_blows_up_stops_with_an_error_and_keeps_its_finite_checkpoints(tmp_path):
     result = _cli_train(tmp_path / "run", "optim.lr=1e8", "checkpoint.every=1", "checkpoint.keep=2",
                         "trainer.max_steps=30", "trainer.max_nonfinite_steps=3")
-    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.code == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training diverged: 3 steps in a row" in errors[0] and "Fix:" in errors[0]
     assert "optimizer step was skipped (1 in a row" in result.stdout

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import CONFIG_DIR, compose_cfg, job
+from helpers import CONFIG_DIR, Outcome, compose_cfg, job, run_cli
 
 from fsdp_kit import models
 from fsdp_kit.config import TrainConfig
@@ -132,11 +133,9 @@ def test_csv_path_is_required(tmp_path):
         preflight(cfg, world_size=1, device_type="cpu")
 
 
-def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run([sys.executable, "-m", "fsdp_kit.train", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})}, cwd=cwd)
+def _cli(*args: str, env: dict, cwd: Path) -> Outcome:
+    """``fsdp-kit train ARGS`` (the Hydra app of ``python -m fsdp_kit.train``) in a forked process."""
+    return run_cli("train", *args, env=env, cwd=cwd, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -153,7 +152,44 @@ def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subpro
 )
 def test_cli_rejects_bad_input_with_one_line_and_no_traceback(args, env, expected, tmp_path):
     result = _cli(f"hydra.run.dir={tmp_path}", *args, env=env, cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.code != 0
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+CONFIG_ONLY = textwrap.dedent("""
+    import sys
+    from fsdp_kit.cli import build_parser, main
+    from fsdp_kit.config import compose_job
+    from fsdp_kit.errors import ConfigError
+    import fsdp_kit.launch.sbatch, fsdp_kit.launch.sweep, fsdp_kit.preflight, fsdp_kit.train
+
+    build_parser().format_help()
+    compose_job(["model=t5_3b", "precision=bf16", "cluster=p4d"])
+    try:
+        compose_job(["trainer.max_steps=-1"]).validated()
+        raise SystemExit("trainer.max_steps=-1 was not refused")
+    except ConfigError:
+        pass
+    heavy = ("torch", "transformers", "torch.distributed.checkpoint", "torch._dynamo")
+    print("config:", [name for name in heavy if name in sys.modules])
+    try:
+        main(["train", "trainer.max_steps=-1", f"hydra.run.dir={sys.argv[1]}"])
+    except SystemExit as exit_:
+        print("exit:", exit_.code)
+    print("train:", [name for name in heavy if name in sys.modules])
+""")
+
+
+def test_config_only_paths_import_neither_torch_nor_transformers(tmp_path):
+    """Composing and checking a config (and the CLI's parser) import no torch, and a training command line with a
+    bad value is refused after importing torch alone: transformers, torch.distributed.checkpoint and torch._dynamo
+    take seconds to import, which every refused command line would otherwise cost (package __init__ files export
+    lazily, fsdp_kit/_lazy.py)."""
+    result = subprocess.run([sys.executable, "-c", CONFIG_ONLY, str(tmp_path / "run")], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "config: []" in result.stdout and "exit: 2" in result.stdout, result.stdout + result.stderr
+    assert "train: ['torch']" in result.stdout, result.stdout
+    assert "error: trainer.max_steps=-1 must be > 0" in result.stderr

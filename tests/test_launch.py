@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from helpers import free_port, signal_after_first_log
+from helpers import free_port, run_cli, signal_after_first_log
 
 from fsdp_kit.checkpoint import EXIT_REQUEUE, PREEMPTED_MARKER, complete_checkpoints
 from fsdp_kit.config import TrainConfig, compose_job
@@ -186,11 +186,10 @@ def test_sbatch_requeues_on_the_marker_or_exit_code_in_the_run_dir_python_names(
                          ids=["basic", "submitit_local", "submitit_slurm"])
 def test_a_bad_sweep_point_stops_the_sweep_before_anything_runs(launcher, tmp_path):
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "-m", "fsdp_kit.train", "-m", *launcher, "trainer.batch_size=4,0", "wrap=transformer,none",
-         f"hydra.sweep.dir={sweep}", "trainer.max_steps=1", "data.num_examples=64", "data.eval_examples=16"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 2, result.stderr[-3000:]
+    result = run_cli("train", "-m", *launcher, "trainer.batch_size=4,0", "wrap=transformer,none",
+                     f"hydra.sweep.dir={sweep}", "trainer.max_steps=1", "data.num_examples=64", "data.eval_examples=16",
+                     cwd=ROOT, timeout=300)
+    assert result.code == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "sweep point 2 of 4 (trainer.batch_size=0 wrap=transformer" in errors[0], result.stderr
     assert "trainer.batch_size=0 must be > 0" in errors[0]
@@ -199,11 +198,9 @@ def test_a_bad_sweep_point_stops_the_sweep_before_anything_runs(launcher, tmp_pa
 
 def test_a_control_character_in_the_slurm_launcher_settings_stops_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "-m", "fsdp_kit.train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition='a\nb'",
-         "wrap=transformer,none", f"hydra.sweep.dir={sweep}", "data.num_examples=64", "data.eval_examples=16"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 2, result.stderr[-3000:]
+    result = run_cli("train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition='a\nb'", "wrap=transformer,none",
+                     f"hydra.sweep.dir={sweep}", "data.num_examples=64", "data.eval_examples=16", cwd=ROOT, timeout=300)
+    assert result.code == 2, result.stderr[-3000:]
     assert "hydra.launcher.partition 'a\\nb' contains a control character" in result.stderr
     assert not sweep.exists()
 

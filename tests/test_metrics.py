@@ -8,8 +8,15 @@ import pytest
 import torch
 from helpers import job, run_ranks, train
 
+import fsdp_kit.metrics.flops as flops_module
 from fsdp_kit import models
 from fsdp_kit.metrics import FlopCounter, peak_tflops, t5_closed_form_flops
+
+
+@pytest.fixture()
+def uncounted(monkeypatch):
+    """No FLOP counts kept from earlier runs in this process: the counter under test counts."""
+    monkeypatch.setattr(flops_module, "COUNTED", {})
 
 
 def _batch(b: int, s: int, t: int) -> dict[str, torch.Tensor]:
@@ -19,7 +26,7 @@ def _batch(b: int, s: int, t: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("preset", "shape"), [("t5_tiny", (4, 48, 8)), ("t5_small", (2, 512, 128)),
                                                ("t5_3b", (1, 512, 128))])
-def test_flop_counter_equals_the_t5_closed_form(preset, shape, tmp_path):
+def test_flop_counter_equals_the_t5_closed_form(preset, shape, tmp_path, uncounted):
     cfg = job(tmp_path, f"model={preset}").model
     config = models.hf_config(cfg)
     counted = FlopCounter(cfg, config).flops(_batch(*shape))
@@ -32,7 +39,7 @@ def test_t5_3b_model_flops_per_sample_match_design(tmp_path):
     assert 5.8e12 < flops < 5.9e12  # DESIGN.md: 5.86e12 per sample at 512/128
 
 
-def test_flop_counter_caches_per_shape(tmp_path):
+def test_flop_counter_caches_per_shape(tmp_path, uncounted):
     cfg = job(tmp_path).model
     counter = FlopCounter(cfg, models.hf_config(cfg))
     small, big = counter.flops(_batch(2, 16, 8)), counter.flops(_batch(2, 32, 8))

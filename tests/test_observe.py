@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import time
 
 import pytest
-from helpers import _rank_main, free_port, job, run_ranks, train
+from helpers import exit_codes, job, run_ranks, train
 
 from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE
 from fsdp_kit.errors import ConfigError
@@ -39,13 +38,24 @@ def test_a_profile_window_longer_than_the_run_is_refused(tmp_path):
 
 
 HANG_STEP = 3
+LATER_S = 3
 
 
 def _rank_that_hangs(cfg):
-    """Rank body: rank 1 sleeps inside training step HANG_STEP (a test-only stand-in for a hung kernel)."""
+    """Rank body: rank 1 sleeps inside training step HANG_STEP (a test-only stand-in for a hung kernel); rank 0
+    blocks in that step's first collective.
+
+    Rank 1's watchdog allows LATER_S more than rank 0's, so that rank 0's fires first: on CPU, gloo fails rank 0's
+    collective as soon as rank 1's process exits, and rank 0 then ends with that error instead of by its own
+    watchdog, which is what this test checks (with equal limits that happened in about one run in three on a busy
+    machine: both watchdogs fire about 5 s into the step)."""
+    import dataclasses
+
     from fsdp_kit.training.trainer import Trainer
 
     if int(os.environ["RANK"]) == 1:
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
+            cfg.trainer, hang_timeout_s=cfg.trainer.hang_timeout_s + LATER_S))
         original = Trainer._train_step
 
         def hanging_train_step(self, micro_batches):
@@ -57,29 +67,11 @@ def _rank_that_hangs(cfg):
     return train(cfg)
 
 
-def _exit_codes(fn, world: int, *args, timeout: float) -> list[int | None]:
-    """Fork ``world`` ranks with a real gloo group (as helpers.run_ranks does) and return their exit codes."""
-    ctx = mp.get_context("fork")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, rank, world, port, queue, args)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    codes = [proc.exitcode for proc in procs]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    return codes
-
-
 def test_hang_watchdog_dumps_stacks_on_every_rank_and_exits_for_requeue(tmp_path, capfd):
     cfg = job(tmp_path, "trainer.max_steps=8", "trainer.hang_timeout_s=5", "trainer.hang_factor=5",
               "checkpoint.every=2")
     started = time.monotonic()
-    codes = _exit_codes(_rank_that_hangs, 2, cfg, timeout=150)
+    codes = exit_codes(_rank_that_hangs, 2, cfg, timeout=150)
     assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], "every rank exits with the requeue code, the blocked one too"
     assert time.monotonic() - started < 120, "the watchdog, not the sleep, ended the ranks"
     hung = (tmp_path / "hang" / "rank1.txt").read_text()

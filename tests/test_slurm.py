@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import job, run_ranks, train
+from helpers import Outcome, job, run_cli, run_ranks, train
 from slurm_cluster import LocalSlurm
 
 from fsdp_kit.errors import ConfigError
@@ -29,10 +29,11 @@ TRAIN = ["trainer.batch_size=4", "trainer.eval_every=0", "trainer.eval_generate=
          "trainer.lr_schedule=constant"]  # so a shorter run follows the reference exactly
 
 
-def _fsdp_kit(*args: str, check_rc: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(BIN / "fsdp-kit"), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+def _fsdp_kit(*args: str, check_rc: bool = True) -> Outcome:
+    """``fsdp-kit ARGS`` from the repository root, through the real entry point in a forked process."""
+    result = run_cli(*args, cwd=ROOT, timeout=300)
     if check_rc:
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.code == 0, result.stderr[-3000:]
     return result
 
 
@@ -126,9 +127,9 @@ def test_unset_template_variable_is_an_error():
 def test_training_errors_surface_before_rendering(tmp_path):
     result = _fsdp_kit("slurm", "cluster=p4d", "cluster.nodes=3", "sharding=hybrid_shard",
                        "sharding.shard_group_size=5", "trainer.batch_size=4", check_rc=False)
-    assert result.returncode == 2 and "world size 24 is not divisible by sharding.shard_group_size=5" in result.stderr
+    assert result.code == 2 and "world size 24 is not divisible by sharding.shard_group_size=5" in result.stderr
     result = _fsdp_kit("slurm", "data=csv", "data.path=/nonexistent.csv", check_rc=False)
-    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert result.code == 2 and "does not exist" in result.stderr
 
 
 # -- against a real Slurm (the session's one cluster: the `slurm` fixture in conftest.py) ----------------------
@@ -140,7 +141,7 @@ def _sbatch(slurm: LocalSlurm, script: Path, *args: str) -> str:
 @pytest.mark.slurm
 def test_unknown_partition_is_rejected_before_submission(slurm):
     result = _fsdp_kit("slurm", "slurm.partition=gpu-nonexistent", check_rc=False)
-    assert result.returncode == 2
+    assert result.code == 2
     assert "slurm.partition='gpu-nonexistent' does not exist" in result.stderr and "high, low" in result.stderr
 
 

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fsdp_kit.bench.levers import BASE, Lever
 from fsdp_kit.config import TrainConfig, compose_job, to_yaml
 
@@ -144,6 +142,8 @@ def _quiet_console():
 
 def _release() -> None:
     """Free what a run left before the next one measures its largest batch."""
+    import torch  # here, not with the module: `fsdp-kit bench` refuses bad options without importing torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

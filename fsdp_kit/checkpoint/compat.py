@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
-
 from fsdp_kit.errors import CheckpointError
 
-if TYPE_CHECKING:  # their packages import fsdp_kit.checkpoint (a cycle at run time)
+if TYPE_CHECKING:  # their packages import fsdp_kit.checkpoint (a cycle at run time); torch: preflight needs none
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler
+
     from fsdp_kit.optim.config import OptimConfig
     from fsdp_kit.training.config import TrainerConfig
 

@@ -13,9 +13,11 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # imported where used: the launchers read the constants below without torch
+    import torch
+    import torch.distributed as dist
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 # The contract with launchers (the sbatch template is rendered from these, never spells them itself):
@@ -32,6 +34,8 @@ class PreemptionFlag:
         self._group = None
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
         if world_size > 1:
+            import torch.distributed as dist
+
             # Its own gloo group: agreeing on the flag must not wait on (or sync) the GPU stream, nor queue
             # behind (or ahead of) training's collectives.
             self._group = dist.new_group(backend="gloo")
@@ -55,6 +59,9 @@ class PreemptionFlag:
         one; the host never waits for a reduction in flight."""
         if self._group is None:
             return self.received is not None
+        import torch
+        import torch.distributed as dist
+
         agreed = False
         if self._pending is not None:
             work, flag = self._pending

@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
-import torch
-from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+from typing import TYPE_CHECKING
 
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.policies.config import ShardingConfig, ShardingStrategy
+
+if TYPE_CHECKING:  # imported where used: config.py's check_shard_group must not import torch
+    from torch.distributed.fsdp import OffloadPolicy
 
 _RESHARD_AFTER_FORWARD = {
     ShardingStrategy.full_shard: True,
@@ -63,5 +65,8 @@ def reshard_after_forward(cfg: ShardingConfig) -> bool:
 
 
 def offload_policy(cfg: ShardingConfig) -> OffloadPolicy:
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
     # Pinned host memory speeds up host<->GPU copies; it needs a GPU to exist.
     return CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload else OffloadPolicy()
