@@ -174,9 +174,9 @@ def resolve_auto_checkpointing(job: TrainConfig, world_size: int, gpus_per_node:
     return dataclasses.replace(job, ac=chosen)
 
 
-def make_plan(job: TrainConfig) -> Plan:
+def make_plan(job: TrainConfig, with_speed: bool = True) -> Plan:
     """Plan ``job`` on ``job.cluster`` (cluster.nodes x cluster.gpus_per_node GPUs, one process each) at
-    ``job.data``'s sequence lengths."""
+    ``job.data``'s sequence lengths; ``with_speed=False`` plans memory only (no trace of the step's work)."""
     world = _world(job)
     job.validated(world, for_training=False)
     cluster = job.cluster
@@ -188,6 +188,6 @@ def make_plan(job: TrainConfig) -> Plan:
         return breakdown(job, shape, trace.activations, batch, world, cluster.gpus_per_node)
 
     speed = (estimate_speed(job, shape, trace.flops_per_sample, job.trainer.batch_size, world, traced_work(job))
-             if cluster.peak_tflops else None)
+             if cluster.peak_tflops and with_speed else None)
     return Plan(job, world, cluster.gpu_memory_gb, shape, memory(job.trainer.batch_size),
                 largest_batch(memory, capacity), speed)
