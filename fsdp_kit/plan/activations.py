@@ -130,6 +130,7 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.running = running
         self.outputs: dict[int, dict[int, int]] = {}
+        self.alive: list[torch.Tensor] = []
 
     def record(self, tensors: object) -> None:
         if self.running[0] is None:
@@ -137,6 +138,7 @@ class _Recorder(TorchDispatchMode):
         found = self.outputs.setdefault(self.running[0], {})
         for tensor in tensors if isinstance(tensors, (tuple, list)) else (tensors,):
             if isinstance(tensor, torch.Tensor):
+                self.alive.append(tensor)  # a freed storage's address would be reused: keys must stay unique
                 found[hash(StorageWeakRef(tensor.untyped_storage()))] = tensor.untyped_storage().nbytes()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -170,6 +172,7 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
     The model's parameters are replaced by fake ones: pass a throwaway meta model."""
     saved: dict[StorageWeakRef, tuple[int | None, int]] = {}
     inputs: dict[int, dict[int, int]] = {}
+    alive: list[torch.Tensor] = []
     running: list[int | None] = [None]
     found = layers(model, layer_cls)
     order = {id(layer): index for index, layer in enumerate(found)}
@@ -177,6 +180,7 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
     def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
         running[0] = order[id(module)]
         tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        alive.extend(tensors)  # storages are told apart by address: none may be freed and reused during the trace
         inputs[running[0]] = {hash(StorageWeakRef(t.untyped_storage())): t.untyped_storage().nbytes()
                               for t in tensors}
 
