@@ -65,14 +65,19 @@ class ActivationProfile:
                 seen[key] = (count + 1, size)
         return sum(size for count, size in seen.values() if count > 1)
 
-    def backward_working_set(self, checkpointed: set[int]) -> float:
-        """Extra bytes while one layer runs backward: its recomputed activations (if checkpointed), the
-        gradients of its activations (about one more layer's worth), and the gradient buffers of the inputs
-        all layers share."""
+    def backward_working_set(self, checkpointed: set[int], selective: bool = False) -> float:
+        """Extra bytes while one layer runs backward: the gradients of its activations (about one more layer's
+        worth), what it recomputes if checkpointed (the whole layer; with ``selective`` all but the matmul and
+        attention outputs it kept), and the gradient buffers of the inputs all layers share."""
         if not self.per_layer:
             return 0.0
         largest = max(self.per_layer)
-        return largest * (2 if checkpointed else 1) + self.shared_inputs()
+        recomputed = 0.0
+        if checkpointed:
+            recomputed = max(
+                max(self.per_layer[i] - (sum(self.selective_outputs[i].values()) if selective else 0.0), 0.0)
+                for i in checkpointed)
+        return largest + recomputed + self.shared_inputs()
 
 
 ATTENTION_LISTENERS: list = []

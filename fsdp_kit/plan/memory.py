@@ -142,6 +142,7 @@ def breakdown(job: TrainConfig, shape: ModelShape, activations: ActivationProfil
         unsharded = shape.params * cbytes + shape.largest_unit * rbytes
     checkpointed = checkpointed_layers(job, len(activations.per_layer))
     selective = job.ac.mode == CheckpointMode.selective
-    act = batch * (activations.saved(checkpointed, selective) + activations.backward_working_set(checkpointed))
+    act = batch * (activations.saved(checkpointed, selective)
+                   + activations.backward_working_set(checkpointed, selective))
     step = optimizer_temporaries(job, shape.params / factor)
     return MemoryBreakdown(params, grads, optimizer, unsharded, act, WORKSPACE_BYTES, step)

@@ -12,9 +12,11 @@ from fsdp_kit.plan.search import Candidate, launch_command
 ASSUMPTIONS = (
     "memory: sharded params/grads/optimizer states per GPU; two FSDP units unsharded at a time with resharding "
     "(all of them without); activations are the bytes autograd saves, traced on meta with GPU-style attention, "
-    "plus one layer's backward working set (two with AC) and the gradients of inputs all layers share; 1 GB "
+    "plus one layer's backward working set (and its recompute with AC: with selective, less the outputs it kept) "
+    "and the gradients of inputs all layers share; 1 GB "
     "workspace; peak = the larger of forward/backward and the optimizer step (its temporaries).",
-    "speed: collectives overlap compute (step = max); the serial sum is the bound without overlap.",
+    "speed: the step's traced FLOPs, bytes and kernels at calibrated efficiencies (fsdp_kit/plan/calibration.py); "
+    "collectives overlap compute (step = max); the serial sum is the bound without overlap.",
 )
 
 
