@@ -25,7 +25,7 @@ def _fresh_trace(job, batch: int):
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode, activations._gpu_like_attention():
         activations._fake_parameters(model, mode)
-        return _trace(model, layer_cls, _batch_shapes(job, True, batch), mode)
+        return _trace(model, layer_cls, _batch_shapes(job, True, batch))
 
 
 def test_work_interpolated_from_batches_2_and_3_equals_a_trace_at_batch_5():

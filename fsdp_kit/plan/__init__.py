@@ -75,10 +75,15 @@ def _meta_model(job: TrainConfig) -> tuple[nn.Module, tuple[type[nn.Module], ...
     return model, models.layer_classes(model, job.wrap.layer_cls)
 
 
+def _trace_key(job: TrainConfig) -> tuple:
+    """What a trace depends on: the model, its layer classes, the lengths and the compute dtype."""
+    return (repr(job.model), repr(job.wrap.layer_cls), job.data.max_source_len, job.data.max_target_len,
+            compute_dtype(job.precision))
+
+
 def traced(job: TrainConfig) -> Traced:
     """The activation profile and FLOPs of ``job``'s model at ``job.data``'s lengths (cached)."""
-    dtype = compute_dtype(job.precision)
-    key = (repr(job.model), repr(job.wrap.layer_cls), job.data.max_source_len, job.data.max_target_len, dtype)
+    key = _trace_key(job)
     if key not in _TRACED:
         model, layer_cls = _meta_model(job)
         enc_dec = bool(model.config.is_encoder_decoder)
@@ -91,8 +96,7 @@ def traced(job: TrainConfig) -> Traced:
 def traced_work(job: TrainConfig) -> StepWork:
     """The GPU work of ``job``'s forward + backward at ``job.data``'s lengths, for the step time (cached; only
     the planner's speed needs it, so training-time planning (ac=auto, the batch search) never traces it)."""
-    key = (repr(job.model), repr(job.wrap.layer_cls), job.data.max_source_len, job.data.max_target_len,
-           compute_dtype(job.precision))
+    key = _trace_key(job)
     if key not in _WORK:
         model, layer_cls = _meta_model(job)
         enc_dec = bool(model.config.is_encoder_decoder)

@@ -101,8 +101,6 @@ def fit(observations: list[Observation], default: Calibration) -> Calibration:
                     theta[position] = value
                 best = (residual, theta)
     full = [0.0, 0.0, 0.0, default.seconds_per_kernel]
-    if 3 in used:
-        full[3] = 0.0
     for position, index in enumerate(used):
         full[index] = best[1][position] if best else 0.0
     return _as_calibration(full, default, tuple(o.label for o in observations))

@@ -105,13 +105,18 @@ def _optimizer_work(job: TrainConfig, shard_elements: float) -> Work:
     return Work(memory_bytes=per_element * shard_elements, kernels=kernels * max(1, math.ceil(shard_elements / chunk)))
 
 
+def _regathered(job: TrainConfig, shape: ModelShape) -> int:
+    """Parameters all-gathered a second time, for backward (0 without resharding after forward)."""
+    if not reshard_after_forward(job.sharding):
+        return 0
+    return shape.params if shape.regathered is None else shape.regathered
+
+
 def _fsdp_copies(job: TrainConfig, shape: ModelShape, factor: int) -> Work:
     """FSDP2's local traffic around its collectives: the copy into the all-gather buffer (with the cast to the
     compute dtype) and out of it into the unsharded parameters, and the same for the gradients' reduce-scatter."""
     pbytes, cbytes, rbytes = precision_bytes(job)
-    regathered = (shape.params if shape.regathered is None else shape.regathered) \
-        if reshard_after_forward(job.sharding) else 0
-    gathered = shape.params + regathered
+    gathered = shape.params + _regathered(job, shape)
     all_gather = gathered * ((pbytes + cbytes) / factor + 3 * cbytes)
     reduce_scatter = shape.params * (cbytes + 2 * rbytes + (rbytes + pbytes) / factor)
     return Work(memory_bytes=all_gather + reduce_scatter, kernels=4 * shape.units)
@@ -178,9 +183,7 @@ def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, b
     factor = shard_factor(job, world, cluster.gpus_per_node)
     replicas = world // factor
     _, cbytes, rbytes = precision_bytes(job)
-    regathered = (shape.params if shape.regathered is None else shape.regathered) \
-        if reshard_after_forward(job.sharding) else 0
-    shard_traffic = ((shape.params + regathered) * cbytes + shape.params * rbytes) * (factor - 1) / factor
+    shard_traffic = ((shape.params + _regathered(job, shape)) * cbytes + shape.params * rbytes) * (factor - 1) / factor
     replica_traffic = 2 * shape.params / factor * rbytes * (replicas - 1) / replicas if replicas > 1 else 0.0
     shard_spans_nodes = factor > cluster.gpus_per_node
     replicas_span_nodes = replicas > 1 and world > cluster.gpus_per_node

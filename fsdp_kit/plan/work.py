@@ -158,8 +158,8 @@ def _listening(pricer: _Pricer) -> Iterator[None]:
         activations.ATTENTION_LISTENERS.remove(pricer.attention)
 
 
-def _trace(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes: dict[str, tuple[int, ...]],
-           mode: FakeTensorMode) -> tuple[Work, list[Work]]:
+def _trace(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
+           batch_shapes: dict[str, tuple[int, ...]]) -> tuple[Work, list[Work]]:
     found = layers(model, layer_cls)
     pricer = _Pricer()
 
@@ -176,18 +176,13 @@ def _trace(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shape
         with pricer, _listening(pricer):
             pricer.current = "outside"
             loss, _ = token_loss(model, batch)
-            for hook in hooks:
-                hook.remove()
-            pricer.current = "backward"
+            pricer.current = "backward"  # nothing is checkpointed here: no layer forward runs in backward
             loss.backward()
     finally:
         for hook in hooks:
             hook.remove()
         model.zero_grad(set_to_none=True)
-    total = Work()
-    for work in pricer.work.values():
-        total = total + work
-    return total, [pricer.work.get(i, Work()) for i in range(len(found))]
+    return sum(pricer.work.values(), Work()), [pricer.work.get(i, Work()) for i in range(len(found))]
 
 
 def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes) -> StepWork:
@@ -197,8 +192,8 @@ def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_sh
     with mode, activations._gpu_like_attention():
         activations._fake_parameters(model, mode)
         # 2 and 3, not 1: at batch 1 some reshapes are free views that cost a copy at any larger batch
-        two_total, two_layers = _trace(model, layer_cls, batch_shapes(2), mode)
-        three_total, three_layers = _trace(model, layer_cls, batch_shapes(3), mode)
+        two_total, two_layers = _trace(model, layer_cls, batch_shapes(2))
+        three_total, three_layers = _trace(model, layer_cls, batch_shapes(3))
 
     def linear(two: Work, three: Work) -> Linear:
         per_sample = three - two
