@@ -125,8 +125,8 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("cluster.nodes", ">0"), ("cluster.gpus_per_node", ">=0"), ("cluster.gpu_memory_gb", ">0"),
     ("cluster.peak_tflops", ">0"), ("cluster.intra_node_gbps", ">0"), ("cluster.inter_node_gbps", ">0"),
     ("cluster.cpus_per_node", ">0"), ("cluster.peak_tflops_fp32", ">0"), ("cluster.memory_bandwidth_gb_s", ">0"),
-    ("slurm.signal_before_s", ">=0"), ("slurm.max_requeues", ">=0"), ("slurm.procs_per_node", ">0"),
-    ("slurm.cpus_per_task", ">0"), ("slurm.rdzv_port", "port"),
+    ("slurm.signal_before_s", ">=0"), ("slurm.max_requeues", ">=0"), ("slurm.max_restarts", ">=0"),
+    ("slurm.procs_per_node", ">0"), ("slurm.cpus_per_task", ">0"), ("slurm.rdzv_port", "port"),
 )
 
 # rule -> (test, what the value must be)

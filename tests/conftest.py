@@ -56,16 +56,21 @@ def _slurm_tests_in_one_file_first(config: pytest.Config, items: list[pytest.Ite
         items.sort(key=rank)  # stable: within a file and among the rest, collection order
 
 
+# Namespaced nodes beside this machine's (tests/slurm_netns.py): the multi-node tests use up to 3.
+MULTINODE_NODES = 3
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory: pytest.TempPathFactory):
-    """ONE private Slurm on localhost for the whole run (starting it and installing it are paid once).
+    """ONE private Slurm on localhost for the whole run (starting it and installing it are paid once): this
+    machine's node, and where it can, MULTINODE_NODES namespaced nodes in partition ``nodes`` (``slurm.nodes``).
 
     It skips every test that asks for it, with the reason, where it cannot run here (not installed and not allowed
     to install, a real Slurm on this machine, ...). It stops only the daemons it started.
     """
     from slurm_cluster import LocalSlurm, Unavailable
 
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=MULTINODE_NODES)
     try:
         cluster.start()
     except Unavailable as why:

@@ -1,8 +1,15 @@
 """A real, private Slurm cluster on localhost for the tests (Debian's slurm-wlm + munge).
 
+One node is this machine (partitions ``low`` and ``high``). Where it can (root, ``ip netns``, leave to edit
+/etc/hosts), N more nodes join in partition ``nodes``: one network namespace per node on a private bridge
+(10.213.K.0/24, an address range only this bridge holds: no traffic leaves the machine), each with its own UTS
+hostname and its own slurmd, all sharing the filesystem as a cluster's nodes share a home. Where it cannot, the
+one-node tests still run and the multi-node ones skip with ``multinode_skip``.
+
 It never touches a real installation: its own config folder (clients find it through SLURM_CONF), its own
 state and spool folders and ports, never a write to /etc/slurm. It skips, saying why, where a Slurm already
-runs or where it cannot be installed. It stops only the daemons it started, by pid.
+runs or where it cannot be installed. It stops only the daemons it started, by pid, and removes exactly the
+namespaces, links and hosts lines it made.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import time
 from pathlib import Path
 
 from ports import free_port
+from slurm_netns import NodeNetwork, NoNetwork, add_hosts_lines, remove_hosts_lines, why_not
 
 NEEDED = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "munged")
 # Where a real installation keeps its config (Debian's current and older layout, the upstream default).
@@ -63,13 +71,26 @@ def _refuse_real_slurm() -> None:
                           "the tests never touch a real installation")
 
 
+MULTINODE_PARTITION = "nodes"
+
+
 class LocalSlurm:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, nodes: int = 0) -> None:
+        """``nodes``: how many namespaced nodes to add beside this machine's (where they can run)."""
         self.root = root
         self.conf = root / "slurm.conf"
         self.host = socket.gethostname().split(".")[0]
         self.started: list[Path] = []  # pid files of the daemons we started, and only those
         self._exported_conf = False
+        self._wanted_nodes = nodes
+        self.network: NodeNetwork | None = None
+        self.multinode_skip: str | None = "no namespaced nodes were asked for" if not nodes else None
+        self._hosts_lines: list[str] = []
+
+    @property
+    def nodes(self) -> list[str]:
+        """The namespaced nodes (partition ``nodes``), in order; empty where they could not be made."""
+        return list(self.network.nodes) if self.network else []
 
     # -- setup -----------------------------------------------------------------------------------------
     def start(self) -> LocalSlurm:
@@ -77,13 +98,29 @@ class LocalSlurm:
         self._ensure_installed()
         self._ensure_hostname()
         self._ensure_munge()
+        if self._wanted_nodes:
+            self._make_network()
         self._write_config()
         os.environ["SLURM_CONF"] = str(self.conf)  # for submitit and Hydra's launcher inside the tests
         self._exported_conf = True
         self._daemon("slurmctld", ["slurmctld", "-f", str(self.conf), "-c"])
-        self._daemon("slurmd", ["slurmd", "-f", str(self.conf)])
+        self._daemon(f"slurmd.{self.host}", ["slurmd", "-f", str(self.conf), "-N", self.host])
+        for node in self.nodes:
+            self._daemon(f"slurmd.{node}", self.network.in_node(node, f"exec slurmd -f {self.conf} -N {node}"))
         self._wait_for_idle_node()
         return self
+
+    def _make_network(self) -> None:
+        """Namespaced nodes, or the reason they cannot be (the one-node tests run either way)."""
+        self.multinode_skip = why_not()
+        if self.multinode_skip:
+            return
+        network = NodeNetwork(self._wanted_nodes)
+        try:
+            self.network = network.make()
+        except NoNetwork as why:
+            network.remove()
+            self.multinode_skip = str(why)
 
     def _ensure_installed(self) -> None:
         missing = [tool for tool in NEEDED if shutil.which(tool) is None]
@@ -113,8 +150,8 @@ class LocalSlurm:
         if os.environ.get("CI") != "true" and os.environ.get("FSDP_KIT_EDIT_HOSTS") != "1":
             raise Unavailable(f"hostname {self.host!r} does not resolve; set FSDP_KIT_EDIT_HOSTS=1 to let the tests "
                               "add it to /etc/hosts")
-        with open("/etc/hosts", "a") as hosts:
-            hosts.write(f"\n127.0.0.1 {self.host}\n")
+        self._hosts_lines.append(f"127.0.0.1 {self.host}")
+        add_hosts_lines(self._hosts_lines)
 
     def _ensure_munge(self) -> None:
         if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
@@ -137,9 +174,18 @@ class LocalSlurm:
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         memory = self._node_memory_mb()
+        cpus = max(4, os.cpu_count() or 1)
+        # The namespaced nodes reach the controller on the bridge; this machine's node reaches it there too.
+        controller = self.network.controller_address if self.network else "127.0.0.1"
+        nodes = "".join(f"NodeName={name} NodeAddr={address} NodeHostname={name} CPUs={cpus} RealMemory={memory} "
+                        "State=UNKNOWN\n" for name, (_, address) in (self.network.nodes.items() if self.network
+                                                                     else []))
+        if nodes:
+            nodes += (f"PartitionName={MULTINODE_PARTITION} Nodes={','.join(self.nodes)} PriorityTier=1 "
+                      "MaxTime=INFINITE State=UP\n")
         self.conf.write_text(f"""\
 ClusterName=fsdpkit-test
-SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldHost={self.host}({controller})
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 SlurmUser=root
@@ -148,11 +194,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=cred_expire=5
 StateSaveLocation={self.root / 'state'}
-SlurmdSpoolDir={self.root / 'spool'}
+SlurmdSpoolDir={self.root / 'spool' / '%n'}
 SlurmctldPidFile={self.root / 'slurmctld.pid'}
-SlurmdPidFile={self.root / 'slurmd.pid'}
+SlurmdPidFile={self.root / 'slurmd.%n.pid'}
 SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}
-SlurmdLogFile={self.root / 'log' / 'slurmd.log'}
+SlurmdLogFile={self.root / 'log' / 'slurmd.%n.log'}
+TreeWidth=65533
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -172,10 +219,10 @@ KillWait=30
 InactiveLimit=0
 MinJobAge=300
 SlurmdParameters=config_overrides
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={max(4, os.cpu_count() or 1)} RealMemory={memory} State=UNKNOWN
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
 PartitionName=low Nodes={self.host} Default=YES PriorityTier=1 GraceTime=10 MaxTime=INFINITE State=UP
 PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
-""")
+{nodes}""")
 
     @staticmethod
     def _node_memory_mb() -> int:
@@ -186,6 +233,7 @@ PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
         return 1024
 
     def _daemon(self, name: str, command: list[str]) -> None:
+        """Start a daemon that writes ``<root>/<name>.pid`` (slurm.conf names them so)."""
         pid_file = self.root / f"{name}.pid"
         env = {**os.environ, "SLURM_CONF": str(self.conf)}
         result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -200,19 +248,21 @@ PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
 
     def _wait_for_idle_node(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        state = ""
+        states: dict[str, str] = {}
         while time.monotonic() < deadline:
-            result = self.run("sinfo", "-h", "-N", "-o", "%t", check=False)
-            state = result.stdout.strip()
-            if state.startswith("idle"):
+            result = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)  # a node once per partition
+            states = dict(line.split() for line in result.stdout.splitlines() if line.strip())
+            if len(states) == 1 + len(self.nodes) and all(state.startswith("idle") for state in states.values()):
                 return
             time.sleep(0.2)
-        raise Unavailable(f"the node never became idle (state {state!r}); see {self.root / 'log'}")
+        raise Unavailable(f"the nodes never became idle (states {states!r}); see {self.root / 'log'}")
 
     # -- use ---------------------------------------------------------------------------------------------
-    def run(self, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
+            **kwargs) -> subprocess.CompletedProcess:
+        """A Slurm client command against this cluster; ``env`` adds to this process's environment."""
         return subprocess.run(list(args), capture_output=True, text=True, check=check,
-                              env={**os.environ, "SLURM_CONF": str(self.conf)}, **kwargs)
+                              env={**os.environ, **(env or {}), "SLURM_CONF": str(self.conf)}, **kwargs)
 
     def job_state(self, job_id: str) -> str:
         result = self.run("scontrol", "show", "job", job_id, check=False)
@@ -236,6 +286,12 @@ PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
         """Cancel our jobs and stop our daemons; a no-op where start() got no further than its checks."""
         if self.root / "slurmctld.pid" in self.started and shutil.which("scancel"):
             self.run("scancel", f"--user={os.getuid()}", check=False)  # our controller's jobs: run() sets our conf
+            for _ in range(50):  # let the nodes end the steps before their slurmd goes
+                if not self.run("squeue", "-h", check=False).stdout.strip():
+                    break
+                time.sleep(0.2)
+        if self.network:
+            self.network.kill_leftovers()
         for pid_file in reversed(self.started):
             try:
                 pid = int(pid_file.read_text().strip())
@@ -248,6 +304,11 @@ PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
                         break
                     time.sleep(0.05)
         self.started.clear()
+        if self.network:
+            self.network.remove()
+            self.network = None
+        remove_hosts_lines(self._hosts_lines)
+        self._hosts_lines.clear()
         if self._exported_conf:  # never drop a SLURM_CONF the user had set
             os.environ.pop("SLURM_CONF", None)
             self._exported_conf = False

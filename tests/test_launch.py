@@ -210,6 +210,29 @@ def test_torchrun_wrapper_requeues_when_one_trainer_asks_and_the_rest_are_torn_d
 
     assert asks_for_requeue([75, 75])
     assert asks_for_requeue([75, -15])  # the watchdog fired on one rank; torchrun stopped the other
+    assert asks_for_requeue([75, 1])  # the hung rank exited 75 first, its peer's collective then failed: exit 1
     assert not asks_for_requeue([1, -15])
-    assert not asks_for_requeue([75, 1])
     assert not asks_for_requeue([-15, -15])
+
+
+def test_sbatch_requeues_at_most_max_requeues_and_never_with_requeue_false(tmp_path):
+    """Exit 75 (a preemption save or a hang) requeues the job, counted by Slurm's SLURM_RESTART_COUNT: a hang that
+    recurs at the same step stops after slurm.max_requeues; slurm.requeue=false ends the job after the save."""
+    fake = _stand_ins(tmp_path)
+    cases = (([], "0", True, "requeueing job 7 (requeue 1 of 2)"),
+             ([], "2", False, "stop: checkpoint saved at step ?, but job 7 was requeued 2 time(s) already "
+                            "(slurm.max_requeues=2)"),
+             (["slurm.requeue=false"], "0", False, "not requeueing (slurm.requeue=false)"))
+    for n, (extra, restarts, requeued, line) in enumerate(cases):
+        overrides = ["cluster=local", f"slurm.output_root={tmp_path / 'runs'}", "slurm.setup='cd .'",
+                     "slurm.max_requeues=2", "slurm.max_restarts=5", *extra]
+        text = render(compose_job(overrides), overrides)
+        assert ("#SBATCH --requeue" in text) == (not extra)
+        script = tmp_path / f"job{n}.sbatch"
+        script.write_text(text)
+        (tmp_path / "logs" / "scontrol").unlink(missing_ok=True)
+        result = _run_script(script, tmp_path, fake, SRUN_EXIT=str(EXIT_REQUEUE), SLURM_RESTART_COUNT=restarts)
+        assert line in result.stdout, result.stdout
+        assert result.returncode == (0 if requeued else EXIT_REQUEUE), result.stdout
+        assert ("requeue\x007\x00" in (tmp_path / "logs" / "scontrol").read_text()) == requeued
+        assert "--max-restarts=5" in (tmp_path / "logs" / "srun").read_text().split("\0")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Outcome, job, run_cli, run_ranks, train
+from ports import free_port
 from slurm_cluster import LocalSlurm
 
 from fsdp_kit.errors import ConfigError
@@ -37,8 +38,8 @@ def _fsdp_kit(*args: str, check_rc: bool = True) -> Outcome:
     return result
 
 
-def _local_overrides(tmp_path: Path, steps: int) -> list[str]:
-    return ["cluster=local", "slurm.procs_per_node=2", "slurm.exclusive=false", "slurm.time=00:20:00",
+def _local_overrides(tmp_path: Path, steps: int, procs: int = 2) -> list[str]:
+    return ["cluster=local", f"slurm.procs_per_node={procs}", "slurm.exclusive=false", "slurm.time=00:20:00",
             f"slurm.setup='export PATH={BIN}:$PATH'", f"slurm.output_root={tmp_path / 'runs'}",
             f"slurm.log_dir={tmp_path / 'logs'}", f"trainer.max_steps={steps}", *TRAIN]
 
@@ -113,10 +114,23 @@ def test_too_many_gpus_per_node_is_rejected():
         check(compose_job(["cluster=p4d", "slurm.procs_per_node=16"]), local_checks=False)
 
 
-def test_bad_time_limit_is_rejected():
+def test_bad_time_limit_is_rejected_and_every_slurm_form_accepted():
     with pytest.raises(ConfigError, match="is not a Slurm time limit"):
         check(compose_job(["slurm.time=4h"]), local_checks=False)
     assert timeout_minutes("1-02:30:00") == 26 * 60 + 30 and timeout_minutes("00:10:01") == 11
+    # minutes, days-hours, no limit, minutes:seconds, days-hours:minutes
+    assert [timeout_minutes(v) for v in ("90", "2-12", "UNLIMITED", "10:30", "2-12:30")] == [90, 60 * 60, None, 11,
+                                                                                           60 * 60 + 30]
+    for value in ("90", "2-12", "UNLIMITED"):
+        check(compose_job([f"slurm.time={value}"]), local_checks=False)
+        assert f"#SBATCH --time={value}" in render(compose_job([f"slurm.time={value}"]), [])
+
+
+def test_max_restarts_reaches_torchrun_and_a_negative_one_is_refused(tmp_path):
+    assert '--max-restarts="$MAX_RESTARTS"' in render(compose_job([]), []) and "MAX_RESTARTS=3 " in render(
+        compose_job([]), [])
+    result = _fsdp_kit("slurm", "slurm.max_restarts=-1", check_rc=False)
+    assert result.code == 2 and "slurm.max_restarts=-1 must be >= 0" in result.stderr, result.stderr
 
 
 def test_unset_template_variable_is_an_error():
@@ -217,3 +231,77 @@ def test_hydra_sweep_with_the_local_launcher(tmp_path):
         timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(_records(sweep / str(i))[-1]["final_step"] == 2 for i in (0, 1))
+
+
+# -- several nodes: namespaced nodes of the same cluster (partition `nodes`), jobs rendered as a user does --------
+@pytest.fixture(scope="module")
+def nodes(slurm: LocalSlurm) -> LocalSlurm:
+    if slurm.multinode_skip:
+        pytest.skip(f"no multi-node Slurm here: {slurm.multinode_skip}")
+    return slurm
+
+
+# Global batch 12 whatever the layout (2 nodes x 2 ranks x 3, 3 nodes x 1 rank x 4): the losses of one process.
+LAYOUTS = {(2, 2): "trainer.batch_size=3", (3, 1): "trainer.batch_size=4"}
+PARITY_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory) -> dict[int, float]:
+    """One process, global batch 12: what every multi-node layout and strategy must reproduce (fp32, 1e-5)."""
+    cfg = job(tmp_path_factory.mktemp("one"), *TRAIN, "trainer.batch_size=12", f"trainer.max_steps={PARITY_STEPS}",
+              "checkpoint.at_end=false", fast=False)
+    return run_ranks(train, 1, cfg)[0].losses
+
+
+def _submit_on_nodes(slurm: LocalSlurm, tmp_path: Path, name: str, layout: tuple[int, int], steps: int,
+                     *overrides: str, env: dict[str, str] | None = None) -> tuple[str, Path]:
+    """Render with `fsdp-kit slurm` for ``layout`` (nodes, processes per node) and sbatch it as a user does; the job
+    id and where its run dir will be."""
+    script = tmp_path / f"{name}.sbatch"
+    nodes, procs = layout
+    _fsdp_kit("slurm", "-o", str(script), "slurm.partition=nodes", f"cluster.nodes={nodes}", f"slurm.job_name={name}",
+              f"slurm.rdzv_port={free_port()}", *_local_overrides(tmp_path, steps, procs), LAYOUTS[layout],
+              *overrides)  # own port: the head nodes of jobs side by side may be the same node
+    result = slurm.run("sbatch", "--parsable", str(script), cwd=ROOT, env=env)
+    job_id = result.stdout.strip().split(";")[0]
+    return job_id, tmp_path / "runs" / f"{name}-{job_id}"
+
+
+def _finished(slurm: LocalSlurm, tmp_path: Path, job_id: str, name: str, timeout: float = 240) -> str:
+    """Wait for the job to end; its log (the assertion message when it did not complete)."""
+    state = slurm.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=timeout)
+    log = tmp_path / "logs" / f"{name}-{job_id}.out"
+    text = log.read_text() if log.is_file() else f"(no log at {log})"
+    assert state == "COMPLETED", f"job {job_id} {state}:\n{text[-5000:]}"
+    return text
+
+
+def _assert_same(losses: dict[int, float], want: dict[int, float], steps: range) -> None:
+    assert sorted(losses) == list(steps), losses
+    assert all(abs(losses[s] - want[s]) < 1e-5 for s in steps), (losses, want)
+
+
+@pytest.mark.slurm
+def test_two_and_three_nodes_give_the_losses_of_one_process_and_resume_across_node_counts(
+        nodes, tmp_path, one_process_losses):
+    """2 nodes x 2 ranks and 3 nodes x 1 rank, full_shard / shard_grad_op / hybrid_shard (shard group = one node,
+    so the replica all-reduce crosses nodes), all at once; then a 3-node job resumes the 2-node full_shard job's
+    checkpoint (written by both nodes' ranks) and continues with the same losses."""
+    jobs = {}
+    for layout in LAYOUTS:
+        for strategy in ("full_shard", "shard_grad_op", "hybrid_shard"):
+            name = f"{strategy}-{layout[0]}x{layout[1]}".replace("_", "")
+            extra = ["checkpoint.every=2"] if (strategy, layout) == ("full_shard", (2, 2)) else []
+            jobs[name] = _submit_on_nodes(nodes, tmp_path, name, layout, PARITY_STEPS, f"sharding={strategy}",
+                                          *extra)
+    for name, (job_id, run_dir) in jobs.items():
+        log = _finished(nodes, tmp_path, job_id, name)
+        _assert_same(_losses(run_dir), one_process_losses, range(1, PARITY_STEPS + 1))
+        world = _records(run_dir)[-1]["world_size"]
+        assert world == (4 if "2x2" in name else 3), (name, world, log[-2000:])
+    saved = jobs["fullshard-2x2"][1] / "checkpoints" / "step_2"
+    job_id, run_dir = _submit_on_nodes(nodes, tmp_path, "resumed-3x1", (3, 1), PARITY_STEPS,
+                                       f"checkpoint.resume={saved}")
+    _finished(nodes, tmp_path, job_id, "resumed-3x1")
+    _assert_same(_losses(run_dir), one_process_losses, range(3, PARITY_STEPS + 1))

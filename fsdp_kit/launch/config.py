@@ -45,7 +45,8 @@ class SlurmConfig:
     account: str | None = None
     """Slurm account to charge; null for none."""
     time: str = "04:00:00"
-    """Time limit (HH:MM:SS or D-HH:MM:SS)."""
+    """Time limit, any form Slurm takes: minutes (90), MM:SS, HH:MM:SS, D-HH (2-12), D-HH:MM, D-HH:MM:SS, or
+    UNLIMITED."""
     job_name: str | None = None
     """Job name; null gives fsdp-<model name>."""
     procs_per_node: int | None = None
@@ -63,9 +64,15 @@ class SlurmConfig:
     signal_before_s: int = 90
     """Send SIGUSR2 this many seconds before the time limit: the trainer saves and the job requeues."""
     requeue: bool = True
-    """Let the job be requeued after preemption or a timeout save."""
+    """Requeue the job after a preemption or time-limit save, or a hang its restarts did not cure; false: the job
+    ends after the save (submit again to continue from it)."""
     max_requeues: int = 10
-    """submit: give up after this many preemptions/timeouts."""
+    """Stop instead of requeueing once the job was requeued this often (Slurm's SLURM_RESTART_COUNT): a hang that
+    recurs at the same step does not requeue forever."""
+    max_restarts: int = 3
+    """A rank that dies (signal, exception, a collective whose peer went away) or hangs (trainer.hang_timeout_s)
+    restarts the workers of every node in place (torchrun --max-restarts, c10d rendezvous), resuming from the
+    newest checkpoint, at most this often per job run; then the job stops (or, after a hang, is requeued)."""
     rdzv_port: int = 29500
     """Port of torchrun's c10d rendezvous on the first compute node."""
     nccl_debug: bool = False

@@ -15,7 +15,7 @@ from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.launch.shell import check_plain, comment_text, shell_command, shell_word
-from fsdp_kit.launch.slurm import RUN_DIR_NAME, job_name, procs_per_node
+from fsdp_kit.launch.slurm import RUN_DIR_NAME, TORCHRUN_LOGS, job_name, procs_per_node
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -47,6 +47,10 @@ def render(job: TrainConfig, overrides: list[str], render_args: list[str] | None
         "run_dir_name": _shell_pattern(RUN_DIR_NAME, job_name="SLURM_JOB_NAME", job_id="SLURM_JOB_ID"),
         "preempted_marker": shell_word(PREEMPTED_MARKER),
         "exit_requeue": str(EXIT_REQUEUE),
+        "max_restarts": str(job.slurm.max_restarts),
+        "requeue": "1" if job.slurm.requeue else "0",
+        "max_requeues": str(job.slurm.max_requeues),
+        "torchrun_logs": shell_word(TORCHRUN_LOGS),
         "network_env": _network_env(job),
     }
     template = resources.files("fsdp_kit.launch").joinpath("job.sbatch.in").read_text()

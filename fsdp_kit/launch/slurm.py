@@ -11,12 +11,15 @@ from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.preflight import preflight
 
-__all__ = ["RUN_DIR_NAME", "available_partitions", "check", "compose_job", "job_name", "procs_per_node", "run_dir",
-           "timeout_minutes", "world_size"]
+__all__ = ["RUN_DIR_NAME", "TORCHRUN_LOGS", "available_partitions", "check", "compose_job", "job_name",
+           "procs_per_node", "run_dir", "timeout_minutes", "world_size"]
 
 
 # A Slurm job's run dir under slurm.output_root; the sbatch template is rendered from this pattern.
 RUN_DIR_NAME = "{job_name}-{job_id}"
+# torchrun's --log-dir under the run dir: each attempt's worker output, per local rank (fsdp_kit.launch.torchrun
+# names the file in its line for each failure).
+TORCHRUN_LOGS = "torchrun"
 
 
 def job_name(job: TrainConfig) -> str:
@@ -62,9 +65,7 @@ def check(job: TrainConfig, local_checks: bool = True) -> None:
         raise ConfigError(
             f"slurm.procs_per_node={wanted} asks for more GPUs per node than {cluster.instance_type or cluster.name} "
             f"has ({cluster.gpus_per_node})", f"use slurm.procs_per_node<={cluster.gpus_per_node} or add nodes")
-    if not _valid_time(slurm.time):
-        raise ConfigError(f"slurm.time={slurm.time!r} is not a Slurm time limit",
-                          "use HH:MM:SS or D-HH:MM:SS, e.g. slurm.time=04:00:00")
+    timeout_minutes(slurm.time)  # raises for what Slurm would refuse
     device_type = "cuda" if cluster.gpus_per_node else "cpu"
     preflight(job, world_size=world_size(job), device_type=device_type, probe_device=False,
               check_files=local_checks)
@@ -75,12 +76,29 @@ def check(job: TrainConfig, local_checks: bool = True) -> None:
                               f"use one of {', '.join(partitions) or '(none found)'}")
 
 
-def timeout_minutes(time_limit: str) -> int:
-    """Minutes in a Slurm time limit (submitit wants minutes)."""
-    days, _, clock = time_limit.rpartition("-")
-    hours, minutes, seconds = map(int, clock.split(":"))
-    return (int(days or 0) * 24 + hours) * 60 + minutes + (1 if seconds else 0)
+def timeout_minutes(time_limit: str) -> int | None:
+    """Minutes in a Slurm time limit (submitit wants minutes); None for no limit (UNLIMITED, INFINITE, 0).
+
+    Slurm's forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+    days-hours:minutes:seconds. Anything else raises ConfigError."""
+    value = str(time_limit).strip()
+    match = _TIME.fullmatch(value)
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    if match is None:
+        raise ConfigError(f"slurm.time={time_limit!r} is not a Slurm time limit",
+                          "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED, e.g. "
+                          "slurm.time=04:00:00")
+    clock = [int(part) for part in match.group("clock").split(":")]
+    if match.group("days") is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        hours, minutes, seconds = [*clock, 0, 0][:3]
+        hours += int(match.group("days")) * 24
+    elif len(clock) == 3:  # HH:MM:SS
+        hours, minutes, seconds = clock
+    else:  # MM, MM:SS
+        hours, minutes, seconds = 0, clock[0], [*clock, 0][1]
+    total = hours * 60 + minutes + (1 if seconds else 0)
+    return total or None  # Slurm: a limit of 0 is no limit
 
 
-def _valid_time(value: str) -> bool:
-    return bool(re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", value))
+_TIME = re.compile(r"(?:(?P<days>\d+)-)?(?P<clock>\d+(?::\d{1,2}){0,2})")

@@ -1,36 +1,141 @@
-"""``python -m fsdp_kit.launch.torchrun [torchrun arguments]``: torchrun that keeps the requeue exit code.
+"""``python -m fsdp_kit.launch.torchrun [torchrun arguments]``: torchrun that keeps the requeue exit code and says,
+in one line per failure, which node and rank failed, how, and what happens next.
 
 Plain torchrun exits 1 whenever its trainers stopped for a preemption: a SIGTERM to torchrun is forwarded to
 the trainers (which save and exit with EXIT_REQUEUE) and then raised again as ``SignalException``; trainers
 that exit with EXIT_REQUEUE on their own (SIGUSR2) become a ``ChildFailedError``. Here both end in
 EXIT_REQUEUE, so a scheduler or script that acts on the exit code requeues the job. (With plain torchrun the
 run dir's ``preempted`` marker, written by rank 0 after the save, says the same.)
+
+With ``--max-restarts=N`` a rank that dies (a signal, an exception, a collective that failed because a peer went
+away) or hangs (the watchdog exits EXIT_REQUEUE) makes every node restart its workers through the c10d rendezvous;
+they resume from the run dir's newest complete checkpoint. A preemption save is never restarted in place: the job is
+requeued. The agent's own messages (and the workers' tracebacks, with ``--redirects=2``) go to files under
+``--log-dir``; the job log gets one ``fsdp_kit:`` line per failure, naming the file.
 """
 
 from __future__ import annotations
 
 import os
-import signal
+import re
+import socket
 import sys
+import time
+from pathlib import Path
 
+from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from torch.distributed.launcher import api as launcher_api
 from torch.distributed.run import main as torchrun_main
 
 from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTION_SIGNALS
+from fsdp_kit.launch.slurm import TORCHRUN_LOGS
+from fsdp_kit.training.watchdog import HANG_DIR
+
+_ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b.*|^error: .*")
 
 
 def asks_for_requeue(exit_codes: list[int]) -> bool:
-    """Some trainer exited with EXIT_REQUEUE and every other one did too or was stopped by torchrun's own
-    teardown signal (negative: killed by SIGTERM/SIGKILL after the first one left, as when the hang watchdog
-    fires on one rank first)."""
-    teardown = {-signal.SIGTERM, -signal.SIGKILL}
-    return EXIT_REQUEUE in exit_codes and all(code == EXIT_REQUEUE or code in teardown for code in exit_codes)
+    """Some trainer exited with EXIT_REQUEUE (a preemption save, or the hang watchdog): the job is worth
+    requeueing, whatever the others did (the peers of a hung rank fail their collective and exit 1, or are
+    stopped by torchrun's teardown signal)."""
+    return EXIT_REQUEUE in exit_codes
+
+
+def _say(line: str) -> None:
+    print(f"fsdp_kit: node {socket.gethostname()}: {line}", file=sys.stderr, flush=True)
+
+
+def _last_error(path: str | None) -> str:
+    """The last exception line a worker wrote to its redirected stderr, shortened; empty where none."""
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path, errors="replace") as handle:
+        handle.seek(max(0, os.path.getsize(path) - 65536))
+        lines = [line.strip() for line in handle.read().splitlines()]
+    found = [line for line in lines if _ERROR_LINE.match(line)]
+    if not found:
+        return ""
+    text = found[-1]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def describe(failure: ProcessFailure, rank: int, run_dir: Path | None, since: float, stderr: str | None) -> str:
+    """How one worker failed, in a few words: signal, watchdog, preemption save, or its last exception."""
+    code = failure.exitcode
+    if code < 0:
+        return f"was killed by {failure.signal_name()}"
+    if code == EXIT_REQUEUE:
+        hang = run_dir / HANG_DIR / f"rank{rank}.txt" if run_dir else None
+        if hang is not None and hang.is_file() and hang.stat().st_mtime >= since:
+            return f"hung: the hang watchdog stopped it (exit {code}; stacks in {hang})"
+        return f"saved for preemption (exit {code})"
+    error = _last_error(stderr)
+    if re.search(r"timed? ?out|timeout", error, re.IGNORECASE):
+        return f"exited {code}: collective timeout ({error})"
+    return f"exited {code}" + (f" ({error})" if error else "")
+
+
+def is_preemption(codes: list[int], causes: list[str]) -> bool:
+    """Every failed trainer saved for a preemption: requeue the job, never restart in place."""
+    return all(code == EXIT_REQUEUE for code in codes) and not any(c.startswith("hung") for c in causes)
+
+
+class Agent(LocalElasticAgent):
+    """torchrun's agent, with a line per failure and no restart in place after a preemption save."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._attempt_started = time.time()
+        self._reported = False
+
+    def _start_workers(self, worker_group: WorkerGroup) -> dict[int, object]:
+        self._attempt_started = time.time()
+        self._reported = False
+        return super()._start_workers(worker_group)
+
+    def _restart_workers(self, worker_group: WorkerGroup) -> None:
+        if not self._reported:  # our workers are fine: a worker on another node failed (its node says which)
+            _say("another node's workers failed; restarting ours to rejoin them from the newest checkpoint")
+        super()._restart_workers(worker_group)
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        result = super()._monitor_workers(worker_group)
+        if result.state in {WorkerState.FAILED, WorkerState.UNHEALTHY} and result.failures:
+            self._report(worker_group, result)
+        return result
+
+    def _report(self, worker_group: WorkerGroup, result: RunResult) -> None:
+        logs = Path(self._logs_specs.root_log_dir)
+        run_dir = logs.parent if logs.name == TORCHRUN_LOGS else None  # the sbatch template's --log-dir
+        stderrs = getattr(self._pcontext, "stderrs", {}) or {}
+        failures = sorted(result.failures.items(), key=lambda item: item[1].timestamp)
+        causes = [describe(f, rank, run_dir, self._attempt_started, stderrs.get(f.local_rank)) for rank, f in failures]
+        spec = worker_group.spec
+        if is_preemption([f.exitcode for _, f in failures], causes):
+            self._remaining_restarts = 0  # the trainers saved: the job is requeued, not restarted in place
+            after = "the job is requeued and resumes from that save"
+        elif self._remaining_restarts > 0:
+            done = spec.max_restarts - self._remaining_restarts
+            after = (f"restarting the workers of every node from the newest checkpoint (restart {done + 1} of "
+                     f"{spec.max_restarts})")
+        elif any(f.exitcode == EXIT_REQUEUE for _, f in failures):
+            after = f"no restarts left (slurm.max_restarts={spec.max_restarts}); the job is requeued"
+        else:
+            after = f"no restarts left (slurm.max_restarts={spec.max_restarts}); stopping"
+        for (rank, failure), cause in zip(failures, causes):
+            log = stderrs.get(failure.local_rank)
+            where = f"; its output: {log}" if log and failure.exitcode != EXIT_REQUEUE else ""
+            _say(f"rank {rank} (local {failure.local_rank}) {cause}; {after}{where}")
+        self._reported = True
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run torchrun with ``argv``; the exit code, EXIT_REQUEUE after a preemption."""
+    """Run torchrun with ``argv``; the exit code, EXIT_REQUEUE after a preemption or a hang."""
     os.environ["FSDP_KIT_TORCHRUN"] = "1"  # the trainers' log line then names the right exit code
+    launcher_api.LocalElasticAgent = Agent  # what torchrun's launch_agent builds
     try:
         torchrun_main(argv)
     except SignalException as err:
@@ -42,11 +147,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{EXIT_REQUEUE} so the job is requeued", file=sys.stderr)
         return EXIT_REQUEUE
     except ChildFailedError as err:
-        if not asks_for_requeue([failure.exitcode for failure in err.failures.values()]):
-            raise
-        print(f"fsdp_kit: the trainers stopped to be requeued (a preemption save or the hang watchdog); exiting "
-              f"with {EXIT_REQUEUE}", file=sys.stderr)
-        return EXIT_REQUEUE
+        # Each failure has had its line (Agent._report); the traceback is in the file it named.
+        if asks_for_requeue([failure.exitcode for failure in err.failures.values()]):
+            return EXIT_REQUEUE
+        return 1
     return 0
 
 
