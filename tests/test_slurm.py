@@ -38,9 +38,9 @@ def _fsdp_kit(*args: str, check_rc: bool = True) -> Outcome:
     return result
 
 
-def _local_overrides(tmp_path: Path, steps: int, procs: int = 2) -> list[str]:
+def _local_overrides(tmp_path: Path, steps: int, procs: int = 2, setup: str = f"export PATH={BIN}:$PATH") -> list[str]:
     return ["cluster=local", f"slurm.procs_per_node={procs}", "slurm.exclusive=false", "slurm.time=00:20:00",
-            f"slurm.setup='export PATH={BIN}:$PATH'", f"slurm.output_root={tmp_path / 'runs'}",
+            f"slurm.setup='{setup}'", f"slurm.output_root={tmp_path / 'runs'}",
             f"slurm.log_dir={tmp_path / 'logs'}", f"trainer.max_steps={steps}", *TRAIN]
 
 
@@ -243,26 +243,30 @@ def nodes(slurm: LocalSlurm) -> LocalSlurm:
 
 # Global batch 12 whatever the layout (2 nodes x 2 ranks x 3, 3 nodes x 1 rank x 4): the losses of one process.
 LAYOUTS = {(2, 2): "trainer.batch_size=3", (3, 1): "trainer.batch_size=4"}
-PARITY_STEPS = 4
+PARITY_STEPS, FAULT_STEPS = 4, 8  # a constant learning rate: a shorter run follows the longer one
+# Test-only fault injection (tests/faults/sitecustomize.py), put on the jobs' PYTHONPATH by slurm.setup.
+FAULTS = Path(__file__).resolve().parent / "faults"
 
 
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory) -> dict[int, float]:
     """One process, global batch 12: what every multi-node layout and strategy must reproduce (fp32, 1e-5)."""
-    cfg = job(tmp_path_factory.mktemp("one"), *TRAIN, "trainer.batch_size=12", f"trainer.max_steps={PARITY_STEPS}",
+    cfg = job(tmp_path_factory.mktemp("one"), *TRAIN, "trainer.batch_size=12", f"trainer.max_steps={FAULT_STEPS}",
               "checkpoint.at_end=false", fast=False)
     return run_ranks(train, 1, cfg)[0].losses
 
 
 def _submit_on_nodes(slurm: LocalSlurm, tmp_path: Path, name: str, layout: tuple[int, int], steps: int,
-                     *overrides: str, env: dict[str, str] | None = None) -> tuple[str, Path]:
+                     *overrides: str, fault: str | None = None) -> tuple[str, Path]:
     """Render with `fsdp-kit slurm` for ``layout`` (nodes, processes per node) and sbatch it as a user does; the job
-    id and where its run dir will be."""
+    id and where its run dir will be. ``fault``: ``kill|hang:<rank>:<step>`` (tests/faults/sitecustomize.py)."""
     script = tmp_path / f"{name}.sbatch"
     nodes, procs = layout
+    setup = f"export PATH={BIN}:$PATH PYTHONPATH={FAULTS}" if fault else f"export PATH={BIN}:$PATH"
     _fsdp_kit("slurm", "-o", str(script), "slurm.partition=nodes", f"cluster.nodes={nodes}", f"slurm.job_name={name}",
-              f"slurm.rdzv_port={free_port()}", *_local_overrides(tmp_path, steps, procs), LAYOUTS[layout],
-              *overrides)  # own port: the head nodes of jobs side by side may be the same node
+              f"slurm.rdzv_port={free_port()}", *_local_overrides(tmp_path, steps, procs, setup), LAYOUTS[layout],
+              "trainer.eval_batches=1", *overrides)  # own port: jobs side by side may have the same head node
+    env = {"FSDP_KIT_TEST_FAULT": f"{fault}:{tmp_path / f'{name}.fired'}"} if fault else None
     result = slurm.run("sbatch", "--parsable", str(script), cwd=ROOT, env=env)
     job_id = result.stdout.strip().split(";")[0]
     return job_id, tmp_path / "runs" / f"{name}-{job_id}"
@@ -305,3 +309,36 @@ def test_two_and_three_nodes_give_the_losses_of_one_process_and_resume_across_no
                                        f"checkpoint.resume={saved}")
     _finished(nodes, tmp_path, job_id, "resumed-3x1")
     _assert_same(_losses(run_dir), one_process_losses, range(3, PARITY_STEPS + 1))
+
+
+@pytest.mark.slurm
+def test_a_killed_or_hung_rank_costs_a_restart_in_place_and_a_bounded_job_stops_in_one_line(
+        nodes, tmp_path, one_process_losses):
+    """On 2 nodes x 2 ranks, checkpoints every 2 steps: rank 3 SIGKILLed at step 5, or rank 2 hung at step 5 (its
+    watchdog exits 75, its peers' collectives fail): every node restarts its workers, they resume from step 4 and
+    end with the uninterrupted losses. With slurm.max_restarts=0 the kill ends the job, in one line, no traceback."""
+    every = ["checkpoint.every=2", "checkpoint.keep=10"]
+    jobs = {
+        "killed": _submit_on_nodes(nodes, tmp_path, "killed", (2, 2), FAULT_STEPS, *every, fault="kill:3:5"),
+        "hung": _submit_on_nodes(nodes, tmp_path, "hung", (2, 2), FAULT_STEPS, *every, "trainer.hang_timeout_s=4",
+                                 "trainer.hang_factor=4", fault="hang:2:5"),
+        "stopped": _submit_on_nodes(nodes, tmp_path, "stopped", (2, 2), FAULT_STEPS, *every, "slurm.max_restarts=0",
+                                    fault="kill:1:3"),
+    }
+    logs = {}
+    for name in ("killed", "hung"):
+        job_id, run_dir = jobs[name]
+        logs[name] = _finished(nodes, tmp_path, job_id, name)
+        _assert_same(_losses(run_dir), one_process_losses, range(1, FAULT_STEPS + 1))
+    assert "rank 3 (local 1) was killed by SIGKILL; restarting the workers of every node from the newest " \
+           "checkpoint (restart 1 of 3); its output: " in logs["killed"], logs["killed"][-4000:]
+    assert "rank 2 (local 0) hung: the hang watchdog stopped it (exit 75; stacks in " in logs["hung"], \
+        logs["hung"][-4000:]
+    assert "(restart 1 of 3)" in logs["hung"]
+    job_id, run_dir = jobs["stopped"]
+    assert nodes.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=240) == "FAILED"
+    log = (tmp_path / "logs" / f"stopped-{job_id}.out").read_text()
+    assert "rank 1 (local 1) was killed by SIGKILL; no restarts left (slurm.max_restarts=0); stopping" in log, log
+    assert "Traceback" not in log, log
+    for name, text in logs.items():
+        assert "Traceback" not in text, (name, text[-4000:])

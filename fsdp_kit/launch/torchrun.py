@@ -16,6 +16,7 @@ requeued. The agent's own messages (and the workers' tracebacks, with ``--redire
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -23,10 +24,15 @@ import sys
 import time
 from pathlib import Path
 
+# Before torch loads: c10d's C++ warnings (a store connection closed when another node's agent stopped) come with
+# 30 lines of native stack frames each; the Agent's one line per failure says what happened.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.launcher import api as launcher_api
 from torch.distributed.run import main as torchrun_main
 
@@ -99,6 +105,10 @@ class Agent(LocalElasticAgent):
     def _restart_workers(self, worker_group: WorkerGroup) -> None:
         if not self._reported:  # our workers are fine: a worker on another node failed (its node says which)
             _say("another node's workers failed; restarting ours to rejoin them from the newest checkpoint")
+            # Count this restart as the failed node counts its own: the workers' store prefix is the restart count
+            # (TORCHELASTIC_RESTART_COUNT), and nodes that disagree on it read each other's stale addresses from an
+            # earlier attempt (gloo then fails connecting: "Connection refused").
+            self._remaining_restarts = max(0, self._remaining_restarts - 1)
         super()._restart_workers(worker_group)
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
@@ -135,7 +145,14 @@ class Agent(LocalElasticAgent):
 def main(argv: list[str] | None = None) -> int:
     """Run torchrun with ``argv``; the exit code, EXIT_REQUEUE after a preemption or a hang."""
     os.environ["FSDP_KIT_TORCHRUN"] = "1"  # the trainers' log line then names the right exit code
+    # A restart needs a fresh store for the workers' process group. With the rendezvous' TCP store shared (torch's
+    # default), the workers of a restart read the previous attempt's keys (no per-attempt prefix) and gloo fails
+    # connecting to ranks that are gone ("Connection refused"): rank 0's worker hosts a new store each attempt.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     launcher_api.LocalElasticAgent = Agent  # what torchrun's launch_agent builds
+    # The agent's own per-process warnings ("Sending process N closing signal", "failed (exitcode: ...)") say
+    # again, in several lines per node, what the Agent's one line per failure says.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         torchrun_main(argv)
     except SignalException as err:
@@ -150,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         # Each failure has had its line (Agent._report); the traceback is in the file it named.
         if asks_for_requeue([failure.exitcode for failure in err.failures.values()]):
             return EXIT_REQUEUE
+        return 1
+    except RendezvousError as err:
+        # The rendezvous is hosted by the first node's agent: once that one stopped (it said why in its own line),
+        # the others cannot rejoin. One line, not the agent's traceback.
+        _say(f"cannot rejoin the other nodes ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+             "stopping (the node that stopped first says why)")
         return 1
     return 0
 
