@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -243,7 +246,7 @@ def nodes(slurm: LocalSlurm) -> LocalSlurm:
 
 # Global batch 12 whatever the layout (2 nodes x 2 ranks x 3, 3 nodes x 1 rank x 4): the losses of one process.
 LAYOUTS = {(2, 2): "trainer.batch_size=3", (3, 1): "trainer.batch_size=4"}
-PARITY_STEPS, FAULT_STEPS = 4, 8  # a constant learning rate: a shorter run follows the longer one
+FAULT_STEPS, PREEMPT_STEPS = 8, 16  # a constant learning rate: a shorter run follows a longer one
 # Test-only fault injection (tests/faults/sitecustomize.py), put on the jobs' PYTHONPATH by slurm.setup.
 FAULTS = Path(__file__).resolve().parent / "faults"
 
@@ -251,25 +254,32 @@ FAULTS = Path(__file__).resolve().parent / "faults"
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory) -> dict[int, float]:
     """One process, global batch 12: what every multi-node layout and strategy must reproduce (fp32, 1e-5)."""
-    cfg = job(tmp_path_factory.mktemp("one"), *TRAIN, "trainer.batch_size=12", f"trainer.max_steps={FAULT_STEPS}",
-              "checkpoint.at_end=false", fast=False)
-    return run_ranks(train, 1, cfg)[0].losses
+    return _uninterrupted(tmp_path_factory, "trainer.batch_size=12", steps=PREEMPT_STEPS)
 
 
-def _submit_on_nodes(slurm: LocalSlurm, tmp_path: Path, name: str, layout: tuple[int, int], steps: int,
-                     *overrides: str, fault: str | None = None) -> tuple[str, Path]:
-    """Render with `fsdp-kit slurm` for ``layout`` (nodes, processes per node) and sbatch it as a user does; the job
-    id and where its run dir will be. ``fault``: ``kill|hang:<rank>:<step>`` (tests/faults/sitecustomize.py)."""
+def _render_for_nodes(tmp_path: Path, name: str, layout: tuple[int, int], steps: int, *overrides: str,
+                     fault: str | None = None) -> tuple[Path, dict[str, str] | None]:
+    """Render with `fsdp-kit slurm` for ``layout`` (nodes, processes per node) as a user does: the script and the
+    environment to submit it with. ``fault``: ``kill|hang:<rank>:<step>`` (tests/faults/sitecustomize.py)."""
     script = tmp_path / f"{name}.sbatch"
     nodes, procs = layout
     setup = f"export PATH={BIN}:$PATH PYTHONPATH={FAULTS}" if fault else f"export PATH={BIN}:$PATH"
     _fsdp_kit("slurm", "-o", str(script), "slurm.partition=nodes", f"cluster.nodes={nodes}", f"slurm.job_name={name}",
               f"slurm.rdzv_port={free_port()}", *_local_overrides(tmp_path, steps, procs, setup), LAYOUTS[layout],
               "trainer.eval_batches=1", *overrides)  # own port: jobs side by side may have the same head node
-    env = {"FSDP_KIT_TEST_FAULT": f"{fault}:{tmp_path / f'{name}.fired'}"} if fault else None
+    return script, {"FSDP_KIT_TEST_FAULT": f"{fault}:{tmp_path / f'{name}.fired'}"} if fault else None
+
+
+def _submit(slurm: LocalSlurm, tmp_path: Path, script: Path, env: dict[str, str] | None) -> tuple[str, Path]:
+    """sbatch as a user does; the job id and where its run dir will be."""
     result = slurm.run("sbatch", "--parsable", str(script), cwd=ROOT, env=env)
     job_id = result.stdout.strip().split(";")[0]
-    return job_id, tmp_path / "runs" / f"{name}-{job_id}"
+    return job_id, tmp_path / "runs" / f"{script.stem}-{job_id}"
+
+
+def _submit_on_nodes(slurm: LocalSlurm, tmp_path: Path, name: str, layout: tuple[int, int], steps: int,
+                     *overrides: str, fault: str | None = None) -> tuple[str, Path]:
+    return _submit(slurm, tmp_path, *_render_for_nodes(tmp_path, name, layout, steps, *overrides, fault=fault))
 
 
 def _finished(slurm: LocalSlurm, tmp_path: Path, job_id: str, name: str, timeout: float = 240) -> str:
@@ -286,59 +296,121 @@ def _assert_same(losses: dict[int, float], want: dict[int, float], steps: range)
     assert all(abs(losses[s] - want[s]) < 1e-5 for s in steps), (losses, want)
 
 
+@dataclass
+class Batch:
+    """The multi-node jobs, all submitted at once (each costs seconds of start-up; side by side they overlap)."""
+
+    tmp_path: Path
+    jobs: dict[str, tuple[str, Path]]
+
+
+def _name(strategy: str, layout: tuple[int, int]) -> str:
+    return f"{strategy}-{layout[0]}x{layout[1]}".replace("_", "")
+
+
+STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard")
+# Every (strategy, layout) is one job. Some also break: a rank lost at step 5 (checkpoints every 2 steps), or a
+# preemption once training runs; the 3-node hybrid_shard job has T5's real vocabulary (32128 rows, not divisible
+# by 3 ranks) and its own reference.
+FAULTS_AT = {("full_shard", (2, 2)): "kill:3:5", ("shard_grad_op", (2, 2)): "hang:2:5"}
+PREEMPTED = {("hybrid_shard", (3, 1)): ("scancel", "--signal=USR2"), ("shard_grad_op", (3, 1)): ("scontrol", "requeue")}
+VOCAB = "model.hf_config.vocab_size=32128"
+
+
+@pytest.fixture(scope="module")
+def batch(nodes: LocalSlurm, tmp_path_factory) -> Batch:
+    """Render every job, then submit them all; preempt the PREEMPTED ones once they train (a thread: the tests
+    that wait for the other jobs must not delay the signal past the job's end)."""
+    tmp_path = tmp_path_factory.mktemp("multinode")
+    every = ["checkpoint.every=2", "checkpoint.keep=10"]
+    rendered = {}
+    for layout in LAYOUTS:
+        for strategy in STRATEGIES:
+            fault = FAULTS_AT.get((strategy, layout))
+            extra = ["trainer.hang_timeout_s=4", "trainer.hang_factor=4"] if fault and "hang" in fault else []
+            if (strategy, layout) == ("hybrid_shard", (3, 1)):
+                extra.append(VOCAB)
+            steps = PREEMPT_STEPS if (strategy, layout) in PREEMPTED else FAULT_STEPS
+            rendered[_name(strategy, layout)] = _render_for_nodes(tmp_path, _name(strategy, layout), layout, steps,
+                                                                  f"sharding={strategy}", *every, *extra, fault=fault)
+    rendered["stopped"] = _render_for_nodes(tmp_path, "stopped", (2, 2), FAULT_STEPS, *every, "slurm.max_restarts=0",
+                                            fault="kill:1:3")
+    jobs = {name: _submit(nodes, tmp_path, *args) for name, args in rendered.items()}
+
+    def preempt(job_id: str, run_dir: Path, action: tuple[str, ...]) -> None:
+        _wait_for_training(run_dir, timeout=240)
+        nodes.run(*action, job_id, check=False)
+
+    threads = [threading.Thread(target=preempt, args=(*jobs[_name(*key)], action), daemon=True)
+               for key, action in PREEMPTED.items()]
+    for thread in threads:
+        thread.start()
+    yield Batch(tmp_path, jobs)
+    for thread in threads:
+        thread.join(timeout=5)
+
+
+def _uninterrupted(tmp_path_factory, *overrides: str, steps: int = FAULT_STEPS) -> dict[int, float]:
+    cfg = job(tmp_path_factory.mktemp("one"), *TRAIN, f"trainer.max_steps={steps}", "checkpoint.at_end=false",
+              *overrides, fast=False)
+    return run_ranks(train, 1, cfg)[0].losses
+
+
 @pytest.mark.slurm
 def test_two_and_three_nodes_give_the_losses_of_one_process_and_resume_across_node_counts(
-        nodes, tmp_path, one_process_losses):
+        batch, nodes, one_process_losses):
     """2 nodes x 2 ranks and 3 nodes x 1 rank, full_shard / shard_grad_op / hybrid_shard (shard group = one node,
-    so the replica all-reduce crosses nodes), all at once; then a 3-node job resumes the 2-node full_shard job's
-    checkpoint (written by both nodes' ranks) and continues with the same losses."""
-    jobs = {}
+    so the replica all-reduce crosses nodes): the losses of one process on the same global batch (fp32, 1e-5)
+    (the preempted jobs are checked below). Then a 3-node job resumes a 2-node job's checkpoint (written by both
+    nodes' ranks) with the same losses."""
     for layout in LAYOUTS:
-        for strategy in ("full_shard", "shard_grad_op", "hybrid_shard"):
-            name = f"{strategy}-{layout[0]}x{layout[1]}".replace("_", "")
-            extra = ["checkpoint.every=2"] if (strategy, layout) == ("full_shard", (2, 2)) else []
-            jobs[name] = _submit_on_nodes(nodes, tmp_path, name, layout, PARITY_STEPS, f"sharding={strategy}",
-                                          *extra)
-    for name, (job_id, run_dir) in jobs.items():
-        log = _finished(nodes, tmp_path, job_id, name)
-        _assert_same(_losses(run_dir), one_process_losses, range(1, PARITY_STEPS + 1))
-        world = _records(run_dir)[-1]["world_size"]
-        assert world == (4 if "2x2" in name else 3), (name, world, log[-2000:])
-    saved = jobs["fullshard-2x2"][1] / "checkpoints" / "step_2"
-    job_id, run_dir = _submit_on_nodes(nodes, tmp_path, "resumed-3x1", (3, 1), PARITY_STEPS,
+        for strategy in STRATEGIES:
+            if (strategy, layout) in PREEMPTED:
+                continue
+            job_id, run_dir = batch.jobs[_name(strategy, layout)]
+            log = _finished(nodes, batch.tmp_path, job_id, _name(strategy, layout))
+            _assert_same(_losses(run_dir), one_process_losses, range(1, FAULT_STEPS + 1))
+            assert _records(run_dir)[-1]["world_size"] == layout[0] * layout[1], log[-2000:]
+    saved = batch.jobs["hybridshard-2x2"][1] / "checkpoints" / "step_4"
+    job_id, run_dir = _submit_on_nodes(nodes, batch.tmp_path, "resumed-3x1", (3, 1), FAULT_STEPS,
                                        f"checkpoint.resume={saved}")
-    _finished(nodes, tmp_path, job_id, "resumed-3x1")
-    _assert_same(_losses(run_dir), one_process_losses, range(3, PARITY_STEPS + 1))
+    _finished(nodes, batch.tmp_path, job_id, "resumed-3x1")
+    _assert_same(_losses(run_dir), one_process_losses, range(5, FAULT_STEPS + 1))
 
 
 @pytest.mark.slurm
-def test_a_killed_or_hung_rank_costs_a_restart_in_place_and_a_bounded_job_stops_in_one_line(
-        nodes, tmp_path, one_process_losses):
+def test_a_killed_or_hung_rank_costs_a_restart_in_place_and_a_bounded_job_stops_in_one_line(batch, nodes):
     """On 2 nodes x 2 ranks, checkpoints every 2 steps: rank 3 SIGKILLed at step 5, or rank 2 hung at step 5 (its
     watchdog exits 75, its peers' collectives fail): every node restarts its workers, they resume from step 4 and
-    end with the uninterrupted losses. With slurm.max_restarts=0 the kill ends the job, in one line, no traceback."""
-    every = ["checkpoint.every=2", "checkpoint.keep=10"]
-    jobs = {
-        "killed": _submit_on_nodes(nodes, tmp_path, "killed", (2, 2), FAULT_STEPS, *every, fault="kill:3:5"),
-        "hung": _submit_on_nodes(nodes, tmp_path, "hung", (2, 2), FAULT_STEPS, *every, "trainer.hang_timeout_s=4",
-                                 "trainer.hang_factor=4", fault="hang:2:5"),
-        "stopped": _submit_on_nodes(nodes, tmp_path, "stopped", (2, 2), FAULT_STEPS, *every, "slurm.max_restarts=0",
-                                    fault="kill:1:3"),
-    }
-    logs = {}
-    for name in ("killed", "hung"):
-        job_id, run_dir = jobs[name]
-        logs[name] = _finished(nodes, tmp_path, job_id, name)
-        _assert_same(_losses(run_dir), one_process_losses, range(1, FAULT_STEPS + 1))
-    assert "rank 3 (local 1) was killed by SIGKILL; restarting the workers of every node from the newest " \
-           "checkpoint (restart 1 of 3); its output: " in logs["killed"], logs["killed"][-4000:]
-    assert "rank 2 (local 0) hung: the hang watchdog stopped it (exit 75; stacks in " in logs["hung"], \
-        logs["hung"][-4000:]
-    assert "(restart 1 of 3)" in logs["hung"]
-    job_id, run_dir = jobs["stopped"]
+    end with the uninterrupted losses (checked with the others above). With slurm.max_restarts=0 the kill ends
+    the job with one line per failed rank, naming node, rank, cause and the file with its output; no traceback."""
+    killed = _finished(nodes, batch.tmp_path, batch.jobs["fullshard-2x2"][0], "fullshard-2x2")
+    hung = _finished(nodes, batch.tmp_path, batch.jobs["shardgradop-2x2"][0], "shardgradop-2x2")
+    assert re.search(r"fsdp_kit: node \S+: rank 3 \(local 1\) was killed by SIGKILL; restarting the workers of every "
+                     r"node from the newest checkpoint \(restart 1 of 3\); its output: \S+/stderr.log", killed), killed
+    assert re.search(r"rank 2 \(local 0\) hung: the hang watchdog stopped it \(exit 75; stacks in \S+/rank2.txt\); "
+                     r"restarting the workers of every node from the newest checkpoint \(restart 1 of 3\)", hung), hung
+    job_id, _ = batch.jobs["stopped"]
     assert nodes.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=240) == "FAILED"
-    log = (tmp_path / "logs" / f"stopped-{job_id}.out").read_text()
+    log = (batch.tmp_path / "logs" / f"stopped-{job_id}.out").read_text()
     assert "rank 1 (local 1) was killed by SIGKILL; no restarts left (slurm.max_restarts=0); stopping" in log, log
-    assert "Traceback" not in log, log
-    for name, text in logs.items():
-        assert "Traceback" not in text, (name, text[-4000:])
+    for text in (killed, hung, log):
+        assert "Traceback" not in text and "frame #" not in text, text[-4000:]
+
+
+@pytest.mark.slurm
+def test_preempted_multi_node_jobs_save_on_every_node_requeue_and_match_the_uninterrupted_run(
+        batch, nodes, one_process_losses, tmp_path_factory):
+    """SIGUSR2 to a 3-node job with T5's real vocabulary (32128 rows over 3 ranks), and `scontrol requeue` of
+    another 3-node job: every rank saves at the same step, the job is requeued and continues in the same run dir
+    with the losses of the uninterrupted run."""
+    want = {"hybridshard-3x1": _uninterrupted(tmp_path_factory, VOCAB, "trainer.batch_size=12", steps=PREEMPT_STEPS),
+            "shardgradop-3x1": one_process_losses}
+    for name, losses in want.items():
+        job_id, run_dir = batch.jobs[name]
+        log = _finished(nodes, batch.tmp_path, job_id, name, timeout=300)
+        saves = [json.loads((p / "fsdp_kit.json").read_text()) for p in (run_dir / "checkpoints").iterdir()]
+        preempted = [m for m in saves if m["reason"] == "preemption"]
+        assert len(preempted) == 1 and preempted[0]["world_size"] == 3, (saves, log[-4000:])
+        assert "(requeued 1 time(s))" in log, log[-4000:]
+        _assert_same(_losses(run_dir), losses, range(1, PREEMPT_STEPS + 1))

@@ -36,7 +36,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.launcher import api as launcher_api
 from torch.distributed.run import main as torchrun_main
 
-from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTION_SIGNALS
+from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER, PREEMPTION_SIGNALS
 from fsdp_kit.launch.slurm import TORCHRUN_LOGS
 from fsdp_kit.training.watchdog import HANG_DIR
 
@@ -84,9 +84,13 @@ def describe(failure: ProcessFailure, rank: int, run_dir: Path | None, since: fl
     return f"exited {code}" + (f" ({error})" if error else "")
 
 
-def is_preemption(codes: list[int], causes: list[str]) -> bool:
-    """Every failed trainer saved for a preemption: requeue the job, never restart in place."""
-    return all(code == EXIT_REQUEUE for code in codes) and not any(c.startswith("hung") for c in causes)
+def is_preemption(codes: list[int], causes: list[str], marker_left: bool = False) -> bool:
+    """The trainers saved for a preemption: requeue the job, never restart in place. Either every failed trainer
+    exited EXIT_REQUEUE after a save, or rank 0 left the run dir's ``preempted`` marker during this attempt (it
+    writes it after the save: a trainer that then crashes on its way out, e.g. SIGABRT in a process group's
+    teardown, does not undo the save)."""
+    return marker_left or (all(code == EXIT_REQUEUE for code in codes) and not any(c.startswith("hung")
+                                                                                   for c in causes))
 
 
 class Agent(LocalElasticAgent):
@@ -96,6 +100,10 @@ class Agent(LocalElasticAgent):
         super().__init__(*args, **kwargs)
         self._attempt_started = time.time()
         self._reported = False
+        self.preempted = False
+        Agent.last = self
+
+    last: Agent | None = None  # the agent torchrun built (main reads its verdict after torchrun returns)
 
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, object]:
         self._attempt_started = time.time()
@@ -124,8 +132,11 @@ class Agent(LocalElasticAgent):
         failures = sorted(result.failures.items(), key=lambda item: item[1].timestamp)
         causes = [describe(f, rank, run_dir, self._attempt_started, stderrs.get(f.local_rank)) for rank, f in failures]
         spec = worker_group.spec
-        if is_preemption([f.exitcode for _, f in failures], causes):
+        marker = run_dir / PREEMPTED_MARKER if run_dir else None
+        marker_left = marker is not None and marker.is_file() and marker.stat().st_mtime >= self._attempt_started
+        if is_preemption([f.exitcode for _, f in failures], causes, marker_left):
             self._remaining_restarts = 0  # the trainers saved: the job is requeued, not restarted in place
+            self.preempted = True
             after = "the job is requeued and resumes from that save"
         elif self._remaining_restarts > 0:
             done = spec.max_restarts - self._remaining_restarts
@@ -165,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REQUEUE
     except ChildFailedError as err:
         # Each failure has had its line (Agent._report); the traceback is in the file it named.
-        if asks_for_requeue([failure.exitcode for failure in err.failures.values()]):
+        preempted = Agent.last is not None and Agent.last.preempted
+        if preempted or asks_for_requeue([failure.exitcode for failure in err.failures.values()]):
             return EXIT_REQUEUE
         return 1
     except RendezvousError as err:
