@@ -139,7 +139,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.top <= 0:
         raise ConfigError(f"--top {args.top} must be > 0", "pass e.g. --top 10")
     source, target = _plan_lengths(args, list(args.overrides))
-    job, _, found = _compose(args)
+    job, overrides, found = _compose(args)
     from fsdp_kit.plan import make_plan  # torch and transformers: after the checks that need neither
     from fsdp_kit.plan.report import show, show_search
     from fsdp_kit.plan.search import search
@@ -149,8 +149,9 @@ def _plan(args: argparse.Namespace) -> int:
     if (args.source_len is None and source) or (args.target_len is None and target):
         _check_default_lengths(job)
     if args.search:
-        recipes, priced = search(job)
-        show_search(recipes, priced, job, list(args.overrides), top=args.top, origins=found)
+        recipes, priced = search(job, overrides)
+        show_search(recipes, priced, job, list(args.overrides), top=args.top, origins=found,
+                    config_dir=str(Path(args.config_dir).resolve()) if args.config_dir else None)
     else:
         show(make_plan(job), origins=found)
     return 0

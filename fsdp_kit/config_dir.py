@@ -125,11 +125,11 @@ class _FolderFirst(SearchPathPlugin):
             search_path.prepend("fsdp_kit --config-dir", f"file://{self.folder}", anchor="main")
 
 
-def search_first(folder: str) -> None:
-    """Hydra apps started later in this process search ``folder`` before their own configs."""
+def search_first(folder: str | None) -> None:
+    """Hydra apps started later in this process search ``folder`` before their own configs (None: no folder)."""
     _FolderFirst.folder = folder
     plugins = Plugins.instance()
-    if _FolderFirst not in plugins.discover(SearchPathPlugin):
+    if folder and _FolderFirst not in plugins.discover(SearchPathPlugin):
         plugins.register(_FolderFirst)
 
 

@@ -169,8 +169,7 @@ def main() -> None:
         sys.argv[1:], folder = folder_first(sys.argv[1:])
     except FsdpKitError as err:
         sys.exit(report_error(err))
-    if folder:
-        search_first(folder)
+    search_first(folder)
     hydra.main(config_path=f"pkg://{SHIPPED}", config_name="train", version_base=None)(task)()
 
 

@@ -57,7 +57,8 @@ def show(plan: Plan, console: Console | None = None, origins: dict[str, str] | N
 
 
 def show_search(found: list[Candidate], priced: int, job, user_overrides: list[str], top: int = 10,
-                console: Console | None = None, origins: dict[str, str] | None = None) -> None:
+                console: Console | None = None, origins: dict[str, str] | None = None,
+                config_dir: str | None = None) -> None:
     """The ``top`` fastest recipes that fit, and the command that runs the best."""
     console = console or _console()
     cluster = job.cluster
@@ -88,7 +89,7 @@ def show_search(found: list[Candidate], priced: int, job, user_overrides: list[s
         console.print(f"[dim]batch {MAX_BATCH} is the planner's cap: it tries no larger batch, so larger ones may "
                       "fit too[/]", highlight=False)
     console.print("run the best:")
-    console.print(escape(launch_command(found[0], user_overrides)), highlight=False, soft_wrap=True)
+    console.print(escape(launch_command(found[0], user_overrides, config_dir)), highlight=False, soft_wrap=True)
     for line in ASSUMPTIONS:
         console.print(f"[dim]{line}[/]", highlight=False)
 
