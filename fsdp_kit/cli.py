@@ -27,10 +27,12 @@ def _with_config_dir(args: argparse.Namespace) -> list[str]:
 
 
 def _compose(args: argparse.Namespace):
-    from fsdp_kit.config import compose_job
+    """The job, the overrides it was composed from and the file each config group came from."""
+    from fsdp_kit.config import compose_with_origins
 
     overrides = _with_config_dir(args)
-    return compose_job(overrides), overrides
+    job, found = compose_with_origins(overrides)
+    return job, overrides, found
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -60,7 +62,7 @@ def _slurm(args: argparse.Namespace) -> int:
     from fsdp_kit.launch.sbatch import render
     from fsdp_kit.launch.slurm import check
 
-    job, overrides = _compose(args)
+    job, overrides, _ = _compose(args)
     check(job, local_checks=not args.no_local_checks)
     text = render(job, overrides, render_args=args.argv,
                   file_hint=args.output or "job.sbatch")
@@ -115,24 +117,43 @@ def _plan_lengths(args: argparse.Namespace, overrides: list[str]) -> tuple[int |
     return source, target
 
 
+def _check_default_lengths(job) -> None:
+    """The planner's default lengths, which the user never set, may not fit a model with a position table
+    (gpt2_tiny: 256): then the fix is the planner's flags, not data.* settings."""
+    from fsdp_kit.models.build import check_fits, hf_config
+
+    config = hf_config(job.model)
+    try:
+        check_fits(config, job.data, job.trainer.max_new_tokens)
+    except ConfigError as err:
+        limit = config.max_position_embeddings
+        raise ConfigError(f"{err.problem}; the planner plans at {PLAN_LENGTHS[0]}/{PLAN_LENGTHS[1]} source/target "
+                          "tokens unless told otherwise",
+                          f"pass --source-len/--target-len within its {limit} positions, e.g. --source-len "
+                          f"{limit - limit // 8} --target-len {limit // 8}") from err
+
+
 def _plan(args: argparse.Namespace) -> int:
     import dataclasses
 
     if args.top <= 0:
         raise ConfigError(f"--top {args.top} must be > 0", "pass e.g. --top 10")
     source, target = _plan_lengths(args, list(args.overrides))
-    job, _ = _compose(args)
+    job, overrides, found = _compose(args)
     from fsdp_kit.plan import make_plan  # torch and transformers: after the checks that need neither
     from fsdp_kit.plan.report import show, show_search
     from fsdp_kit.plan.search import search
 
     job = dataclasses.replace(job, data=dataclasses.replace(
         job.data, max_source_len=source or job.data.max_source_len, max_target_len=target or job.data.max_target_len))
+    if (args.source_len is None and source) or (args.target_len is None and target):
+        _check_default_lengths(job)
     if args.search:
-        found, priced = search(job)
-        show_search(found, priced, job, list(args.overrides), top=args.top)
+        recipes, priced = search(job, overrides)
+        show_search(recipes, priced, job, list(args.overrides), top=args.top, origins=found,
+                    config_dir=str(Path(args.config_dir).resolve()) if args.config_dir else None)
     else:
-        show(make_plan(job))
+        show(make_plan(job), origins=found)
     return 0
 
 
@@ -194,6 +215,11 @@ def _probe_record() -> Path | None:
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line naming the command, exit code 2 (argparse's own convention)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+        """The subcommands' parsers, by name (the top-level parser's)."""
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {self.prog}: {message}. Fix: see `{self.prog} --help`.\n")
 
@@ -203,10 +229,11 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     parser = _Parser(prog="fsdp-kit", description=__doc__.splitlines()[0].replace("``", ""),
                      epilog="`fsdp-kit COMMAND --help` describes each command.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+    parser.commands = commands.choices
 
     train = commands.add_parser("train", help="train (the Hydra app `python -m fsdp_kit.train`)",
                                 description="Train. Every Hydra option works: --cfg job, -m for sweeps, ...",
@@ -300,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
                                                 "pass --config-dir DIR, a folder holding e.g. cluster/mine.yaml"))
             args.config_dir = args.overrides[at + 1]
             args.overrides = args.overrides[:at] + args.overrides[at + 2:]
+    elif argv[:1] and argv[0] in parser.commands:
+        # Overrides anywhere on the line (`plan cluster=h100 --search model=t5_3b`): argparse's plain parse stops
+        # the positionals at the first option and calls the rest unrecognized.
+        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.argv = argv[1:]
     else:
         args = parser.parse_args(argv)
         args.argv = argv[1:]

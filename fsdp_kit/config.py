@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, ValidationError
 
 from fsdp_kit.checkpoint.config import CheckpointConfig
+from fsdp_kit.config_dir import check_folder, checked_folder, origins
 from fsdp_kit.data.config import DataConfig
 from fsdp_kit.distributed import DistConfig
+from fsdp_kit.env_values import keep_env_text, written
 from fsdp_kit.errors import ConfigError, first_line
 from fsdp_kit.launch.config import ClusterConfig, SlurmConfig
 from fsdp_kit.metrics.config import MetricsConfig
@@ -72,7 +75,8 @@ class TrainConfig:
         try:
             typed = OmegaConf.merge(OmegaConf.structured(cls), cfg)
             _refuse_unknown_keys(typed, "")
-            return OmegaConf.to_object(typed)  # type: ignore[return-value]
+            # values read from the environment keep their config text, so that no file gets them resolved
+            return keep_env_text(typed, OmegaConf.to_object(typed))
         except MissingMandatoryValue as err:
             raise ConfigError(f"{err.full_key} has no value", f"pass {err.full_key}=<value>") from err
         except ValidationError as err:
@@ -118,7 +122,7 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("trainer.max_nonfinite_steps", ">=0"), ("trainer.auto_batch_max", ">0"),
     ("data.max_source_len", ">0"), ("data.max_target_len", ">0"), ("data.num_examples", ">0"),
     ("data.eval_examples", ">0"), ("data.num_workers", ">=0"), ("data.max_skipped_fraction", "[0,1]"),
-    ("wrap.min_num_params", ">0"), ("ac.every_n", ">0"),
+    ("wrap.min_num_params", ">0"), ("ac.every_n", ">0"), ("ac.budget_gb", ">0"), ("sharding.prefetch", ">=0"),
     ("checkpoint.keep", ">0"), ("checkpoint.every", ">=0"),
     ("optim.lr", ">0"), ("optim.eps", ">0"), ("optim.weight_decay", ">=0"), ("optim.chunk_elements", ">0"),
     ("model.dropout", "[0,1)"), ("metrics.peak_tflops", ">0"), ("dist.timeout_s", ">0"),
@@ -238,13 +242,9 @@ def _warn_precision(job: TrainConfig) -> None:
 
 
 def search_path_override(config_dir: str) -> str:
-    """The Hydra override that adds a user's config folder beside the shipped ones (``--config-dir``)."""
-    from pathlib import Path
-
-    path = Path(config_dir).expanduser().resolve()
-    if not path.is_dir():
-        raise ConfigError(f"--config-dir {config_dir} is not a folder", "pass a folder holding e.g. cluster/mine.yaml")
-    return f"hydra.searchpath=[file://{path}]"
+    """The Hydra override that adds a user's config folder (``--config-dir``); fsdp_kit searches it before the
+    shipped presets (``compose_with_origins``, and ``train.main`` for the Hydra app)."""
+    return f"hydra.searchpath=[file://{checked_folder(config_dir)}]"
 
 
 def check_spelling(overrides: list[str]) -> None:
@@ -260,31 +260,61 @@ def check_spelling(overrides: list[str]) -> None:
 def compose_job(overrides: list[str]) -> TrainConfig:
     """The typed config that ``python -m fsdp_kit.train <overrides>`` would compose, outside a Hydra app
     (for launchers, the planner and benchmarks). ``run_dir`` defaults to outputs/unsubmitted."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    return compose_with_origins(overrides)[0]
+
+
+def compose_with_origins(overrides: list[str]) -> tuple[TrainConfig, dict[str, str]]:
+    """``compose_job``, and the file each config group came from (``config_dir.origins``).
+
+    The folders of ``hydra.searchpath=[file://DIR]`` overrides (what ``--config-dir`` becomes) are searched before
+    the shipped presets, as Hydra's own ``--config-dir`` is: a user's ``DIR/model/t5_tiny.yaml`` wins."""
+    from hydra import compose
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
     from hydra.errors import HydraException, OverrideParseException
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
+    from fsdp_kit.config_dir import SEARCHPATH_KEY, user_folders
     from fsdp_kit.run_dir import register_resolvers
 
     check_spelling(overrides)
+    folders = user_folders(overrides)
+    for folder in folders:
+        check_folder(folder)  # before Hydra builds anything from them
+    rest = [item for item in overrides if item.partition("=")[0].strip() != SEARCHPATH_KEY]
     register_resolvers()
+    search_path = create_config_search_path(f"pkg://{CONFIG_MODULE}")
+    for folder in reversed(folders):
+        search_path.prepend("command-line", f"file://{folder}")
+    backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-            cfg = compose("train", overrides=["run_dir=outputs/unsubmitted", *overrides])
+        Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
+        cfg = compose("train", overrides=["run_dir=outputs/unsubmitted", *rest], return_hydra_config=True)
     except OverrideParseException as err:
         raise ConfigError(f"cannot parse the override {err.override!r} ({first_line(err)})",
                           "quote values with spaces, '=' or brackets the Hydra way: key='a value'") from err
     except (HydraException, OmegaConfBaseException, ValueError) as err:  # unknown keys/options, bad values
-        raise ConfigError(_innermost_message(err), "check the override's key and value") from err
-    return TrainConfig.from_hydra(cfg)
+        raise ConfigError(_innermost_message(err),
+                          "check the key and value in the override or the config file it names") from err
+    finally:
+        restore_gh_from_backup(backup)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    found = origins(choices, [f"file://{folder}" for folder in folders] + [f"pkg://{CONFIG_MODULE}"])
+    return TrainConfig.from_hydra(cfg), found
 
 
 def _innermost_message(err: BaseException) -> str:
-    """Hydra wraps OmegaConf's precise message ("Invalid value 'bf8', expected one of [...]") in a vague one."""
-    message = first_line(err)
-    cause = err.__cause__
+    """Hydra wraps OmegaConf's precise message ("Invalid value 'bf8', expected one of [...]", "Value 'eight' of type
+    'str' could not be converted to Integer", with its key) in a vague one, as the cause or as the context."""
+    message = first_line(err).rstrip(":")
+    cause = err.__cause__ or err.__context__
+    while cause is not None and not getattr(cause, "full_key", None) and (cause.__cause__ or cause.__context__):
+        cause = cause.__cause__ or cause.__context__
     if cause is not None and str(cause).strip():
         key = getattr(cause, "full_key", None)
         message = f"{message}: {first_line(cause)}" + (f" (key {key})" if key else "")
@@ -297,13 +327,15 @@ def register_configs() -> None:
 
 
 def to_dict(job: TrainConfig) -> dict:
-    """The resolved config as plain nested values (options as their strings), e.g. for an experiment tracker."""
-    return OmegaConf.to_container(OmegaConf.structured(dataclasses.asdict(job)), enum_to_str=True)  # type: ignore[return-value]
+    """The resolved config as plain nested values (options as their strings), e.g. for an experiment tracker;
+    values read from the environment (``${oc.env:NAME}``) stay that text (fsdp_kit/env_values.py)."""
+    return OmegaConf.to_container(OmegaConf.create(written(job)), enum_to_str=True)  # type: ignore[return-value]
 
 
 def to_yaml(job: TrainConfig) -> str:
-    """The resolved config as YAML (for the run dir); holds no secrets since none are config fields."""
-    return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(job)))
+    """The resolved config as YAML (for the run dir); values read from the environment stay ``${oc.env:NAME}``
+    text, so a token never reaches the file."""
+    return OmegaConf.to_yaml(OmegaConf.create(written(job)))
 
 
 register_configs()

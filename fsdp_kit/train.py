@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from rich.markup import escape
 
 from fsdp_kit import distributed
 from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER
 from fsdp_kit.config import TrainConfig, to_dict, to_yaml
+from fsdp_kit.config_dir import SHIPPED, describe, folder_first, origins, search_first
 from fsdp_kit.errors import ConfigError, FsdpKitError, one_line_warnings, report_error
 from fsdp_kit.policies.config import CheckpointMode
 from fsdp_kit.run_dir import RunLock, register_resolvers
@@ -34,8 +37,9 @@ if TYPE_CHECKING:
     from fsdp_kit.training import FitResult
 
 
-def run(job: TrainConfig, console: Console | None = None) -> FitResult:
-    """Train ``job`` in this process (one rank of however many the launcher started)."""
+def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str] | None = None) -> FitResult:
+    """Train ``job`` in this process (one rank of however many the launcher started); ``origins``: the file each
+    config group came from, for the header."""
     from fsdp_kit.preflight import preflight
 
     runtime = distributed.detect()
@@ -91,6 +95,8 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
             if env.is_main:
                 (run_dir / "resolved_config.yaml").write_text(to_yaml(job))
             _announce(reporter, job, env, model, identity.num_params, applied, run_dir, chose_ac)
+            if origins:
+                reporter.info(escape(describe(origins)))
             for line in dataset.report:  # every skipped row counted, by reason
                 reporter.info(line)
             parts = TrainParts(model, optimizer, schedule, dataset, FlopCounter(job.model, config),
@@ -156,11 +162,24 @@ def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> tuple[Path
 register_resolvers()
 
 
-@hydra.main(config_path="pkg://fsdp_kit.configs", config_name="train", version_base=None)
-def main(cfg: DictConfig) -> None:
-    one_line_warnings()
+def main() -> None:
+    """The Hydra app (``python -m fsdp_kit.train``, ``fsdp-kit train``) on ``sys.argv``; a user's config folder
+    (``--config-dir DIR``) is searched before the shipped presets."""
     try:
-        result = run(TrainConfig.from_hydra(cfg))
+        sys.argv[1:], folder = folder_first(sys.argv[1:])
+    except FsdpKitError as err:
+        sys.exit(report_error(err))
+    search_first(folder)
+    hydra.main(config_path=f"pkg://{SHIPPED}", config_name="train", version_base=None)(task)()
+
+
+def task(cfg: DictConfig) -> None:
+    """Hydra's task function: one training run of the composed ``cfg``."""
+    one_line_warnings()
+    runtime = HydraConfig.get().runtime
+    found = origins(runtime.choices, [f"{source.schema}://{source.path}" for source in runtime.config_sources])
+    try:
+        result = run(TrainConfig.from_hydra(cfg), origins=found)
     except FsdpKitError as err:
         sys.exit(report_error(err))
     if result.preempted:

@@ -554,3 +554,152 @@ def test_a_failing_sinfo_is_one_error_line(tmp_path):
     outcome = fsdp_kit("slurm", "cluster=p4d", "slurm.partition=train", cwd=tmp_path, env=env)
     assert_rejected(outcome, Case("slurm-sinfo-fails", [], 2, "sinfo: fatal: Could not establish"))
     assert outcome.stderr.count("\n") == 1, outcome.stderr
+
+
+# --- wt-config: config files, secrets and the planner's command line (issue #21 §2-§6) ---------------------------
+TOKEN = "hf_" + "Zq7" * 12  # a stand-in HF token: it must reach no file fsdp_kit writes
+
+
+def _config_dir(tmp_path: Path) -> Path:
+    """A user's config folder: a model file with a shipped preset's name (t5_tiny with d_ff 320, not 512) and an
+    experiment that reads the token from the environment, as README's Slurm setup line would."""
+    folder = tmp_path / "mine"
+    (folder / "model").mkdir(parents=True)
+    (folder / "experiment").mkdir()
+    shipped = Path(__file__).resolve().parent.parent / "fsdp_kit" / "configs" / "model" / "t5_tiny.yaml"
+    (folder / "model" / "t5_tiny.yaml").write_text(shipped.read_text().replace("d_ff: 512", "d_ff: 320"))
+    (folder / "experiment" / "token.yaml").write_text(
+        "# @package _global_\nslurm:\n  setup: \"export HF_TOKEN=${oc.env:HF_TOKEN}; source .venv/bin/activate\"\n"
+        "  output_root: ${oc.env:SCRATCH,outputs}/slurm\n")
+    return folder
+
+
+def test_no_secret_is_written_out(tmp_path):
+    """#21 §3: ${oc.env:HF_TOKEN} in a config stays a reference in every file written: the sbatch file (a shell
+    reference, read on the node), resolved_config.yaml, Hydra's .hydra/ and W&B's offline run."""
+    folder = _config_dir(tmp_path)
+    env = {"HF_TOKEN": TOKEN, "SCRATCH": str(tmp_path / "scratch"), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           **{name: str(tmp_path / "wandb_home") for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")}}
+    rendered = fsdp_kit("slurm", "--config-dir", str(folder), "experiment=token", "cluster=p4d", "-o", "job.sbatch",
+                        cwd=tmp_path, env=env)
+    assert rendered.code == 0, rendered.stderr
+    sbatch = (tmp_path / "job.sbatch").read_text()
+    assert "SETUP='export HF_TOKEN=\"${HF_TOKEN}\"; source .venv/bin/activate'" in sbatch
+    assert 'OUTPUT_ROOT="${SCRATCH-outputs}"/slurm' in sbatch
+    trained = fsdp_kit("train", "--config-dir", str(folder), "experiment=token", f"hydra.run.dir={tmp_path / 'run'}",
+                       *FAST, "trainer.max_steps=1", "checkpoint.at_end=false", "metrics.wandb=true",
+                       "metrics.wandb_project=fsdp-kit-test", cwd=tmp_path, env=env)
+    assert trained.code == 0, trained.stderr
+    assert "HF_TOKEN=${oc.env:HF_TOKEN}" in (tmp_path / "run" / "resolved_config.yaml").read_text()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb")), "W&B wrote its offline run"
+    leaked = [str(p) for p in tmp_path.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert not leaked and TOKEN not in trained.stdout + rendered.stdout, f"the token was written to {leaked}"
+
+
+def test_a_config_dir_file_with_a_preset_name_wins_and_is_named(tmp_path):
+    """#21 §2: DIR/model/t5_tiny.yaml and DIR/cluster/h100.yaml win over the shipped presets, in plan and in the job
+    an sbatch file runs (its overrides given to `python -m fsdp_kit.train`, as the file does), and the output
+    says which file each group came from."""
+    folder = _config_dir(tmp_path)
+    (folder / "cluster").mkdir()
+    (folder / "cluster" / "h100.yaml").write_text("name: h100\ngpus_per_node: 1\ngpu: MY-H100\ngpu_memory_gb: 40\n"
+                                                   "peak_tflops: 500\n")
+    planned = fsdp_kit("plan", "cluster=h100", "--config-dir", str(folder), cwd=tmp_path)
+    assert planned.code == 0, planned.stderr
+    text = " ".join(planned.stdout.split())
+    assert "1 x MY-H100 (40 GB)" in text and f"cluster=h100 ({folder / 'cluster' / 'h100.yaml'})" in text
+    assert f"model=t5_tiny ({folder / 'model' / 't5_tiny.yaml'}), precision=fp32 (shipped)" in text
+    rendered = fsdp_kit("slurm", "--no-local-checks", "--config-dir", str(folder), "-o", "job.sbatch", cwd=tmp_path)
+    assert rendered.code == 0, rendered.stderr
+    script = 'eval "$(grep ^OVERRIDES= job.sbatch)"; printf "%s\\n" "${OVERRIDES[@]}"'
+    overrides = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    job = subprocess.run([sys.executable, "-m", "fsdp_kit.train", *overrides, f"hydra.run.dir={tmp_path / 'run'}",
+                          *FAST, "trainer.max_steps=1", "checkpoint.at_end=false"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=180)
+    assert job.returncode == 0, job.stderr
+    assert "t5_tiny 0.8M params" in job.stdout, job.stdout  # d_ff 320: the user's file (the shipped one is 1.0M)
+    assert f"configs: model=t5_tiny ({folder / 'model' / 't5_tiny.yaml'})" in " ".join(job.stdout.split())
+
+
+def _bomb(levels: int = 9) -> str:
+    """Nested YAML aliases: a few hundred bytes that expand to 9**levels strings."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefghi", "bcdefghij"[:levels - 1]):
+        lines.append(f"{name}: &{name} [{','.join(['*' + prev] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+BAD_FILES = [
+    ("alias-bomb", "cluster/boom.yaml", _bomb(), "boom.yaml line 1: YAML anchors and aliases"),
+    ("python-tag", "cluster/tag.yaml", 'name: tag\ngpu: !!python/object/apply:os.system ["touch pwned"]\n',
+     "tag.yaml line 2: the YAML tag tag:yaml.org,2002:python/object/apply:os.system is not accepted"),
+    ("syntax-error", "model/t5_tiny.yaml", "name: t5_tiny\narch: t5\nhf_config:\n  d_model: 128\n   d_ff: 3\n",
+     "t5_tiny.yaml line 5 is not valid YAML: mapping values are not allowed here"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
+def test_bad_yaml_in_a_config_dir_is_one_line_naming_file_and_line(name, content, message, tmp_path):
+    """#21 §4, §5: a YAML bomb hung plan, slurm and train; tags and syntax errors gave 80-100 lines."""
+    (tmp_path / "mine" / name).parent.mkdir(parents=True)
+    (tmp_path / "mine" / name).write_text(content)
+    chosen = name.removesuffix(".yaml").replace("/", "=")  # the file is used, e.g. cluster=boom
+    before = snapshot(tmp_path)
+    for command in (["plan", "cluster=h100", chosen], ["slurm", "--no-local-checks", chosen], ["train", *FAST, chosen]):
+        outcome = fsdp_kit(*command, "--config-dir", "mine", cwd=tmp_path, timeout=60)
+        assert_rejected(outcome, Case(f"{name}-{command[0]}", [], 2, message))
+    assert snapshot(tmp_path) == before and not (tmp_path / "pwned").exists()
+
+
+CONFIG_CASES = [
+    Case("cluster-file-wrong-type", ["plan", "--config-dir", "mine", "cluster=bad"], 2,
+         "Value 'eight' of type 'str' could not be converted to Integer (key cluster.gpus_per_node)"),
+    Case("plan-gpt2-default-lengths", ["plan", "model=gpt2_tiny", "cluster=h100"], 2,
+         "the planner plans at 512/128 source/target tokens unless told otherwise. Fix: pass --source-len/"
+         "--target-len within its 256 positions, e.g. --source-len 224 --target-len 32"),
+    Case("plan-negative-budget", ["plan", "cluster=h100", "ac=auto", "ac.budget_gb=-1"], 2,
+         "ac.budget_gb=-1.0 must be > 0"),
+    Case("plan-negative-prefetch", ["plan", "cluster=h100", "sharding.prefetch=-2"], 2,
+         "sharding.prefetch=-2 must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[case.id for case in CONFIG_CASES])
+def test_config_and_planner_mistakes_are_one_line(case, tmp_path):
+    (tmp_path / "mine" / "cluster").mkdir(parents=True)
+    (tmp_path / "mine" / "cluster" / "bad.yaml").write_text("name: bad\ngpus_per_node: eight\n")
+    before = snapshot(tmp_path)
+    assert_rejected(fsdp_kit(*case.args, cwd=tmp_path), case)
+    assert snapshot(tmp_path) == before
+
+
+def test_overrides_are_accepted_after_flags(tmp_path):
+    """#21 §6: `plan cluster=h100 --source-len 64 model=...` was 'unrecognized arguments', in slurm and compare too."""
+    planned = fsdp_kit("plan", "cluster=h100", "--source-len", "64", "--target-len", "16", "model=gpt2_tiny",
+                       cwd=tmp_path)
+    assert planned.code == 0 and "gpt2_tiny" in planned.stdout and "source/target 64/16" in planned.stdout, \
+        planned.stderr
+    rendered = fsdp_kit("slurm", "cluster=p4d", "--no-local-checks", "cluster.nodes=2", "-o", "job.sbatch",
+                        "slurm.partition=gpu", cwd=tmp_path)
+    assert rendered.code == 0, rendered.stderr
+    assert "--nodes=2" in (tmp_path / "job.sbatch").read_text() and "--partition=gpu" in (
+        tmp_path / "job.sbatch").read_text()
+    run = _finished_run(tmp_path / "run", 1e-3)
+    compared = fsdp_kit("compare", "--no-plot", str(run), "-o", "table.md", cwd=tmp_path)
+    assert compared.code == 0 and "| run |" in (tmp_path / "table.md").read_text(), compared.stderr
+
+
+def test_plan_says_what_is_a_cap_and_what_is_assumed(tmp_path):
+    """#21 §6: "largest batch 4096" is the search's cap; the network bandwidths it prices are stated as assumed."""
+    capped = fsdp_kit("plan", "model=t5_tiny", "cluster=h100", "cluster.gpus_per_node=2", "--source-len", "64",
+                      "--target-len", "16", cwd=tmp_path)
+    text = " ".join(capped.stdout.split())
+    assert capped.code == 0, capped.stderr
+    assert "largest batch that fits: 4096 (the planner's cap: it tries no batch above 4096" in text
+    assert "GPU-to-GPU bandwidth in a node assumed 100 GB/s (set cluster.intra_node_gbps)" in text
+    nodes = fsdp_kit("plan", "model=t5_tiny", "cluster=h100", "cluster.nodes=2", "cluster.intra_node_gbps=450",
+                     cwd=tmp_path)
+    text = " ".join(nodes.stdout.split())
+    assert "network between nodes assumed 100 Gb/s (set cluster.inter_node_gbps)" in text, nodes.stderr
+    assert "GPU-to-GPU bandwidth in a node assumed" not in text  # given, so not assumed

@@ -193,3 +193,39 @@ def test_config_only_paths_import_neither_torch_nor_transformers(tmp_path):
     assert "config: []" in result.stdout and "exit: 2" in result.stdout, result.stdout + result.stderr
     assert "train: ['torch']" in result.stdout, result.stdout
     assert "error: trainer.max_steps=-1 must be > 0" in result.stderr
+
+
+def test_submit_and_plan_compose_a_config_dir_file_before_the_shipped_preset(tmp_path):
+    """#21 §2: `fsdp-kit submit --config-dir DIR` pickles the overrides (with DIR as hydra.searchpath) and composes
+    them on the node with compose_job: DIR/cluster/h100.yaml must win there, and be named."""
+    from fsdp_kit.config import compose_with_origins, search_path_override
+    from fsdp_kit.launch.submit import TrainJob
+
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cluster" / "h100.yaml").write_text("name: h100\ngpus_per_node: 1\ngpu_memory_gb: 40\n")
+    overrides = TrainJob([search_path_override(str(tmp_path)), "cluster=h100"]).overrides
+    job, origins = compose_with_origins(overrides)
+    assert job.cluster.gpu_memory_gb == 40 and origins["cluster=h100"] == str(tmp_path / "cluster" / "h100.yaml")
+    assert origins["model=t5_tiny"] == "shipped"
+    assert compose_with_origins(["cluster=h100"])[0].cluster.gpu_memory_gb == 80  # without DIR: the shipped one
+
+
+def test_environment_values_keep_their_config_text_in_what_is_written(tmp_path, monkeypatch):
+    """#21 §3 in detail: copies keep the config text, numbers from the environment stay numbers, a default after
+    the comma becomes the shell's, and settings an #SBATCH line holds refuse the environment."""
+    import dataclasses
+
+    from fsdp_kit.config import compose_job, to_dict, to_yaml
+    from fsdp_kit.launch.sbatch import directives, render
+
+    monkeypatch.setenv("TOKEN_X", "s3cr3t-value")
+    monkeypatch.setenv("NODES_X", "3")
+    job = dataclasses.replace(compose_job(["slurm.setup=${oc.env:TOKEN_X}", "cluster.nodes=${oc.env:NODES_X}",
+                                           "slurm.output_root=${oc.env:NO_SUCH_VAR_X,/scratch}"]), run_dir="x")
+    assert job.slurm.setup == "s3cr3t-value" and job.cluster.nodes == 3  # the job itself gets the values
+    assert "s3cr3t" not in to_yaml(job) and to_dict(job)["slurm"]["setup"] == "${oc.env:TOKEN_X}"
+    text = render(job, [])
+    assert "SETUP='\"${TOKEN_X}\"'" in text and 'OUTPUT_ROOT="${NO_SUCH_VAR_X-/scratch}"' in text
+    assert "s3cr3t" not in text
+    with pytest.raises(ConfigError, match=r"slurm.partition reads the environment \(\$\{oc.env:TOKEN_X\}\)"):
+        directives(compose_job(["slurm.partition=${oc.env:TOKEN_X}"]))

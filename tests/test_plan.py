@@ -211,3 +211,25 @@ def test_search_best_is_the_largest_batch_among_equally_fast_recipes(monkeypatch
     tied = [c for c in found if c.tokens_per_s >= max(c.tokens_per_s for c in found) * (1 - 0.5)]
     assert len({c.batch for c in tied}) > 1  # the case at hand: near-equal speeds at different batches
     assert found[0].batch == max(c.batch for c in tied)
+
+
+def test_search_command_is_the_recipe_it_priced(tmp_path):
+    """#21 §2: the user's optim.* overrides stayed in "run the best" while the search priced the anyprecision
+    preset's bf16 states: given back to `fsdp-kit plan`, that command did not fit (batch 26 in 2 GB, fits 0)."""
+    import re
+    import shlex
+
+    from test_adversarial import fsdp_kit
+
+    searched = fsdp_kit("plan", "--search", "--top", "1", "model=t5_small", "cluster=h100", "cluster.gpu_memory_gb=2",
+                        "optim.variance_dtype=float32", "optim.momentum_dtype=float32", "--source-len", "128",
+                        "--target-len", "32", cwd=tmp_path, timeout=300)
+    assert searched.code == 0, searched.stderr
+    lines = searched.stdout.splitlines()
+    command = shlex.split(lines[lines.index("run the best:") + 1])
+    assert command[:2] == ["fsdp-kit", "train"] and "optim.variance_dtype=float32" in command
+    batch = int(next(item for item in command if item.startswith("trainer.batch_size=")).split("=")[1])
+    planned = fsdp_kit("plan", *command[2:], cwd=tmp_path, timeout=300)
+    assert planned.code == 0, planned.stderr
+    assert re.search(rf"batch {batch} fits in 2 GB; largest batch that fits: {batch}\b", planned.stdout), \
+        planned.stdout

@@ -13,6 +13,7 @@ from importlib import resources
 
 from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER
 from fsdp_kit.config import TrainConfig
+from fsdp_kit.env_values import refuse_in, shell_text, written
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.launch.shell import check_plain, comment_text, shell_command, shell_word
 from fsdp_kit.launch.slurm import RUN_DIR_NAME, TORCHRUN_LOGS, job_name, procs_per_node
@@ -34,15 +35,17 @@ def render(job: TrainConfig, overrides: list[str], render_args: list[str] | None
     """The sbatch script for ``job``; ``overrides`` are the Hydra overrides the job runs with, ``render_args``
     the ``fsdp-kit slurm`` arguments that made it (default: the overrides)."""
     values = {
-        "description": comment_text(f"train {job.model.name} on {job.cluster.nodes} node(s) of {job.cluster.name}"),
+        "description": comment_text(f"train {written(job.model.name)} on {job.cluster.nodes} node(s) of "
+                                    f"{written(job.cluster.name)}"),
         "render_args": shell_command(render_args if render_args is not None else overrides),
         "file_hint": shell_word(file_hint),
         "directives": "\n".join(f"#SBATCH {d}" for d in directives(job)),
-        "setup": shell_word(job.slurm.setup),
+        # eval'd on the node: ${oc.env:NAME} becomes "${NAME}" there, never the value (fsdp_kit/env_values.py)
+        "setup": shell_word(shell_text(job.slurm.setup, "slurm.setup")),
         "procs_per_node": str(procs_per_node(job)),
         "rdzv_port": str(job.slurm.rdzv_port),
         "shutdown_timeout": str(job.slurm.signal_before_s),
-        "output_root": shell_word(job.slurm.output_root),
+        "output_root": _assigned(job.slurm.output_root, "slurm.output_root"),
         "overrides": shell_command(overrides),
         "run_dir_name": _shell_pattern(RUN_DIR_NAME, job_name="SLURM_JOB_NAME", job_id="SLURM_JOB_ID"),
         "preempted_marker": shell_word(PREEMPTED_MARKER),
@@ -83,12 +86,24 @@ def directives(job: TrainConfig) -> list[str]:
               f"--signal=USR2@{slurm.signal_before_s}"]
     if slurm.requeue:
         lines.append("--requeue")
+    for key in ("job_name", "partition", "account", "time", "log_dir"):
+        refuse_in(getattr(slurm, key), f"slurm.{key}", "an #SBATCH line")
     for line in lines:
         check_plain(line, "the sbatch directive")
         if any(c.isspace() or c in "'\"$`\\;" for c in line):
             raise ConfigError(f"the sbatch directive {line!r} contains spaces, quotes or shell characters",
                               "use plain names and values for slurm.* and cluster.* settings")
     return lines
+
+
+def _assigned(value: str, key: str) -> str:
+    """``value`` for a shell assignment: one word, with the environment references of a setting that reads the
+    environment expanded on the node (``"${NAME}"``)."""
+    text = shell_text(value, key)
+    if text is value:
+        return shell_word(value)
+    parts = re.split(r'("\$\{\w+(?:-[^}]*)?\}")', text)
+    return "".join(part if index % 2 else shell_word(part) for index, part in enumerate(parts) if part)
 
 
 def _shell_pattern(pattern: str, **variables: str) -> str:

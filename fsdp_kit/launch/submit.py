@@ -9,7 +9,7 @@ from typing import Any
 
 import submitit
 
-from fsdp_kit.config import TrainConfig
+from fsdp_kit.config import TrainConfig, compose_with_origins
 from fsdp_kit.launch.sbatch import directives
 from fsdp_kit.launch.slurm import check, compose_job, job_name, procs_per_node, run_dir, timeout_minutes
 
@@ -25,9 +25,9 @@ class TrainJob:
     def __call__(self) -> dict[str, Any] | None:
         from fsdp_kit.train import run
 
-        job = compose_job(self.overrides)
+        job, origins = compose_with_origins(self.overrides)  # a --config-dir folder first, as on the login node
         job.run_dir = str(run_dir(job, os.environ["SLURM_JOB_ID"]))
-        result = run(job)  # on preemption it saved and asked Slurm to requeue
+        result = run(job, origins=origins)  # on preemption it saved and asked Slurm to requeue
         return None if result.preempted else result.summary
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:

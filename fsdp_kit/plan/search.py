@@ -62,15 +62,31 @@ def _shardings(nodes: int) -> tuple[ShardingStrategy, ...]:
     return base + ((ShardingStrategy.hybrid_shard, ShardingStrategy.hybrid_shard_zero2) if nodes > 1 else ())
 
 
-def search(job: TrainConfig) -> tuple[list[Candidate], int]:
+VARIED = ("precision", "sharding", "sharding.strategy", "sharding.cpu_offload", "wrap", "wrap.policy", "ac", "ac.mode",
+          "trainer.compile", "trainer.batch_size", "data.max_source_len", "data.max_target_len")
+"""The settings a recipe of the search decides (with ``optim`` for bf16_pure): the user's overrides of them give
+way to the recipe's, in what is priced and in the printed command alike."""
+
+
+def kept(user_overrides: list[str], recipe_keys: set[str] = frozenset()) -> list[str]:
+    """The user's overrides that a recipe leaves standing: all but those of the settings it decides."""
+    def key(item: str) -> str:
+        return item.split("=", 1)[0].lstrip("+~").strip()
+
+    return [item for item in user_overrides if key(item) not in VARIED and key(item) not in recipe_keys
+            and not key(item).startswith("precision.")]
+
+
+def search(job: TrainConfig, overrides: list[str] = ()) -> tuple[list[Candidate], int]:
     """Every recipe that fits ``job.cluster`` at ``job.data``'s lengths, fastest first, and how many were
-    priced. The model, data lengths, optimizer settings and cluster come from ``job``; bf16_pure recipes use
-    the anyprecision optimizer preset (Kahan summation), the others ``job.optim``."""
+    priced. The model, data lengths, optimizer settings and cluster come from ``job`` (composed from
+    ``overrides``); bf16_pure recipes use the anyprecision optimizer preset (Kahan summation) with the user's
+    ``optim.*`` overrides on top, exactly what the printed command composes, the others ``job.optim``."""
     world = _world(job)
     job.validated(world, for_training=False)
     cluster = job.cluster
     capacity = cluster.gpu_memory_gb * GB
-    pure_optim = compose_job(["optim=anyprecision"]).optim
+    pure_optim = compose_job([*kept(list(overrides), {"optim"}), "optim=anyprecision"]).optim
     records = load_records()
     found: list[Candidate] = []
     priced = 0
@@ -107,15 +123,16 @@ def search(job: TrainConfig) -> tuple[list[Candidate], int]:
     return found, priced
 
 
-def launch_command(best: Candidate, user_overrides: list[str]) -> str:
+def launch_command(best: Candidate, user_overrides: list[str], config_dir: str | None = None) -> str:
     """The command that runs ``best``: ``fsdp-kit slurm`` across nodes, torchrun on one node of several GPUs,
-    ``fsdp-kit train`` on one GPU. The user's own overrides come first, minus the keys the recipe sets."""
+    ``fsdp-kit train`` on one GPU. The user's own overrides come first, minus those of the settings the recipe
+    decides (``kept``), so that the command composes the recipe that was priced."""
     job = best.job
     ours = [*best.overrides, f"data.max_source_len={job.data.max_source_len}",
             f"data.max_target_len={job.data.max_target_len}"]
-    keys = {item.split("=", 1)[0] for item in ours}
-    theirs = [item for item in user_overrides if item.split("=", 1)[0].lstrip("+~") not in keys]
-    args = " ".join(shlex.quote(item) for item in [*theirs, *ours])
+    theirs = kept(user_overrides, {item.split("=", 1)[0] for item in ours})
+    folder = ["--config-dir", config_dir] if config_dir else []
+    args = " ".join(shlex.quote(item) for item in [*folder, *theirs, *ours])
     if job.cluster.nodes > 1:
         return f"fsdp-kit slurm {args} -o job.sbatch && sbatch job.sbatch"
     if job.cluster.gpus_per_node > 1:

@@ -53,6 +53,8 @@ class SpeedEstimate:
     step_s_overlapped: float
     step_s_serial: float
     tokens_per_s: float
+    comm_assumed: str = ""
+    """The bandwidths the FSDP traffic was priced at that the cluster preset does not give (assumed), or ""."""
 
 
 def compile_speedup(job: TrainConfig, records: list[dict[str, Any]]) -> tuple[float, str]:
@@ -157,15 +159,26 @@ def observation(job: TrainConfig, shape: ModelShape, work: StepWork, batch: int,
     return Observation(*matmul, total.memory_bytes / bandwidth, total.kernels, measured_s, label)
 
 
-def _bandwidth_gb_s(job: TrainConfig, group_spans_nodes: bool) -> float:
+ASSUMED_INTRA_NODE_GB_S = 100.0
+"""GPU-to-GPU bandwidth inside a node where the cluster preset gives none (cluster.intra_node_gbps), GB/s."""
+ASSUMED_INTER_NODE_GBPS = 100.0
+"""Network bandwidth between nodes where the cluster preset gives none (cluster.inter_node_gbps), Gb/s."""
+
+
+def _bandwidth_gb_s(job: TrainConfig, group_spans_nodes: bool) -> tuple[float, list[str]]:
+    """The bus bandwidth of a collective, and what of it is assumed rather than given by the cluster preset."""
     cluster = job.cluster
-    nvlink = cluster.intra_node_gbps or 100.0
+    nvlink = cluster.intra_node_gbps or ASSUMED_INTRA_NODE_GB_S
+    assumed = [] if cluster.intra_node_gbps else [
+        f"GPU-to-GPU bandwidth in a node assumed {ASSUMED_INTRA_NODE_GB_S:g} GB/s (set cluster.intra_node_gbps)"]
     if not group_spans_nodes:
-        return nvlink
+        return nvlink, assumed
     # A ring crossing nodes pushes the whole buffer through each node's network once (NCCL spreads its channels
     # over all of the node's NICs), so the bus bandwidth is the node's aggregate network bandwidth.
-    network = (cluster.inter_node_gbps or 100.0) / 8.0
-    return min(nvlink, network)
+    network = (cluster.inter_node_gbps or ASSUMED_INTER_NODE_GBPS) / 8.0
+    if not cluster.inter_node_gbps:
+        assumed.append(f"network between nodes assumed {ASSUMED_INTER_NODE_GBPS:g} Gb/s (set cluster.inter_node_gbps)")
+    return min(nvlink, network), assumed
 
 
 def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, batch: int, world: int,
@@ -187,8 +200,11 @@ def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, b
     replica_traffic = 2 * shape.params / factor * rbytes * (replicas - 1) / replicas if replicas > 1 else 0.0
     shard_spans_nodes = factor > cluster.gpus_per_node
     replicas_span_nodes = replicas > 1 and world > cluster.gpus_per_node
-    comm_s = (shard_traffic / (_bandwidth_gb_s(job, shard_spans_nodes) * 1e9)
-              + replica_traffic / (_bandwidth_gb_s(job, replicas_span_nodes) * 1e9))
+    shard_bw, shard_assumed = _bandwidth_gb_s(job, shard_spans_nodes)
+    replica_bw, replica_assumed = _bandwidth_gb_s(job, replicas_span_nodes)
+    comm_s = shard_traffic / (shard_bw * 1e9) + replica_traffic / (replica_bw * 1e9)
+    # only what priced some traffic (one GPU moves nothing)
+    assumed = dict.fromkeys((shard_assumed if shard_traffic else []) + (replica_assumed if replica_traffic else []))
     offload_s = 0.0
     if job.sharding.cpu_offload:  # parameter shards up, gradient shards down, every step
         shard = shape.params / factor
@@ -197,4 +213,4 @@ def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, b
     overlapped = max(compute_s, comm_s) + offload_s
     tokens = batch * world * (job.data.max_source_len + job.data.max_target_len)
     return SpeedEstimate(tflops, source, compute_s, (shard_traffic + replica_traffic) / 1e9, comm_s, overlapped,
-                         compute_s + comm_s + offload_s, tokens / overlapped)
+                         compute_s + comm_s + offload_s, tokens / overlapped, "; ".join(assumed))
