@@ -9,8 +9,8 @@ Roles: ``stored`` the sharded parameters (what the optimizer updates); ``compute
 backward see (FSDP2's all-gathered ``param_dtype``); ``reduce`` the gradient reduce-scatter; ``grad`` the sharded
 gradients the optimizer reads; ``master`` an fp32 copy beside lower-precision compute (FSDP2 keeps none of its own:
 with mixed precision the stored shards are the master weights); ``checkpoint`` what DCP saves (the stored shards and
-the optimizer states as they are); ``export`` what ``fsdp-kit export`` writes without ``--dtype`` (float32: the
-export builds the model in float32 and DCP casts the shards into it, so a bf16 run exports its bf16 values exactly).
+the optimizer states as they are); ``export`` what ``fsdp-kit export`` writes without ``--dtype`` (the stored
+dtype: the export builds the model in the dtype its recorded HF config names, which is the one training built it in).
 
 Modules a HF model keeps in fp32 (``_keep_in_fp32_modules``: T5's ``wo``, which overflows in fp16/bf16 on large
 T5s) get their own FSDP unit with an fp32 policy under the mixed presets (``keep_fp32`` rows). Under ``bf16_pure``
@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from fsdp_kit.optim.config import OptimConfig, OptimizerName
+from fsdp_kit.optim.config import OptimConfig, OptimizerName, StateDtype
 from fsdp_kit.policies.config import Precision
 
 ROLES = ("stored", "compute", "reduce", "grad", "master")
@@ -56,7 +56,7 @@ class Row:
 
     def roles(self) -> dict[str, str | None]:
         return {"stored": self.stored, "compute": self.compute, "reduce": self.reduce, "grad": self.grad,
-                "master": self.master, "checkpoint": self.stored, "export": F32}
+                "master": self.master, "checkpoint": self.stored, "export": self.stored}
 
 
 # The contract. keep_fp32: the _keep_in_fp32_modules' own row (None: the same as the model's).
@@ -214,3 +214,15 @@ def compare(want: dict[str, dict[str, str | None]], got: dict[str, dict[str, str
 def write_report(path: Path, precision: Precision, want: dict, got: dict, problems: list[str]) -> None:
     path.write_text(json.dumps({"precision": precision.value, "expected": want, "observed": got,
                                 "matches": not problems, "differences": problems}, indent=2) + "\n")
+
+
+README_OPTIMIZERS = (
+    ("adamw", OptimConfig()),
+    ("anyprecision", OptimConfig(name=OptimizerName.anyprecision, use_kahan_summation=True,
+                                 momentum_dtype=StateDtype.bfloat16, variance_dtype=StateDtype.bfloat16,
+                                 compensation_buffer_dtype=StateDtype.bfloat16)),
+)
+"""The optimizers README's table shows: torch AdamW, and AnyPrecision as configs/optim/anyprecision.yaml sets it."""
+
+if __name__ == "__main__":  # README's table: python -m fsdp_kit.policies.contract
+    print(markdown_table(README_OPTIMIZERS))
