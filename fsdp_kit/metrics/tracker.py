@@ -50,8 +50,8 @@ class Tracker:
         self._window = _Window()
         self._closed: list[tuple[float, int, float, float]] = []  # (seconds, steps, tokens, flops) per window
         self.clock = RankClock(device)
-        self._run_steps: list[list[float]] = []  # per closed window: (step times, local times), for the summary
-        self._run_local: list[list[float]] = []
+        self._run_steps: list[list[float]] = []  # per closed window: each step's wall time, for the summary
+        self._run_local: list[list[float]] = []  # per closed window: each step's own work
 
     def start_window(self) -> None:
         synchronize(self.device)
@@ -172,7 +172,7 @@ class RankClock:
         self._started: float | None = None
         self._fetch = 0.0
         self._update_start: Any = None
-        self._pending: list[tuple[float, float, Any, Any]] = []  # (step start, fetch s, update start, end)
+        self._pending: list[tuple[float, Any, Any]] = []  # (fetch seconds, update start, update end) per step
         self._step_times: list[float] = []
 
     def _mark(self) -> Any:
@@ -197,7 +197,7 @@ class RankClock:
 
     def local_work_ended(self) -> None:
         if self._update_start is not None:
-            self._pending.append((self._started or 0.0, self._fetch, self._update_start, self._mark()))
+            self._pending.append((self._fetch, self._update_start, self._mark()))
         self._update_start = None
 
     def read(self) -> tuple[list[float], list[float]]:
@@ -206,7 +206,7 @@ class RankClock:
             self._step_times.append(time.perf_counter() - self._started)
             self._started = None
         local = [fetch + (start.elapsed_time(end) / 1e3 if self.cuda else end - start)
-                 for _, fetch, start, end in self._pending]
+                 for fetch, start, end in self._pending]
         step_times = self._step_times
         self._pending, self._step_times = [], []
         return step_times, local
