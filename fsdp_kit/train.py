@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from fsdp_kit.metrics import Reporter
     from fsdp_kit.policies import Applied
     from fsdp_kit.training import FitResult
+    from fsdp_kit.training.trainer import PrecisionCheck
 
 
 def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str] | None = None) -> FitResult:
@@ -100,8 +101,8 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
             for line in dataset.report:  # every skipped row counted, by reason
                 reporter.info(line)
             parts = TrainParts(model, optimizer, schedule, dataset, FlopCounter(job.model, config),
-                               Tracker(env.device, env.world_size, job.metrics.peak_tflops), reporter, checkpoints,
-                               grad_scaler)
+                               Tracker(env.device, env.world_size, job.metrics.peak_tflops, env.rank), reporter,
+                               checkpoints, grad_scaler, precision_check(job, model))
             trainer = Trainer(parts, job.trainer, env)
             result = trainer.fit()
             if result.preempted and env.is_main:
@@ -114,6 +115,14 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
                 lock.release()
 
 
+def precision_check(job: TrainConfig, model: PreTrainedModel) -> PrecisionCheck:
+    """The precision contract's rows this run is checked against after its first step."""
+    from fsdp_kit.policies.contract import expected, keep_fp32_names
+    from fsdp_kit.training.trainer import PrecisionCheck
+
+    return PrecisionCheck(job.precision.name, expected(job.precision.name, job.optim, bool(keep_fp32_names(model))))
+
+
 def _announce(reporter: Reporter, job: TrainConfig, env: DistEnv, model: PreTrainedModel, num_params: int,
               applied: Applied, run_dir: Path, chose_ac: bool = False) -> None:
     """The run's header line: what is trained, where, and with which recipe."""
@@ -121,7 +130,8 @@ def _announce(reporter: Reporter, job: TrainConfig, env: DistEnv, model: PreTrai
     reporter.info(
         f"[bold]{job.model.name}[/] {num_params / 1e6:,.1f}M params | "
         f"{env.world_size} x {env.device_type} | precision={job.precision.name} "
-        f"sharding={job.sharding.strategy} wrap={job.wrap.policy} ({applied.fsdp_units} FSDP units) "
+        f"sharding={job.sharding.strategy} wrap={job.wrap.policy} ({applied.fsdp_units} FSDP units"
+        f"{f', {applied.fp32_units} kept fp32' if applied.fp32_units else ''}) "
         f"ac={ac} ({applied.checkpointed_layers} layers) compile={applied.compiled_layers} layers "
         f"optim={job.optim.name} attention={model.config._attn_implementation} | run dir {run_dir}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -72,3 +73,35 @@ def test_metrics_jsonl_has_the_documented_keys_and_a_summary_line(tmp_path):
 def test_tensorboard_scalars_are_written(tmp_path):
     run_ranks(train, 1, job(tmp_path, "trainer.max_steps=2", "metrics.tensorboard=true"))
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _train_with_a_slow_rank(cfg, slow_rank: int, delay_s: float):
+    """Rank body: train, ``slow_rank`` taking ``delay_s`` longer to fetch each batch (a slow disk or data worker)."""
+    import time
+
+    from fsdp_kit.data import DataBundle
+
+    if int(os.environ["RANK"]) == slow_rank:
+        loader = DataBundle.train_loader
+
+        def slow_loader(self, *args, **kwargs):
+            for batch in loader(self, *args, **kwargs):
+                time.sleep(delay_s)
+                yield batch
+
+        DataBundle.train_loader = slow_loader  # a forked rank: the change dies with it
+    return train(cfg)
+
+
+def test_the_slowest_rank_is_named_in_every_log_line_and_the_summary(tmp_path):
+    cfg = job(tmp_path, "trainer.max_steps=6", "trainer.log_every=3")
+    summary = run_ranks(_train_with_a_slow_rank, 3, cfg, 1, 0.15)[0].summary
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r and "summary" not in r]
+    assert [r["step"] for r in steps] == [3, 6]
+    for record in [*steps, lines[-1]]:
+        assert record["slowest_rank"] == 1, record
+        local = record["rank_local_s_median"]
+        assert local[1] >= 0.15, local  # the delay counts as rank 1's own time, and rank 1 is named for it
+        assert len(record["rank_step_time_s_median"]) == len(record["rank_local_s_p90"]) == 3
+    assert summary["slowest_rank"] == 1

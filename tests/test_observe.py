@@ -82,3 +82,47 @@ def test_hang_watchdog_dumps_stacks_on_every_rank_and_exits_for_requeue(tmp_path
     assert "hang watchdog: rank 1" in capfd.readouterr().err, "the stacks also go to stderr (the job's log)"
     # the requeued job resumes from the checkpoint saved before the hang
     assert (tmp_path / "checkpoints" / "step_2").is_dir()
+
+
+POISONED = "decoder.block.1.layer.2.DenseReluDense.wo"
+
+
+def _train_with_overflow(cfg, where: str):
+    """Rank body: train with ``POISONED`` (on rank 1 only) overflowing in its forward output or in its output's
+    gradient; the console of rank 0."""
+    from io import StringIO
+
+    import torch
+    from rich.console import Console
+
+    from fsdp_kit import train as train_module
+
+    def overflow(module, args, output):
+        if where == "forward":
+            return output * torch.tensor(1e39, dtype=output.dtype)  # past float32's largest: inf
+        if output.requires_grad:  # not under eval's no_grad
+            output.register_hook(lambda grad: grad * float("inf"))
+        return output
+
+    shard_and_materialize = train_module.shard_and_materialize
+
+    def poisoned(model, job_cfg, env):
+        applied = shard_and_materialize(model, job_cfg, env)
+        if env.rank == 1:
+            model.get_submodule(POISONED).register_forward_hook(overflow)
+        return applied
+
+    train_module.shard_and_materialize = poisoned  # a forked rank: the change dies with it
+    console = Console(file=StringIO(), width=400)
+    train_module.run(cfg, console=console)
+    return console.file.getvalue()
+
+
+@pytest.mark.parametrize("where,named", [("forward", f"forward output of {POISONED}"),
+                                         ("backward", f"gradient of {POISONED}'s output")])
+def test_the_first_non_finite_step_names_the_module_where_it_started(where, named, tmp_path):
+    cfg = job(tmp_path, "trainer.max_steps=2", "trainer.max_nonfinite_steps=5")
+    out = run_ranks(_train_with_overflow, 2, cfg, where)[0]
+    warnings = [line for line in out.splitlines() if "non-finite loss or gradient norm" in line]
+    assert len(warnings) == 2, out
+    assert warnings[0].startswith("warning: step 1:") and warnings[0].endswith(f"first non-finite: {named}"), out

@@ -20,7 +20,8 @@ from fsdp_kit.policies.config import (
     WrapConfig,
     WrapPolicy,
 )
-from fsdp_kit.policies.precision import mixed_precision_policy
+from fsdp_kit.policies.contract import clean_name, keep_fp32_names
+from fsdp_kit.policies.precision import keep_fp32_policy, mixed_precision_policy
 from fsdp_kit.policies.sharding import offload_policy, reshard_after_forward
 from fsdp_kit.policies.wrapping import fsdp_units
 
@@ -63,6 +64,8 @@ class Applied:
     checkpointed_layers: int
     compiled_layers: int
     fsdp_units: int
+    fp32_units: int = 0
+    """Units of the model's ``_keep_in_fp32_modules`` (T5's ``wo``) sharded with an fp32 policy."""
 
 
 def check_policies(model: nn.Module, policies: Policies) -> None:
@@ -90,8 +93,15 @@ def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Ap
     # against a single process, so the warning is noise for users.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     reshard = reshard_after_forward(policies.sharding)
+    # The modules HF keeps in fp32 (T5's wo, which overflows in bf16/fp16) compute in fp32 under the mixed
+    # presets: each is its own unit with an fp32 policy, sharded before the layer that holds it.
+    kept = keep_fp32_modules(model) if (fp32 := keep_fp32_policy(policies.precision)) else []
+    for module in kept:
+        fully_shard(module, **{**fsdp_kwargs, "mp_policy": fp32}, reshard_after_forward=reshard)
     units = fsdp_units(model, policies.wrap, layer_cls)
     for index, unit in enumerate(units):
+        if isinstance(unit, FSDPModule):  # a size unit that is exactly a kept-fp32 module: sharded already
+            continue
         keep_last = index == len(units) - 1 and not policies.sharding.reshard_last_unit
         fully_shard(unit, **fsdp_kwargs, reshard_after_forward=reshard and not keep_last)
     # The root's parameters are needed again as soon as backward starts: resharding them after forward would
@@ -99,7 +109,15 @@ def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Ap
     fully_shard(model, **fsdp_kwargs, reshard_after_forward=False)
     if policies.wrap.policy == WrapPolicy.transformer:  # only layers come in the order they run
         set_prefetch(units, policies.sharding.prefetch)
-    return Applied(checkpointed, len(compiled), len(units) + 1)
+    return Applied(checkpointed, len(compiled), len(units) + len(kept) + 1, len(kept))
+
+
+def keep_fp32_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules named by the model's ``_keep_in_fp32_modules``, matched per name component as transformers
+    matches them, that hold parameters."""
+    keep = keep_fp32_names(model)
+    return [module for name, module in model.named_modules()
+            if keep and clean_name(name).rsplit(".", 1)[-1] in keep and next(module.parameters(), None) is not None]
 
 
 def reshard_all(model: nn.Module) -> None:

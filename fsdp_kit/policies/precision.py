@@ -27,5 +27,14 @@ def mixed_precision_policy(cfg: PrecisionConfig) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
+def keep_fp32_policy(cfg: PrecisionConfig) -> MixedPrecisionPolicy | None:
+    """The policy of the modules a HF model keeps in fp32 (``_keep_in_fp32_modules``): fp32 compute and reduction
+    under the mixed presets; None where there is nothing to keep (fp32 already; bf16_pure stores them in bf16, as
+    ``from_pretrained`` in bf16 does)."""
+    if cfg.name in (Precision.bf16, Precision.fp16):
+        return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    return None
+
+
 def needs_grad_scaler(cfg: PrecisionConfig) -> bool:
     return cfg.name == Precision.fp16

@@ -20,8 +20,11 @@ from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import TrainingDivergedError
 from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
 from fsdp_kit.models.objective import IGNORE_INDEX, token_loss
+from fsdp_kit.policies.config import Precision
+from fsdp_kit.policies.contract import PrecisionProbe, compare, write_report
 from fsdp_kit.training.config import TrainerConfig
 from fsdp_kit.training.evaluator import Evaluator
+from fsdp_kit.training.nonfinite import locate
 from fsdp_kit.training.profiler import StepProfiler
 from fsdp_kit.training.watchdog import HangWatchdog
 
@@ -56,6 +59,16 @@ class TrainParts:
     reporter: Reporter
     checkpoints: Manager
     grad_scaler: torch.amp.GradScaler | None = None
+    precision: PrecisionCheck | None = None
+
+
+@dataclass
+class PrecisionCheck:
+    """The precision contract's rows for this run (fsdp_kit/policies/contract.py), checked after its first
+    optimizer step; what was found goes to ``<run_dir>/precision.json``."""
+
+    precision: Precision
+    expected: dict[str, dict[str, str | None]]
 
 
 class Trainer:
@@ -72,6 +85,9 @@ class Trainer:
         self.watchdog = HangWatchdog(cfg, self.reporter.run_dir, env.rank, on_fire=_requeue if env.is_main else None)
         self.nonfinite_streak = 0  # consecutive steps whose update was skipped (non-finite loss or grad norm)
         self.nonfinite_total = 0
+        self.nonfinite_origin: str | None = None  # where the current non-finite streak started (the locator)
+        self.precision_check = parts.precision
+        self._probe: PrecisionProbe | None = None
 
     def fit(self) -> FitResult:
         result = FitResult()
@@ -85,11 +101,16 @@ class Trainer:
         batches = iter(self.data.train_loader(self.cfg.batch_size, self.env.rank, self.env.world_size,
                                               start_sample=self.state.samples_seen,
                                               pin_memory=self.data.cfg.pin_memory and self.env.device_type == "cuda"))
+        if self.precision_check is not None:
+            self._probe = PrecisionProbe(self.model, self.optimizer)
         self.tracker.start_window()
         with self.reporter, self.checkpoints.preemption_guard(), self.profiler, self.watchdog:
             while self.state.step < self.cfg.max_steps:
                 self.watchdog.step_started(self.state.step + 1)
+                self.tracker.step_started()
                 self._train_step([next(batches) for _ in range(self.cfg.grad_accum)])
+                if self._probe is not None and self._probe.done:
+                    self._check_precision()
                 self.state.step += 1
                 self.state.samples_seen += self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size
                 step = self.state.step
@@ -111,6 +132,8 @@ class Trainer:
                 if not self.nonfinite_streak:  # never checkpoint in the middle of a blow-up
                     self.checkpoints.maybe_save(self.state, final=step == self.cfg.max_steps)
             self.checkpoints.wait()
+        if self._probe is not None:  # no optimizer step happened (e.g. the gradient scaler skipped them all)
+            self._probe.remove()
         result.evals.append(self.evaluator.evaluate(self.state.step, generate=self.cfg.eval_generate))
         result.summary = {**self.tracker.summary(), "final_step": self.state.step,
                           **{k: v for k, v in result.evals[-1].items() if k != "step"}}
@@ -120,6 +143,7 @@ class Trainer:
     def _train_step(self, micro_batches: list[Batch]) -> None:
         # No host sync and no host-blocking collective here (tests/test_step_sync.py), except the non-finite
         # guard's one flag read when it is on: counts stay tensors and are read at log steps only.
+        self.tracker.batch_ready()
         batches = [{k: v.to(self.env.device, non_blocking=True) for k, v in micro.items()} for micro in micro_batches]
         # Normalize by the step's global target-token count so the loss and its gradient are the same at
         # any world size; FSDP averages gradients over ranks, hence the world-size factor. The count's
@@ -149,6 +173,7 @@ class Trainer:
             self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
                                                              if p.grad is not None])
         finite = self._finite(loss_total, self._grad_norm) if self.cfg.max_nonfinite_steps else (True, True)
+        self.tracker.collectives_done()  # the update that follows is this rank's own work
         if self.grad_scaler:
             # The scaler already skips steps whose scaled gradients overflowed (and lowers its scale): that is
             # its normal work, not a blow-up. Only a non-finite loss counts.
@@ -160,7 +185,10 @@ class Trainer:
             self.nonfinite_streak = 0
         else:
             self.nonfinite_streak += 1  # the update is skipped: the weights stay the last finite ones
+        self.tracker.local_work_ended()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite_streak == 1:  # the first step of a blow-up: find where it started (all ranks)
+            self.nonfinite_origin = locate(self.model, batches, self._micro_loss(global_tokens), self.env.world_size)
         self.schedule.step()
         counts = [token_counts(batch) for batch in batches]
         tokens, real = sum(total for total, _ in counts), torch.stack([real for _, real in counts]).sum()
@@ -183,8 +211,10 @@ class Trainer:
         """Count a skipped update; stop the run after ``max_nonfinite_steps`` in a row."""
         self.nonfinite_total += 1
         limit = self.cfg.max_nonfinite_steps
+        origin = f"; first non-finite: {self.nonfinite_origin}" if self.nonfinite_origin else ""
         self.reporter.warning(f"step {step}: non-finite loss or gradient norm, the optimizer step was skipped "
-                              f"({self.nonfinite_streak} in a row of at most {limit}, {self.nonfinite_total} in all)")
+                              f"({self.nonfinite_streak} in a row of at most {limit}, {self.nonfinite_total} in all)"
+                              f"{origin}")
         if self.nonfinite_streak >= limit:
             self.checkpoints.wait()  # the last finite checkpoint is committed and kept
             raise TrainingDivergedError(
@@ -192,6 +222,26 @@ class Trainer:
                 f"loss or gradient norm (trainer.max_nonfinite_steps={limit}); no checkpoint was saved from them",
                 "lower optim.lr or raise trainer.warmup_steps (with trainer.clip_grad_norm set), then resume from "
                 "the last checkpoint")
+
+    def _micro_loss(self, global_tokens: torch.Tensor):
+        """The loss one micro-batch backpropagates in ``_train_step`` (for the non-finite locator)."""
+        def loss_of(batch: Batch) -> torch.Tensor:
+            loss_sum, _ = token_loss(self.model, batch)
+            return loss_sum * self.env.world_size / global_tokens
+        return loss_of
+
+    def _check_precision(self) -> None:
+        """Compare the first optimizer step with the precision contract; record it in the run dir. A difference
+        is a bug of fsdp_kit or torch, not the user's: it is reported, the run goes on."""
+        assert self._probe is not None and self.precision_check is not None
+        observed, self._probe = self._probe.observed(), None
+        problems = compare(self.precision_check.expected, observed)
+        if self.env.is_main:
+            write_report(self.reporter.run_dir / "precision.json", self.precision_check.precision,
+                         self.precision_check.expected, observed, problems)
+        if problems:
+            self.reporter.warning(f"precision={self.precision_check.precision.value} differs from its contract "
+                                  f"(see precision.json): {'; '.join(problems)}")
 
     def _log(self, step: int) -> dict[str, Any]:
         record = self.tracker.record(step, lr=self.schedule.get_last_lr()[0])
