@@ -77,20 +77,21 @@ def check_packages(job: TrainConfig) -> None:
 
 
 def check_resume(job: TrainConfig) -> None:
-    from fsdp_kit.checkpoint.manager import complete_checkpoints, read_marker
+    from fsdp_kit.checkpoint.marker import read_marker
+    from fsdp_kit.checkpoint.timeline import complete_checkpoints, resume_source
 
     resume = job.checkpoint.resume
-    existing = complete_checkpoints(Path(job.run_dir) / "checkpoints")
+    root = Path(job.run_dir) / "checkpoints"
+    existing = complete_checkpoints(root)
     if resume == "never" and existing:
         raise ConfigError(f"{existing[-1].parent} already holds checkpoints and checkpoint.resume=never would "
                           "overwrite them",
                           "use checkpoint.resume=auto to continue, or a new run dir (hydra.run.dir=...)")
-    source = Path(resume) if resume not in ("auto", "never") else (existing[-1] if resume == "auto" and existing
-                                                                   else None)
-    if source is not None:
-        meta = read_marker(source)  # raises CheckpointError naming what is missing or corrupt
+    found = resume_source(resume, root)  # the run dir's own newest save wins over a path applied at a first start
+    if found is not None:
+        meta = read_marker(found.path)  # raises CheckpointError naming what is missing or corrupt
         # a different optimizer or precision: say so now, not as "damaged shards" after the model is built
-        check_layout(source, meta.get("training") or {},
+        check_layout(found.path, meta.get("training") or {},
                      training_settings(job.optim, job.trainer, job.precision.name))
 
 
