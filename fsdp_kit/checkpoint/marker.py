@@ -56,30 +56,32 @@ def read_marker(path: Path, warn_legacy: bool = True) -> dict[str, Any]:
         raise CheckpointError(f"{marker} is corrupt ({err})", "pick another checkpoint") from err
     if not isinstance(meta, dict):
         raise CheckpointError(f"{marker} is corrupt (not a JSON object)", "pick another checkpoint")
-    _check_self(marker, raw, meta, warn_legacy)
+    legacy = _check_self(marker, raw, meta)
     if "checksum" in meta and not (isinstance(meta.get("checksums"), dict) and meta["checksums"]):
         raise CheckpointError(f"{marker} is corrupt: it names the checksum method {meta['checksum']!r} but holds no "
                               "checksums, so its files cannot be verified", "pick another checkpoint")
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path / '.metadata'} is missing (the DCP index of the shards)",
                               "pick another checkpoint")
+    if legacy and warn_legacy and marker not in _warned:
+        _warned.add(marker)
+        warnings.warn(f"{marker} was written before markers carried their own checksum: a damaged marker "
+                      "cannot be detected", stacklevel=2)
     return meta
 
 
-def _check_self(marker: Path, raw: bytes, meta: dict[str, Any], warn_legacy: bool) -> None:
+def _check_self(marker: Path, raw: bytes, meta: dict[str, Any]) -> bool:
+    """Refuse a marker whose bytes do not match its own checksum; True for a marker from before that checksum."""
     found = list(_SELF_FIELD.finditer(raw))
     if not found:
         unknown = sorted(set(meta) - LEGACY_KEYS)
         if unknown:  # written by a version that verifies its markers: the checksum's own key was damaged
             raise CheckpointError(f"{marker} is corrupt: it holds no valid {SELF_KEY} (unexpected key {unknown[0]!r})",
                                   "pick another checkpoint")
-        if warn_legacy and marker not in _warned:
-            _warned.add(marker)
-            warnings.warn(f"{marker} was written before markers carried their own checksum: a damaged marker "
-                          "cannot be detected", stacklevel=3)
-        return
+        return True
     last = found[-1]
     zeroed = raw[:last.start(1)] + _PLACEHOLDER.encode() + raw[last.end(1):]
     if len(found) > 1 or f"{zlib.crc32(zeroed):08x}" != last.group(1).decode():
         raise CheckpointError(f"{marker} is corrupt: its content does not match its own checksum ({SELF_KEY})",
                               "pick another checkpoint; this one's recorded settings cannot be trusted")
+    return False

@@ -47,14 +47,16 @@ class Save:
     """The explicit ``checkpoint.resume`` that started this save's timeline (resolved), if any."""
 
 
-def scan(root: Path) -> tuple[list[Save], list[Path]]:
-    """The committed checkpoints under ``root``, oldest first, and those whose marker cannot be read."""
-    saves, unreadable, previous_legacy = [], [], None
+def scan(root: Path) -> tuple[list[Save], list[CheckpointError]]:
+    """The committed checkpoints under ``root``, oldest first, and why the others' markers cannot be read."""
+    saves: list[Save] = []
+    unreadable: list[CheckpointError] = []
+    previous_legacy = None
     for path in complete_checkpoints(root):
         try:
             meta = read_marker(path, warn_legacy=False)
-        except CheckpointError:
-            unreadable.append(path)
+        except CheckpointError as err:
+            unreadable.append(err)
             continue
         step = int(meta.get("step", _STEP_DIR.match(path.name).group(1)))
         if isinstance(meta.get("seq"), int):
@@ -72,8 +74,8 @@ def newest(root: Path) -> Save | None:
     newest, and resuming from an older one would silently drop training)."""
     saves, unreadable = scan(root)
     if unreadable:
-        raise CheckpointError(f"cannot tell which checkpoint of {root} is the newest: the marker of {unreadable[-1]} "
-                              "is unreadable", f"move {unreadable[-1]} out of {root}, or pass checkpoint.resume=PATH")
+        raise CheckpointError(f"{unreadable[-1].problem} (so which checkpoint of {root} is the newest is unknown)",
+                              f"move that checkpoint out of {root}, or pass checkpoint.resume=PATH")
     return saves[-1] if saves else None
 
 
