@@ -8,6 +8,7 @@ config refuses is refused before they are (the Hydra callback imports this modul
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -107,6 +108,7 @@ def check_run_dir(run_dir: Path) -> None:
     if not nearest.is_dir():
         raise ConfigError(f"{nearest} is a file, so the run dir {run_dir} cannot be created inside it",
                           "use another run dir (hydra.run.dir=...)")
+    check_link(run_dir / "checkpoints")
     for folder in (nearest, run_dir / "checkpoints"):
         if folder.is_dir():
             try:
@@ -117,3 +119,17 @@ def check_run_dir(run_dir: Path) -> None:
                                   "fix its permissions or use another run dir (hydra.run.dir=...)") from err
     if os.environ.get("RANK", "0") == "0":  # other ranks would see rank 0's own lock
         check_unlocked(run_dir)
+
+
+def check_link(folder: Path) -> None:
+    """A symlinked folder leads somewhere: a link to storage not mounted on this node, or a loop, would pass every
+    other check and fail at the first save, after training."""
+    if not folder.is_symlink():
+        return
+    try:
+        folder.stat()
+    except OSError as err:
+        what = "is a symlink loop" if err.errno == errno.ELOOP else \
+            f"is a symlink to {os.readlink(folder)}, which does not exist (storage not mounted on this node?)"
+        raise ConfigError(f"{folder} {what}, so no checkpoint could be saved",
+                          "mount the storage it points to, or replace the link with a folder") from err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -158,3 +159,39 @@ def test_a_marker_naming_a_checksum_method_without_checksums_is_refused_and_an_o
     (checkpoint / "fsdp_kit.json").write_text(json.dumps(meta))  # as fsdp_kit wrote it before this change
     with pytest.warns(UserWarning, match="written before markers carried their own checksum"):
         assert read_marker(checkpoint)["step"] == 1
+
+
+# -- a checkpoints/ that cannot be written is refused before training -------------------------------------------
+
+
+def _dangling(checkpoints: Path, tmp_path: Path) -> None:
+    checkpoints.symlink_to(tmp_path / "unmounted" / "checkpoints")
+
+
+def _loop(checkpoints: Path, tmp_path: Path) -> None:
+    (tmp_path / "other").symlink_to(checkpoints)
+    checkpoints.symlink_to(tmp_path / "other")
+
+
+def _read_only(checkpoints: Path, tmp_path: Path) -> None:
+    target = tmp_path / "ro"
+    target.mkdir()
+    target.chmod(0o555)
+    checkpoints.symlink_to(target)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (_dangling, r"checkpoints is a symlink to .*unmounted/checkpoints, which does not exist"),
+    (_loop, r"checkpoints is a symlink loop"),
+    pytest.param(_read_only, r"checkpoints is not writable", marks=pytest.mark.skipif(
+        os.geteuid() == 0, reason="root writes into read-only folders")),
+], ids=["dangling", "loop", "read-only"])
+def test_a_checkpoints_folder_that_cannot_be_written_is_refused_before_training(tmp_path, make, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    make(run / "checkpoints", tmp_path)
+    outcome = run_cli("train", f"hydra.run.dir={run}", *FAST_CLI, "trainer.max_steps=2", cwd=ROOT)
+    assert outcome.code == 2 and len(outcome.error_lines) == 1, outcome.stderr[-2000:]
+    assert re.search(message, outcome.error_lines[0]) and "Fix:" in outcome.error_lines[0]
+    assert not (run / "metrics.jsonl").exists()  # nothing trained
+    assert (run / "checkpoints").is_symlink()
