@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,48 @@ def test_a_checkpoints_folder_that_cannot_be_written_is_refused_before_training(
     assert re.search(message, outcome.error_lines[0]) and "Fix:" in outcome.error_lines[0]
     assert not (run / "metrics.jsonl").exists()  # nothing trained
     assert (run / "checkpoints").is_symlink()
+
+
+# -- a synchronous save that cannot be written: one line, the last checkpoint intact ----------------------------
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 16 MB tmpfs (one t5_tiny checkpoint is 12.6 MB); skipped where this process cannot mount one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("limit", ["ulimit", "tmpfs"])
+def test_a_save_on_a_full_disk_is_one_line_and_the_last_checkpoint_is_intact(tmp_path, limit, request):
+    run = tmp_path / "run"
+    run.mkdir()
+    if limit == "tmpfs":
+        (run / "checkpoints").symlink_to(request.getfixturevalue("small_disk"))
+    _cli_train(run, "trainer.max_steps=1")
+    checkpoints = run / "checkpoints"
+    marker = (checkpoints / "step_1" / "fsdp_kit.json").read_bytes()
+    # `ulimit -f 4096; fsdp-kit train ...`: the forked command inherits the limit; the shard (12.6 MB) is over it,
+    # the logs are not
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit == "ulimit":
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, hard))
+    try:
+        outcome = run_cli("train", f"hydra.run.dir={run}", *FAST_CLI, "trainer.max_steps=2", cwd=ROOT)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert outcome.code == 2 and len(outcome.error_lines) == 1, outcome.stderr[-3000:]
+    assert "Traceback" not in outcome.stderr, outcome.stderr[-3000:]
+    why = ("a file reached this process's file-size limit (4194304 bytes, ulimit -f)" if limit == "ulimit"
+           else "no space left on")
+    error = outcome.error_lines[0]
+    assert f"saving step 2 failed: {why}" in error and "step 1 is intact" in error and "Fix:" in error, error
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_1"]  # the half-written save removed
+    assert (checkpoints / "step_1" / "fsdp_kit.json").read_bytes() == marker

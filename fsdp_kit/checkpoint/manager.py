@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from transformers import PretrainedConfig
 from fsdp_kit import __version__
 from fsdp_kit.checkpoint.compat import apply_settings, changed_settings, check_layout
 from fsdp_kit.checkpoint.config import CheckpointConfig
+from fsdp_kit.checkpoint.failure import write_failure
 from fsdp_kit.checkpoint.integrity import ALGORITHM, file_checksum, mismatches
 from fsdp_kit.checkpoint.marker import MARKER, marker_text, read_marker
 from fsdp_kit.checkpoint.preemption import PreemptionFlag
@@ -209,13 +210,17 @@ class Manager:
                 "tokenizer": self.identity.tokenizer, "param_shapes": self.identity.param_shapes,
                 "training": self.identity.training, "parent": self._parent_name(),
                 "resume_request": self._request}
-        self._parent = final
+        previous, self._parent = self._parent, final
         if self.cfg.async_save and reason != "preemption":
             future = dcp.async_save(state.state_dict(), checkpoint_id=str(partial), process_group=self._cpu_group())
             self._start_worker(self._finish_async, future, partial, final, meta)
         else:
-            dcp.save(state.state_dict(), checkpoint_id=str(partial))
-            meta["checksums"] = self._own_checksums(partial)  # every rank hashes what it wrote, in parallel
+            try:
+                dcp.save(state.state_dict(), checkpoint_id=str(partial))
+                meta["checksums"] = self._own_checksums(partial)  # every rank hashes what it wrote, in parallel
+            except (Exception, CheckpointException) as err:  # DCP raises on every rank when any rank's write fails
+                self._parent = previous
+                raise self._save_failed(state.step, partial, previous, err) from err
             self._commit(partial, final, meta)
         return final
 
@@ -225,6 +230,19 @@ class Manager:
             return None
         parent = self._parent.resolve()
         return parent.name if parent.parent == self.root.resolve() else str(parent)
+
+    def _save_failed(self, step: int, partial: Path, previous: Path | None, err: BaseException) -> CheckpointError:
+        """One line for a synchronous save that failed (DCP's own error for a full disk is a torch.save assertion,
+        "unexpected pos 704 vs 598"); the half-written folder is removed, nothing committed is touched."""
+        why = write_failure(partial, self.root, err)
+        if self.rank == 0 and partial.exists():
+            with suppress(OSError):  # a .partial folder is never read; the next save of this step replaces it
+                _remove(partial)
+        intact = (f"step {previous.name.removeprefix('step_')} is intact ({previous})"
+                  if previous is not None and (previous / MARKER).is_file() else "no earlier checkpoint was saved")
+        return CheckpointError(f"saving step {step} failed: {why}; {intact}",
+                               f"free space on {self.root} (or link checkpoints/ to larger storage) and run the same "
+                               "command again: it resumes from the newest intact checkpoint")
 
     def wait(self) -> None:
         """Finish the background work of the last save: an asynchronous write and its commit, pruning."""
