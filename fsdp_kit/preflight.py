@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from fsdp_kit.checkpoint.compat import check_layout, training_settings
+from fsdp_kit.checkpoint.compat import check_layout, check_trained, trained_settings, training_settings
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.data.sources import check_source
 from fsdp_kit.errors import ConfigError
@@ -40,7 +40,7 @@ def preflight(job: TrainConfig, world_size: int | None = None, device_type: str 
 
             check_pretrained(job.model.pretrained)
         check_run_dir(Path(job.run_dir))
-        check_resume(job)
+        check_resume(job, world_size)
     return job
 
 
@@ -77,7 +77,7 @@ def check_packages(job: TrainConfig) -> None:
                               "pip install 'fsdp_kit[wandb]' or set metrics.wandb=false") from err
 
 
-def check_resume(job: TrainConfig) -> None:
+def check_resume(job: TrainConfig, world_size: int = 1) -> None:
     from fsdp_kit.checkpoint.marker import read_marker
     from fsdp_kit.checkpoint.timeline import complete_checkpoints, resume_source
 
@@ -92,8 +92,12 @@ def check_resume(job: TrainConfig) -> None:
     if found is not None:
         meta = read_marker(found.path)  # raises CheckpointError naming what is missing or corrupt
         # a different optimizer or precision: say so now, not as "damaged shards" after the model is built
-        check_layout(found.path, meta.get("training") or {},
-                     training_settings(job.optim, job.trainer, job.precision.name))
+        saved = meta.get("training") or {}
+        check_layout(found.path, saved, training_settings(job.optim, job.trainer, job.precision.name))
+        ours = trained_settings(job, world_size)
+        if job.trainer.auto_batch:  # the batch is found after start-up; the trainer's own check compares it
+            del ours["trainer.global_batch"]
+        check_trained(found.path, saved.get("trained"), ours, job.checkpoint.allow_changes)
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -242,3 +242,44 @@ def test_a_save_on_a_full_disk_is_one_line_and_the_last_checkpoint_is_intact(tmp
     assert f"saving step 2 failed: {why}" in error and "step 1 is intact" in error and "Fix:" in error, error
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_1"]  # the half-written save removed
     assert (checkpoints / "step_1" / "fsdp_kit.json").read_bytes() == marker
+
+
+# -- a resume refuses silent changes to what is trained ----------------------------------------------------------
+
+
+def test_a_resume_that_changes_what_is_trained_is_refused_key_by_key_unless_allowed(tmp_path):
+    run = tmp_path / "run"
+    _cli_train(run, "trainer.max_steps=2")
+    first = (run / "resolved_config.yaml").read_text()
+    changed = ["data.seed=1", "trainer.batch_size=8", "model.dropout=0.2", "trainer.max_steps=3"]
+    refused = run_cli("train", f"hydra.run.dir={run}", *FAST_CLI, *changed, cwd=ROOT)
+    assert refused.code == 2 and len(refused.error_lines) == 1, refused.stderr[-3000:]
+    error = refused.error_lines[0]
+    for change in ("data.seed: 0 -> 1", "trainer.global_batch: 4 -> 8", "model.dropout: None -> 0.2"):
+        assert change in error, error
+    assert "checkpoint.allow_changes=true" in error
+    assert (run / "resolved_config.yaml").read_text() == first  # refused before anything was written
+    allowed = _cli_train(run, *changed, "checkpoint.allow_changes=true")
+    logged = [line for line in allowed.stdout.splitlines() if line.startswith("changed on purpose")]
+    assert len(logged) == 3 and "data.seed: 0 -> 1" in logged[0], allowed.stdout
+    assert (run / "resolved_config.step_2.yaml").read_text() == first  # what steps 1..2 trained with
+    assert "seed: 1" in (run / "resolved_config.yaml").read_text()
+
+
+def test_another_data_file_or_changed_content_is_refused(tmp_path):
+    from fsdp_kit.preflight import preflight
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [json.dumps({"text": f"digits {i} {i + 1}", "headline": f"{i}"}) for i in range(64)]
+    data.write_text("\n".join(rows) + "\n")
+    overrides = ["data=jsonl", f"data.path={data}", "data.eval_examples=8", "trainer.max_steps=1",
+                 "checkpoint.at_end=true"]
+    run_ranks(train, 1, job(tmp_path / "run", *overrides))
+    data.write_text("\n".join(rows[::-1]) + "\n")  # same size, other order
+    with pytest.raises(CheckpointError, match=r"trained on other settings than this run's: data\.sha256_first_mb: "):
+        preflight(job(tmp_path / "run", *overrides, "trainer.max_steps=2"), world_size=1, device_type="cpu")
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(rows[:40]) + "\n")
+    with pytest.raises(CheckpointError, match=r"data\.path: .*pairs\.jsonl' -> .*other\.jsonl'; data\.size: "):
+        preflight(job(tmp_path / "run", *overrides[:1], f"data.path={other}", *overrides[2:], "trainer.max_steps=2"),
+                  world_size=1, device_type="cpu")

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers import PretrainedConfig
 
 from fsdp_kit import __version__
-from fsdp_kit.checkpoint.compat import apply_settings, changed_settings, check_layout
+from fsdp_kit.checkpoint.compat import apply_settings, changed_settings, check_layout, check_trained
 from fsdp_kit.checkpoint.config import CheckpointConfig
 from fsdp_kit.checkpoint.failure import write_failure
 from fsdp_kit.checkpoint.integrity import ALGORITHM, file_checksum, mismatches
@@ -116,6 +116,7 @@ class Manager:
         self._parent: Path | None = None
         self._request: str | None = None
         self._why = ""
+        self._changes: list[str] = []
         # the background commit (async saves, every rank) or pruning (rank 0) of the last save
         self._worker: threading.Thread | None = None
         self._worker_error: BaseException | None = None
@@ -132,7 +133,10 @@ class Manager:
         meta = read_marker(source)
         self._check_identity(source, meta)
         if self.identity.training:
-            check_layout(source, meta.get("training") or {}, self.identity.training)
+            saved = meta.get("training") or {}
+            check_layout(source, saved, self.identity.training)
+            self._changes = check_trained(source, saved.get("trained"), self.identity.training.get("trained", {}),
+                                          self.cfg.allow_changes)
         return source, meta
 
     def restore(self, state: TrainState) -> Path | None:
@@ -160,6 +164,8 @@ class Manager:
             if changes:
                 self._log(f"resumed from {source} with changed settings, applied: {'; '.join(changes)}")
         self._log(self._why)
+        for change in self._changes:  # allowed by checkpoint.allow_changes=true
+            self._log(f"changed on purpose (checkpoint.allow_changes=true): {change}")
         self._restored = self._parent = source
         return source
 
