@@ -16,6 +16,7 @@ import pytest
 from helpers import Outcome, job, run_cli, run_ranks, train
 
 from fsdp_kit.checkpoint import complete_checkpoints, read_marker
+from fsdp_kit.checkpoint.marker import LEGACY_KEYS
 from fsdp_kit.checkpoint.timeline import resume_source
 from fsdp_kit.errors import CheckpointError
 
@@ -150,8 +151,6 @@ def test_a_flipped_bit_in_a_checksum_key_is_refused_on_resume_and_export(saved, 
 
 
 def test_a_marker_naming_a_checksum_method_without_checksums_is_refused_and_an_old_one_loads(saved, tmp_path):
-    from fsdp_kit.checkpoint.marker import LEGACY_KEYS
-
     checkpoint = tmp_path / "step_1"
     shutil.copytree(saved / "step_1", checkpoint)
     meta = {k: v for k, v in json.loads((checkpoint / "fsdp_kit.json").read_text()).items() if k in LEGACY_KEYS}
@@ -283,3 +282,15 @@ def test_another_data_file_or_changed_content_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"data\.path: .*pairs\.jsonl' -> .*other\.jsonl'; data\.size: "):
         preflight(job(tmp_path / "run", *overrides[:1], f"data.path={other}", *overrides[2:], "trainer.max_steps=2"),
                   world_size=1, device_type="cpu")
+
+
+def test_checkpoints_from_before_timelines_resume_and_prune_in_step_order(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    run_ranks(train, 1, job(tmp_path, "trainer.max_steps=3", "checkpoint.every=1", "checkpoint.keep=5"))
+    for path in complete_checkpoints(checkpoints):  # as an older fsdp_kit wrote them
+        meta = {k: v for k, v in json.loads((path / "fsdp_kit.json").read_text()).items() if k in LEGACY_KEYS}
+        (path / "fsdp_kit.json").write_text(json.dumps(meta, indent=1))
+    result = run_ranks(train, 1, job(tmp_path, "trainer.max_steps=4", "checkpoint.every=1", "checkpoint.keep=1"))[0]
+    assert sorted(result.losses) == [4]  # from step_3, the newest in step order
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step_3", "step_4"]  # resumed from: kept
+    assert read_marker(checkpoints / "step_4")["parent"] == "step_3"

@@ -3,14 +3,16 @@
 Layout: ``<run_dir>/checkpoints/step_<N>/`` holds the DCP shards, ``.metadata``, ``rng/rank_<r>.pt`` and
 ``fsdp_kit.json``. A save writes into ``step_<N>.partial`` and rank 0 renames it only after every rank has
 finished, so a folder named ``step_<N>`` is always complete: ``kill -9`` mid-save leaves a ``.partial``
-that is never read. Pruning (``keep``) removes older complete checkpoints only after a newer one is
-committed. DCP metadata is pickled: a checkpoint folder is trusted input, like any pickle.
+that is never read. Pruning (``keep``) removes older saves of the current timeline only after a newer one is
+committed, and moves a branch left behind aside (see ``timeline``). DCP metadata is pickled: a checkpoint folder
+is trusted input, like any pickle.
 
-The marker records a CRC-32 of every file of the folder (verified before loading, see ``integrity``) and
-the training settings (see ``compat``). Saving a step that already has a checkpoint (a run resumed from an
-older one trains past it again) moves the old folder aside as ``step_<N>.replaced-<time>``, never deletes it.
-An asynchronous save is committed by a background thread as soon as every rank's write finished; pruning
-runs on a background thread of rank 0, off the training path. ``wait()`` joins both.
+The marker (see ``marker``, which verifies its own bytes) records a CRC-32 of every file of the folder (verified
+before loading, see ``integrity``), the checkpoint's parent, and the training settings (see ``compat``).
+Saving a step that already has a checkpoint (a run resumed from an older one trains past it again) moves the
+old folder aside as ``step_<N>.replaced-<time>``, never deletes it. An asynchronous save is committed by a
+background thread as soon as every rank's write finished; pruning runs on a background thread of rank 0, off the
+training path. ``wait()`` joins both.
 """
 
 from __future__ import annotations
