@@ -8,11 +8,12 @@ config refuses is refused before they are (the Hydra callback imports this modul
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
-from fsdp_kit.checkpoint.compat import check_layout, training_settings
+from fsdp_kit.checkpoint.compat import check_layout, check_trained, trained_settings, training_settings
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.data.sources import check_source
 from fsdp_kit.errors import ConfigError
@@ -39,7 +40,7 @@ def preflight(job: TrainConfig, world_size: int | None = None, device_type: str 
 
             check_pretrained(job.model.pretrained)
         check_run_dir(Path(job.run_dir))
-        check_resume(job)
+        check_resume(job, world_size)
     return job
 
 
@@ -76,22 +77,27 @@ def check_packages(job: TrainConfig) -> None:
                               "pip install 'fsdp_kit[wandb]' or set metrics.wandb=false") from err
 
 
-def check_resume(job: TrainConfig) -> None:
-    from fsdp_kit.checkpoint.manager import complete_checkpoints, read_marker
+def check_resume(job: TrainConfig, world_size: int = 1) -> None:
+    from fsdp_kit.checkpoint.marker import read_marker
+    from fsdp_kit.checkpoint.timeline import complete_checkpoints, resume_source
 
     resume = job.checkpoint.resume
-    existing = complete_checkpoints(Path(job.run_dir) / "checkpoints")
+    root = Path(job.run_dir) / "checkpoints"
+    existing = complete_checkpoints(root)
     if resume == "never" and existing:
         raise ConfigError(f"{existing[-1].parent} already holds checkpoints and checkpoint.resume=never would "
                           "overwrite them",
                           "use checkpoint.resume=auto to continue, or a new run dir (hydra.run.dir=...)")
-    source = Path(resume) if resume not in ("auto", "never") else (existing[-1] if resume == "auto" and existing
-                                                                   else None)
-    if source is not None:
-        meta = read_marker(source)  # raises CheckpointError naming what is missing or corrupt
+    found = resume_source(resume, root)  # the run dir's own newest save wins over a path applied at a first start
+    if found is not None:
+        meta = read_marker(found.path)  # raises CheckpointError naming what is missing or corrupt
         # a different optimizer or precision: say so now, not as "damaged shards" after the model is built
-        check_layout(source, meta.get("training") or {},
-                     training_settings(job.optim, job.trainer, job.precision.name))
+        saved = meta.get("training") or {}
+        check_layout(found.path, saved, training_settings(job.optim, job.trainer, job.precision.name))
+        ours = trained_settings(job, world_size)
+        if job.trainer.auto_batch:  # the batch is found after start-up; the trainer's own check compares it
+            del ours["trainer.global_batch"]
+        check_trained(found.path, saved.get("trained"), ours, job.checkpoint.allow_changes)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -106,6 +112,7 @@ def check_run_dir(run_dir: Path) -> None:
     if not nearest.is_dir():
         raise ConfigError(f"{nearest} is a file, so the run dir {run_dir} cannot be created inside it",
                           "use another run dir (hydra.run.dir=...)")
+    check_link(run_dir / "checkpoints")
     for folder in (nearest, run_dir / "checkpoints"):
         if folder.is_dir():
             try:
@@ -116,3 +123,17 @@ def check_run_dir(run_dir: Path) -> None:
                                   "fix its permissions or use another run dir (hydra.run.dir=...)") from err
     if os.environ.get("RANK", "0") == "0":  # other ranks would see rank 0's own lock
         check_unlocked(run_dir)
+
+
+def check_link(folder: Path) -> None:
+    """A symlinked folder leads somewhere: a link to storage not mounted on this node, or a loop, would pass every
+    other check and fail at the first save, after training."""
+    if not folder.is_symlink():
+        return
+    try:
+        folder.stat()
+    except OSError as err:
+        what = "is a symlink loop" if err.errno == errno.ELOOP else \
+            f"is a symlink to {os.readlink(folder)}, which does not exist (storage not mounted on this node?)"
+        raise ConfigError(f"{folder} {what}, so no checkpoint could be saved",
+                          "mount the storage it points to, or replace the link with a folder") from err

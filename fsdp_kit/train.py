@@ -10,7 +10,9 @@ Hydra or the config refuses is refused without them (they take seconds to import
 from __future__ import annotations
 
 import sys
+import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,7 +57,7 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
 
     from fsdp_kit import data, models
     from fsdp_kit.checkpoint import Manager, RunIdentity
-    from fsdp_kit.checkpoint.compat import training_settings
+    from fsdp_kit.checkpoint.compat import trained_settings, training_settings
     from fsdp_kit.launch.requeue import request_requeue
     from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
     from fsdp_kit.optim import build_optimizer, build_schedule
@@ -91,10 +93,12 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
                 found = find_batch_size(job, model, optimizer, dataset, env)
                 reporter.note(found.record(), found.message())
             grad_scaler = torch.amp.GradScaler(env.device_type) if needs_grad_scaler(job.precision) else None
+            identity = replace(identity, training={**identity.training,  # the batch the search found, if any
+                                                   "trained": trained_settings(job, env.world_size)})
             checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity, log=reporter.info)
-            checkpoints.check_resume()  # another model's checkpoint: refused before resolved_config.yaml is replaced
+            resumed = checkpoints.check_resume()  # refused before resolved_config.yaml is written
             if env.is_main:
-                (run_dir / "resolved_config.yaml").write_text(to_yaml(job))
+                _write_resolved_config(run_dir, to_yaml(job), resumed[1].get("step") if resumed else None)
             _announce(reporter, job, env, model, identity.num_params, applied, run_dir, chose_ac)
             if origins:
                 reporter.info(escape(describe(origins)))
@@ -121,6 +125,19 @@ def precision_check(job: TrainConfig, model: PreTrainedModel) -> PrecisionCheck:
     from fsdp_kit.training.trainer import PrecisionCheck
 
     return PrecisionCheck(job.precision.name, expected(job.precision.name, job.optim, bool(keep_fp32_names(model))))
+
+
+def _write_resolved_config(run_dir: Path, text: str, resumed_step: int | None) -> None:
+    """Write this run's resolved config; an earlier, different one (what steps 1..N trained with) is kept beside it
+    as ``resolved_config.step_<N>.yaml`` (``N``: the step this run resumes from) instead of being overwritten."""
+    path = run_dir / "resolved_config.yaml"
+    if path.is_file() and path.read_text() != text:
+        label = f"step_{resumed_step}" if resumed_step is not None else time.strftime("%Y%m%d-%H%M%S")
+        kept = path.with_name(f"resolved_config.{label}.yaml")
+        if kept.exists():
+            kept = path.with_name(f"resolved_config.{label}.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        path.rename(kept)
+    path.write_text(text)
 
 
 def _announce(reporter: Reporter, job: TrainConfig, env: DistEnv, model: PreTrainedModel, num_params: int,

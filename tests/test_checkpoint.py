@@ -155,7 +155,8 @@ def test_kill_9_mid_save_loses_only_the_steps_since_the_last_complete_checkpoint
     reference = run_ranks(train, 1, job(tmp_path / "reference", "trainer.max_steps=6"))[0]
     assert sorted(resumed.losses) == [3, 4, 5, 6]
     assert all(abs(resumed.losses[s] - reference.losses[s]) <= 1e-6 for s in (3, 4, 5, 6))
-    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step_4", "step_6"]
+    # keep=2 saves of the timeline, plus step_2: what this run resumed from is never pruned by that run
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step_2", "step_4", "step_6"]
 
 
 def _logits_after_training(cfg):
@@ -309,6 +310,17 @@ def two_saved(tmp_path) -> Path:
     return tmp_path / "run" / "checkpoints"
 
 
+def _as_legacy(checkpoint: Path, checksums: bool = True) -> None:
+    """Rewrite ``checkpoint``'s marker as an older fsdp_kit wrote it: no timeline fields, no self-checksum, and
+    (``checksums=False``) from before file checksums."""
+    from fsdp_kit.checkpoint.marker import LEGACY_KEYS
+
+    marker = checkpoint / "fsdp_kit.json"
+    meta = {k: v for k, v in json.loads(marker.read_text()).items()
+            if k in LEGACY_KEYS and (checksums or k not in ("checksum", "checksums"))}
+    marker.write_text(json.dumps(meta, indent=1))
+
+
 def _flip(path: Path, count: int = 64) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
@@ -336,10 +348,7 @@ def test_garbage_rng_file_is_one_clear_error(two_saved, tmp_path):
     with pytest.raises(AssertionError, match=r"CheckpointError: .*step_2 is corrupt: rng/rank_0\.pt"):
         run_ranks(train, 1, job(tmp_path / "a", "trainer.max_steps=3", f"checkpoint.resume={two_saved / 'step_2'}"))
     # a checkpoint written before checksums were recorded: the load itself names the file
-    marker = two_saved / "step_2" / "fsdp_kit.json"
-    meta = json.loads(marker.read_text())
-    del meta["checksums"]
-    marker.write_text(json.dumps(meta))
+    _as_legacy(two_saved / "step_2", checksums=False)
     with pytest.raises(AssertionError, match=r"CheckpointError: the random-generator state .*rank_0\.pt is unreadable"):
         run_ranks(train, 1, job(tmp_path / "b", "trainer.max_steps=3", f"checkpoint.resume={two_saved / 'step_2'}"))
 

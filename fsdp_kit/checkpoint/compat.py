@@ -1,5 +1,9 @@
 """What a resumed run may change: the training settings a checkpoint records, compared with the new run's.
 
+What is trained (the data's identity, the global batch, accumulation, dropout, seeds, lengths; ``trained_settings``)
+may not change silently: steps 1..N of the run were trained on the saved values, so a change is refused key by
+key unless the user passes ``checkpoint.allow_changes=true``, and is then logged key by key.
+
 Hyperparameters (learning rate, betas, eps, weight decay) and the schedule's shape are applied to the loaded
 optimizer and schedule (they would otherwise silently keep the saved values). The optimizer, the precision
 and the optimizer-state layout decide what the shards hold, so a change there is refused before loading, with
@@ -8,7 +12,9 @@ the saved and the new value, instead of failing inside DCP as if the shards were
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fsdp_kit.errors import CheckpointError
@@ -17,6 +23,8 @@ if TYPE_CHECKING:  # their packages import fsdp_kit.checkpoint (a cycle at run t
     from torch.optim import Optimizer
     from torch.optim.lr_scheduler import LRScheduler
 
+    from fsdp_kit.config import TrainConfig
+    from fsdp_kit.data.config import DataConfig
     from fsdp_kit.optim.config import OptimConfig
     from fsdp_kit.training.config import TrainerConfig
 
@@ -36,6 +44,50 @@ def training_settings(optim: OptimConfig, trainer: TrainerConfig, precision: str
             "hyper": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay},
             "schedule": {key: (str(getattr(trainer, key)) if key == "lr_schedule" else getattr(trainer, key))
                          for key in _SCHEDULE}}
+
+
+_HASHED_BYTES = 1 << 20  # the head of a data file that identifies it (with its size): cheap on any file size
+
+
+def data_identity(data: DataConfig) -> dict[str, Any]:
+    """The data a run trains on, as keys a checkpoint records: the file (path, size, a hash of its first MB) or the
+    generator's parameters, the dataset, and how examples are cut."""
+    ident: dict[str, Any] = {"data.source": str(data.source), "data.seed": data.seed, "data.tokenizer": data.tokenizer,
+                             "data.max_source_len": data.max_source_len, "data.max_target_len": data.max_target_len,
+                             "data.source_prefix": data.source_prefix}
+    if data.source in ("builtin", "synthetic"):
+        ident["data.num_examples"] = data.num_examples
+    elif data.source == "hf":
+        ident.update({"data.hf_name": data.hf_name, "data.hf_config_name": data.hf_config_name,
+                      "data.hf_split": data.hf_split})
+    if data.source in ("csv", "jsonl") and data.path:
+        path = Path(data.path).resolve()
+        with path.open("rb") as handle:
+            head = hashlib.sha256(handle.read(_HASHED_BYTES)).hexdigest()
+        ident.update({"data.path": str(path), "data.size": path.stat().st_size, "data.sha256_first_mb": head,
+                      "data.source_column": data.source_column, "data.target_column": data.target_column,
+                      "data.eval_examples": data.eval_examples})  # the file's last rows are held out
+    return ident
+
+
+def trained_settings(job: TrainConfig, world_size: int) -> dict[str, Any]:
+    """What decides what is trained, beyond the optimizer: data, global batch, accumulation, dropout, seeds."""
+    trainer = job.trainer
+    return {**data_identity(job.data), "trainer.global_batch": trainer.batch_size * trainer.grad_accum * world_size,
+            "trainer.grad_accum": trainer.grad_accum, "trainer.seed": trainer.seed,
+            "trainer.clip_grad_norm": trainer.clip_grad_norm, "model.dropout": job.model.dropout}
+
+
+def check_trained(source: Any, saved: dict[str, Any] | None, ours: dict[str, Any], allow: bool) -> list[str]:
+    """Refuse a change of what is trained (``key: saved -> now`` for each) unless ``allow``; the changes.
+    Keys one side does not record (older checkpoints, a batch not yet searched) are not compared."""
+    changes = [f"{key}: {saved[key]!r} -> {value!r}" for key, value in ours.items()
+               if saved and key in saved and saved[key] != value]
+    if changes and not allow:
+        raise CheckpointError(f"{source} was trained on other settings than this run's: {'; '.join(changes)}",
+                              "resume with the saved values, start a new run dir, or pass "
+                              "checkpoint.allow_changes=true if the change is meant (each is then logged)")
+    return changes
 
 
 _KEY = {"optimizer": "optim", "precision": "precision", "momentum_dtype": "optim.momentum_dtype",

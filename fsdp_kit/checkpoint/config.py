@@ -15,5 +15,9 @@ class CheckpointConfig:
     """Complete checkpoints to keep (older ones are deleted after a newer one is committed)."""
     resume: str = "auto"
     """auto (newest complete checkpoint in the run dir, if any) | never | a checkpoint folder."""
+    allow_changes: bool = False
+    """Resume although what is trained differs from the checkpoint (data file or its content, data seed, global
+    batch, accumulation, dropout, seed, lengths): each change is logged. Off: such a resume is refused, naming
+    every changed key, since the run dir would no longer say what its earlier steps trained on."""
     async_save: bool = False
     """Overlap saving with training (torch.distributed.checkpoint.async_save)."""

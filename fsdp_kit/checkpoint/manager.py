@@ -3,19 +3,20 @@
 Layout: ``<run_dir>/checkpoints/step_<N>/`` holds the DCP shards, ``.metadata``, ``rng/rank_<r>.pt`` and
 ``fsdp_kit.json``. A save writes into ``step_<N>.partial`` and rank 0 renames it only after every rank has
 finished, so a folder named ``step_<N>`` is always complete: ``kill -9`` mid-save leaves a ``.partial``
-that is never read. Pruning (``keep``) removes older complete checkpoints only after a newer one is
-committed. DCP metadata is pickled: a checkpoint folder is trusted input, like any pickle.
+that is never read. Pruning (``keep``) removes older saves of the current timeline only after a newer one is
+committed, and moves a branch left behind aside (see ``timeline``). DCP metadata is pickled: a checkpoint folder
+is trusted input, like any pickle.
 
-The marker records a CRC-32 of every file of the folder (verified before loading, see ``integrity``) and
-the training settings (see ``compat``). Saving a step that already has a checkpoint (a run resumed from an
-older one trains past it again) moves the old folder aside as ``step_<N>.replaced-<time>``, never deletes it.
-An asynchronous save is committed by a background thread as soon as every rank's write finished; pruning
-runs on a background thread of rank 0, off the training path. ``wait()`` joins both.
+The marker (see ``marker``, which verifies its own bytes) records a CRC-32 of every file of the folder (verified
+before loading, see ``integrity``), the checkpoint's parent, and the training settings (see ``compat``).
+Saving a step that already has a checkpoint (a run resumed from an older one trains past it again) moves the
+old folder aside as ``step_<N>.replaced-<time>``, never deletes it. An asynchronous save is committed by a
+background thread as soon as every rank's write finished; pruning runs on a background thread of rank 0, off the
+training path. ``wait()`` joins both.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,15 +36,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers import PretrainedConfig
 
 from fsdp_kit import __version__
-from fsdp_kit.checkpoint.compat import apply_settings, changed_settings, check_layout
+from fsdp_kit.checkpoint.compat import apply_settings, changed_settings, check_layout, check_trained
 from fsdp_kit.checkpoint.config import CheckpointConfig
+from fsdp_kit.checkpoint.failure import write_failure
 from fsdp_kit.checkpoint.integrity import ALGORITHM, file_checksum, mismatches
+from fsdp_kit.checkpoint.marker import MARKER, marker_text, read_marker
 from fsdp_kit.checkpoint.preemption import PreemptionFlag
 from fsdp_kit.checkpoint.state import TrainState, load_rng, save_rng
+from fsdp_kit.checkpoint.timeline import complete_checkpoints, move_aside, next_seq, prune_plan, resume_source
 from fsdp_kit.errors import CheckpointError, first_line
 
-MARKER = "fsdp_kit.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+__all__ = ["MARKER", "Manager", "RunIdentity", "complete_checkpoints", "read_marker", "verify"]
 # the files one rank writes (DCP's FileSystemWriter names its shards __<rank>_<n>.distcp); the rest is rank 0's
 _RANK_FILE = re.compile(r"^(?:__(\d+)_\d+\.distcp|rng/rank_(\d+)\.pt)$")
 
@@ -69,37 +72,6 @@ class RunIdentity:
         shapes = {name.replace("_checkpoint_wrapped_module.", ""): list(param.shape)
                   for name, param in model.named_parameters()}
         return cls(model_name, config.to_dict(), tokenizer, shapes, training or {})
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Committed checkpoints under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
-    return [path for _, path in sorted(found)]
-
-
-def read_marker(path: Path) -> dict[str, Any]:
-    """The checkpoint's ``fsdp_kit.json``, or a CheckpointError naming what is wrong with the folder."""
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist", "pass an existing <run_dir>/checkpoints/step_<N>")
-    if path.name.endswith(".partial"):
-        raise CheckpointError(f"{path} is an incomplete save (interrupted before it was committed)",
-                              "resume from a step_<N> folder without .partial")
-    marker = path / MARKER
-    if not marker.is_file():
-        raise CheckpointError(f"{marker} is missing, so {path} is not a complete fsdp_kit checkpoint",
-                              "pick a complete step_<N> folder (each holds fsdp_kit.json)")
-    try:
-        meta = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-        raise CheckpointError(f"{marker} is corrupt ({err})", "pick another checkpoint") from err
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{marker} is corrupt (not a JSON object)", "pick another checkpoint")
-    if not (path / ".metadata").is_file():
-        raise CheckpointError(f"{path / '.metadata'} is missing (the DCP index of the shards)",
-                              "pick another checkpoint")
-    return meta
 
 
 def verify(source: Path, meta: dict[str, Any], names: list[str] | None = None) -> list[str]:
@@ -141,6 +113,12 @@ class Manager:
         self._log = log or (lambda message: None)
         self._async_group = None
         self._restored: Path | None = None
+        # the timeline (fsdp_kit.checkpoint.timeline): what the next save continues from, and the explicit
+        # checkpoint.resume its timeline started from
+        self._parent: Path | None = None
+        self._request: str | None = None
+        self._why = ""
+        self._changes: list[str] = []
         # the background commit (async saves, every rank) or pruning (rank 0) of the last save
         self._worker: threading.Thread | None = None
         self._worker_error: BaseException | None = None
@@ -150,13 +128,17 @@ class Manager:
         """The checkpoint a restore would load and its marker, after the checks that load nothing (model
         shapes, optimizer/precision layout): run before the run dir is written to, so that a refused resume
         leaves the run's resolved_config.yaml as it was."""
-        source = self._resume_source()
-        if source is None:
+        found = resume_source(self.cfg.resume, self.root)
+        if found is None:
             return None
+        source, self._why, self._request = found.path, found.why, found.request
         meta = read_marker(source)
         self._check_identity(source, meta)
         if self.identity.training:
-            check_layout(source, meta.get("training") or {}, self.identity.training)
+            saved = meta.get("training") or {}
+            check_layout(source, saved, self.identity.training)
+            self._changes = check_trained(source, saved.get("trained"), self.identity.training.get("trained", {}),
+                                          self.cfg.allow_changes)
         return source, meta
 
     def restore(self, state: TrainState) -> Path | None:
@@ -183,7 +165,10 @@ class Manager:
             apply_settings(state.optimizer, state.schedule, self.identity.training)
             if changes:
                 self._log(f"resumed from {source} with changed settings, applied: {'; '.join(changes)}")
-        self._restored = source
+        self._log(self._why)
+        for change in self._changes:  # allowed by checkpoint.allow_changes=true
+            self._log(f"changed on purpose (checkpoint.allow_changes=true): {change}")
+        self._restored = self._parent = source
         return source
 
     def _verify(self, source: Path, meta: dict[str, Any]) -> None:
@@ -196,14 +181,6 @@ class Manager:
             bad = [name for part in gathered for name in part]
         if bad:
             raise corrupt_error(source, bad)
-
-    def _resume_source(self) -> Path | None:
-        if self.cfg.resume == "never":
-            return None
-        if self.cfg.resume == "auto":
-            complete = complete_checkpoints(self.root)
-            return complete[-1] if complete else None
-        return Path(self.cfg.resume)
 
     def _check_identity(self, source: Path, meta: dict[str, Any]) -> None:
         saved = meta.get("param_shapes", {})
@@ -239,15 +216,41 @@ class Manager:
                 "fsdp_kit": __version__, "torch": torch.__version__,
                 "model_name": self.identity.model_name, "hf_config": self.identity.hf_config,
                 "tokenizer": self.identity.tokenizer, "param_shapes": self.identity.param_shapes,
-                "training": self.identity.training}
+                "training": self.identity.training, "parent": self._parent_name(),
+                "resume_request": self._request}
+        previous, self._parent = self._parent, final
         if self.cfg.async_save and reason != "preemption":
             future = dcp.async_save(state.state_dict(), checkpoint_id=str(partial), process_group=self._cpu_group())
             self._start_worker(self._finish_async, future, partial, final, meta)
         else:
-            dcp.save(state.state_dict(), checkpoint_id=str(partial))
-            meta["checksums"] = self._own_checksums(partial)  # every rank hashes what it wrote, in parallel
+            try:
+                dcp.save(state.state_dict(), checkpoint_id=str(partial))
+                meta["checksums"] = self._own_checksums(partial)  # every rank hashes what it wrote, in parallel
+            except (Exception, CheckpointException) as err:  # DCP raises on every rank when any rank's write fails
+                self._parent = previous
+                raise self._save_failed(state.step, partial, previous, err) from err
             self._commit(partial, final, meta)
         return final
+
+    def _parent_name(self) -> str | None:
+        """The checkpoint this save continues from: its folder name inside this run dir, else its full path."""
+        if self._parent is None:
+            return None
+        parent = self._parent.resolve()
+        return parent.name if parent.parent == self.root.resolve() else str(parent)
+
+    def _save_failed(self, step: int, partial: Path, previous: Path | None, err: BaseException) -> CheckpointError:
+        """One line for a synchronous save that failed (DCP's own error for a full disk is a torch.save assertion,
+        "unexpected pos 704 vs 598"); the half-written folder is removed, nothing committed is touched."""
+        why = write_failure(partial, self.root, err)
+        if self.rank == 0 and partial.exists():
+            with suppress(OSError):  # a .partial folder is never read; the next save of this step replaces it
+                _remove(partial)
+        intact = (f"step {previous.name.removeprefix('step_')} is intact ({previous})"
+                  if previous is not None and (previous / MARKER).is_file() else "no earlier checkpoint was saved")
+        return CheckpointError(f"saving step {step} failed: {why}; {intact}",
+                               f"free space on {self.root} (or link checkpoints/ to larger storage) and run the same "
+                               "command again: it resumes from the newest intact checkpoint")
 
     def wait(self) -> None:
         """Finish the background work of the last save: an asynchronous write and its commit, pruning."""
@@ -269,7 +272,7 @@ class Manager:
             self._publish(partial, final, meta)
         self._barrier()
         if self.rank == 0:
-            self._start_worker(self._prune)
+            self._start_worker(self._prune, final)
 
     def _finish_async(self, future: Future, partial: Path, final: Path, meta: dict[str, Any]) -> None:
         """Background thread, every rank: the write finished here; once every rank says so, rank 0 commits.
@@ -293,21 +296,17 @@ class Manager:
             return
         if self.rank == 0:
             self._publish(partial, final, {**meta, "checksums": {k: v for part in gathered for k, v in part.items()}})
-            self._prune()
+            self._prune(final)
 
     def _publish(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
         """Rank 0: write the marker (with every file's checksum) and rename the folder into place."""
-        meta = {**meta, "checksum": ALGORITHM, "checksums": dict(sorted(meta["checksums"].items()))}
+        meta = {**meta, "checksum": ALGORITHM, "checksums": dict(sorted(meta["checksums"].items())),
+                "seq": next_seq(self.root)}
         marker = partial / MARKER
-        marker.write_text(json.dumps(meta, indent=1))
+        marker.write_text(marker_text(meta))
         _fsync(marker)
         if final.exists():  # a step trained again after resuming from an older checkpoint, or a damaged folder
-            aside = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            suffix = 1
-            while aside.exists():
-                aside, suffix = aside.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"), \
-                    suffix + 1
-            os.rename(final, aside)
+            aside = move_aside(final, "replaced")
             self._log(f"step {meta['step']} was saved again: moved the earlier {final} aside to {aside.name} "
                       "(delete it when no longer needed)")
         os.rename(partial, final)
@@ -333,12 +332,18 @@ class Manager:
         dist.all_gather_object(gathered, own, group=self._cpu_group())
         return {name: crc for part in gathered for name, crc in part.items()}
 
-    def _prune(self) -> None:
-        """Rank 0, background: keep the newest ``keep`` complete checkpoints. Checkpoints are only ever saved
-        from a finite state (the trainer's non-finite guard), so the newest one is always kept."""
+    def _prune(self, newest: Path) -> None:
+        """Rank 0, background: keep the newest ``keep`` saves of the timeline ``newest`` ends (never ``newest`` nor
+        what this run resumed from; checkpoints are only saved from a finite state, the trainer's non-finite
+        guard); move the saves of a branch left behind aside by name."""
         try:
-            for old in complete_checkpoints(self.root)[: -self.cfg.keep]:
+            plan = prune_plan(self.root, newest, self.cfg.keep, {self._restored} if self._restored else set())
+            for old in plan.remove:
                 _remove(old)
+            moved = [f"{path.name} -> {move_aside(path, 'abandoned').name}" for path in plan.abandon]
+            if moved:
+                self._log(f"moved aside the checkpoints of a timeline this run left behind (it continues from "
+                          f"{self._restored}; resume=auto never picks them): {', '.join(moved)}")
         except OSError as err:  # a full or read-only disk must not stop training; the user is told
             self._log(f"pruning old checkpoints failed ({first_line(err)}); they are kept")
 
