@@ -159,7 +159,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import os
 
-    from fsdp_kit.bench import levers, run_bench
+    from fsdp_kit.bench import levers, probe_factors, run_bench
 
     chosen = levers.select([name.strip() for name in args.levers.split(",")] if args.levers else None)
     if args.steps < 2:
@@ -168,12 +168,17 @@ def _bench(args: argparse.Namespace) -> int:
     if args.reference and not reference.is_file():
         raise ConfigError(f"--reference {args.reference} does not exist",
                           "pass a gpu_probe_*.json file or leave it out")
+    probe_factors(reference)  # a malformed record: refused now, not after the runs
+    if args.out:
+        _check_bench_out(Path(args.out))
     overrides = _with_config_dir(args)
     from fsdp_kit.bench.report import provenance, write  # torch and transformers: after the checks above
 
     about = provenance(overrides, args.steps)
     out = Path(args.out) if args.out else Path("outputs/bench") / "".join(
         c if c.isalnum() else "_" for c in about["device"]).strip("_").lower()
+    if not args.out:
+        _check_bench_out(out)
     main_rank = os.environ.get("RANK", "0") == "0"
     results = run_bench(chosen, overrides, args.steps, reference,
                         done=(lambda so_far: write(so_far, about, out)) if main_rank else None)
@@ -183,6 +188,18 @@ def _bench(args: argparse.Namespace) -> int:
     print(paths[1].read_text())
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def _check_bench_out(out: Path) -> None:
+    """bench.json, bench.md and bench.png can be written in ``out``: checked before minutes of measuring."""
+    from fsdp_kit.bench import OUTPUT_FILES
+    from fsdp_kit.outputs import check_writable_folder
+
+    check_writable_folder(out, "--out")
+    for name in OUTPUT_FILES:
+        if (out / name).is_dir():
+            raise ConfigError(f"--out {out}: {out / name} is a folder, where the bench writes a file",
+                              "pass --out a new folder, or move that folder away")
 
 
 def _probe_record() -> Path | None:
