@@ -84,15 +84,14 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _pcluster_check(args: argparse.Namespace) -> int:
-    from fsdp_kit.launch.pcluster import check_cluster_yaml, fill_placeholders
+    from fsdp_kit.launch.pcluster import check_cluster_yaml, fill_placeholders, read_cluster_file
 
     bad = [item for item in args.set if "=" not in item]
     if bad:
         raise ConfigError(f"--set {bad[0]!r} is not NAME=VALUE", "pass e.g. --set SUBNET_ID=subnet-0123")
-    if not Path(args.file).is_file():
-        raise ConfigError(f"{args.file} does not exist", "pass the path of a ParallelCluster YAML file")
     values = dict(item.split("=", 1) for item in args.set)
-    for warning in check_cluster_yaml(fill_placeholders(Path(args.file).read_text(), values)):
+    text = fill_placeholders(read_cluster_file(Path(args.file)), values)
+    for warning in check_cluster_yaml(text, name=args.file):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.file}: valid for ParallelCluster")
     return 0
