@@ -51,7 +51,8 @@ def _export(args: argparse.Namespace) -> int:
 
     from fsdp_kit.checkpoint.export import export_hf
 
-    out = export_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype) if args.dtype else None)
+    out = export_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype) if args.dtype else None,
+                    tokenizer=args.tokenizer)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="new (or empty) output folder")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="cast the weights (default: as saved)")
+    export.add_argument("--tokenizer", metavar="NAME_OR_DIR", default=None,
+                        help="save this tokenizer instead of the one the checkpoint records (e.g. where that one "
+                             "was a relative path, recorded by an older fsdp_kit)")
     export.set_defaults(handler=_export)
 
     slurm = commands.add_parser("slurm", help="render a ready sbatch file for the overrides",

@@ -51,6 +51,7 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
     from fsdp_kit import data, models
     from fsdp_kit.checkpoint import Manager, RunIdentity
     from fsdp_kit.checkpoint.compat import training_settings
+    from fsdp_kit.data.tokenizer import recorded_name
     from fsdp_kit.launch.requeue import request_requeue
     from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
     from fsdp_kit.optim import build_optimizer, build_schedule
@@ -69,7 +70,7 @@ def run(job: TrainConfig, console: Console | None = None) -> FitResult:
         models.check_fits(config, job.data, job.trainer.max_new_tokens)
     model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
     check_policies(model, Policies.of(job))
-    identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer,
+    identity = RunIdentity.of(model, config, job.model.name, recorded_name(job.data.tokenizer),
                               training_settings(job.optim, job.trainer, job.precision.name))
     dataset = data.build(job.data, config)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers import run_cli
-from test_adversarial import Case, assert_rejected, snapshot
+from test_adversarial import FAST, Case, assert_rejected, snapshot
 
 
 def _fake_slurm(folder: Path, tools: tuple[str, ...]) -> dict[str, str]:
@@ -36,3 +36,59 @@ def test_a_slurm_sweep_where_no_slurm_answers_is_one_line(tools, message, tmp_pa
     assert "hydra/launcher=local" in outcome.error_lines[0] and "Nothing was launched" in outcome.error_lines[0]
     assert outcome.stderr.count("\n") == 1, outcome.stderr
     assert snapshot(tmp_path) == before and not (tmp_path / "sweep").exists(), "no sweep dir, no .submitit"
+
+
+# --- export (issue 21 §5) ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_with_a_relative_tokenizer(tmp_path_factory):
+    """A run trained from its own folder with `data.tokenizer=tok` (a local tokenizer folder, relative)."""
+    from transformers import ByT5Tokenizer
+
+    where = tmp_path_factory.mktemp("trained")
+    ByT5Tokenizer().save_pretrained(where / "tok")
+    outcome = run_cli("train", "hydra.run.dir=run", "data.tokenizer=tok", "checkpoint.at_end=true", *FAST,
+                      cwd=where)
+    assert outcome.code == 0, outcome.stderr
+    return where, where / "run" / "checkpoints" / "step_2"
+
+
+def test_export_from_another_folder_finds_a_relative_local_tokenizer(trained_with_a_relative_tokenizer, tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    where, checkpoint = trained_with_a_relative_tokenizer
+    assert json.loads((checkpoint / "fsdp_kit.json").read_text())["tokenizer"] == str(where / "tok")
+    outcome = run_cli("export", str(checkpoint), "hf", cwd=tmp_path)
+    assert outcome.code == 0, outcome.stderr
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("abc")["input_ids"] == [100, 101, 102, 1]
+
+
+def _limit_file_size() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_export_past_the_file_size_limit_is_one_line_and_leaves_nothing(trained_with_a_relative_tokenizer, tmp_path):
+    _, checkpoint = trained_with_a_relative_tokenizer
+    outcome = run_cli("export", str(checkpoint), "out/hf", cwd=tmp_path, setup=_limit_file_size)
+    assert_rejected(outcome, Case("export-file-size-limit", [], 2, "a file would exceed the file-size limit"))
+    assert list(tmp_path.iterdir()) == [], "no half folder, no staging folder, no parent made for it"
+    retry = run_cli("export", str(checkpoint), "out/hf", cwd=tmp_path)
+    assert retry.code == 0 and (tmp_path / "out" / "hf" / "model.safetensors").is_file(), retry.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["hf"]
+
+
+def test_export_with_a_tokenizer_that_cannot_be_loaded_writes_nothing(trained_with_a_relative_tokenizer, tmp_path):
+    where, checkpoint = trained_with_a_relative_tokenizer
+    (where / "tok").rename(where / "tok.moved")
+    try:
+        outcome = run_cli("export", str(checkpoint), "hf", cwd=tmp_path)
+        assert_rejected(outcome, Case("export-tokenizer-gone", [], 2, f"({str(where / 'tok')!r}) cannot be loaded"))
+        assert "--tokenizer" in outcome.error_lines[0] and list(tmp_path.iterdir()) == []
+        given = run_cli("export", str(checkpoint), "hf", "--tokenizer", str(where / "tok.moved"), cwd=tmp_path)
+        assert given.code == 0 and (tmp_path / "hf" / "tokenizer_config.json").is_file(), given.stderr
+    finally:
+        (where / "tok.moved").rename(where / "tok")
