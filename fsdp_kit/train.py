@@ -22,7 +22,7 @@ from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER
 from fsdp_kit.config import TrainConfig, to_dict, to_yaml
 from fsdp_kit.errors import ConfigError, FsdpKitError, one_line_warnings, report_error
 from fsdp_kit.policies.config import CheckpointMode
-from fsdp_kit.run_dir import RunLock, register_resolvers
+from fsdp_kit.run_dir import RunLock, claimed_lock, register_resolvers, release_claim
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -139,8 +139,8 @@ def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> tuple[Path
     lock, refused = None, None
     if is_main:
         Path(proposed).mkdir(parents=True, exist_ok=True)
-        try:
-            lock = RunLock(Path(proposed)).acquire()
+        try:  # the lock the Hydra app took before writing its files here, else a new one
+            lock = claimed_lock(Path(proposed)) or RunLock(Path(proposed)).acquire()
         except ConfigError as err:
             refused = (err.problem, err.fix)  # sent as text: exceptions with two arguments do not unpickle
     holder = [proposed, refused]
@@ -160,12 +160,27 @@ register_resolvers()
 @hydra.main(config_path="pkg://fsdp_kit.configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
     one_line_warnings()
+    refused = False
     try:
         result = run(TrainConfig.from_hydra(cfg))
     except FsdpKitError as err:
+        refused = True
         sys.exit(report_error(err))
+    finally:  # a refused run leaves no run dir of its own behind (Hydra wrote .hydra/ and its log there)
+        release_claim(refused, _hydra_files())
     if result.preempted:
         sys.exit(EXIT_REQUEUE)
+
+
+def _hydra_files() -> list[str]:
+    """What Hydra writes into a run dir, relative to it: its saved configs and the job's log file."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    saved = [f"{hydra_cfg.output_subdir}/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    return [*(saved if hydra_cfg.output_subdir else []), f"{hydra_cfg.job.name}.log"]
 
 
 if __name__ == "__main__":

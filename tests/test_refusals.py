@@ -92,3 +92,51 @@ def test_export_with_a_tokenizer_that_cannot_be_loaded_writes_nothing(trained_wi
         assert given.code == 0 and (tmp_path / "hf" / "tokenizer_config.json").is_file(), given.stderr
     finally:
         (where / "tok.moved").rename(where / "tok")
+
+
+# --- issue 21 §6: a refused run writes nothing ------------------------------------------------------------------
+def test_of_two_runs_started_at_once_into_one_run_dir_the_refused_one_writes_nothing(tmp_path):
+    """The second run starts once the first has written its .hydra/ files, which it did before it took the run
+    dir's lock (seconds later, after imports and the model): the second then rewrote the first's .hydra/."""
+    import threading
+    import time
+
+    run_dir = tmp_path / "run"
+    first: dict = {}
+    winner = threading.Thread(target=lambda: first.update(outcome=run_cli(
+        "train", f"hydra.run.dir={run_dir}", *FAST, "trainer.max_steps=3", cwd=tmp_path)))
+    winner.start()
+    deadline = time.monotonic() + 60
+    overrides = run_dir / ".hydra" / "overrides.yaml"  # Hydra's last file: wait until it is complete
+    while time.monotonic() < deadline and not (overrides.exists() and "max_steps=3\n" in overrides.read_text()):
+        time.sleep(0.01)
+    written = {name: (run_dir / ".hydra" / name).read_text() for name in ("config.yaml", "overrides.yaml")}
+    second = run_cli("train", f"hydra.run.dir={run_dir}", *FAST, "trainer.max_steps=4", cwd=tmp_path)
+    winner.join(180)
+    assert first["outcome"].code == 0, first["outcome"].stderr
+    assert_rejected(second, Case("second-at-once", [], 2, "is in use by another run"))
+    assert {name: (run_dir / ".hydra" / name).read_text() for name in written} == written
+    assert "trainer.max_steps=4" not in (run_dir / "train.log").read_text() + written["overrides.yaml"]
+
+
+def test_a_run_refused_in_a_fresh_run_dir_leaves_no_run_dir(tmp_path):
+    outcome = run_cli("train", f"hydra.run.dir={tmp_path / 'run'}", *FAST, "model.pretrained=./no/such/model",
+                      cwd=tmp_path)
+    assert_rejected(outcome, Case("refused-in-run", [], 2, "the folder does not exist"))
+    assert list(tmp_path.iterdir()) == [], "no .hydra/, train.log or lock left in a run dir made for nothing"
+
+
+def test_profiling_a_resumed_run_with_fewer_steps_left_than_the_window_says_so(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli("train", f"hydra.run.dir={run_dir}", *FAST, "checkpoint.at_end=true", cwd=tmp_path).code == 0
+    window = ["trainer.profile=true", "trainer.profile_wait=2", "trainer.profile_warmup=1", "trainer.profile_active=1"]
+    outcome = run_cli("train", f"hydra.run.dir={run_dir}", *FAST, "trainer.max_steps=4", *window, cwd=tmp_path)
+    assert outcome.code == 0, outcome.stderr
+    said = [line for line in outcome.stdout.splitlines() if line.startswith("profile:")]
+    assert len(said) == 1 and "no trace will be written: this run has 2 step(s) left (resumed at step 2 of 4)" \
+        in said[0], outcome.stdout
+    assert not (run_dir / "profile").exists()
+    fresh = run_cli("train", f"hydra.run.dir={tmp_path / 'fresh'}", *FAST, "trainer.max_steps=4", *window,
+                    cwd=tmp_path)
+    assert fresh.code == 0 and f"profile: steps 4-4 are traced into {tmp_path / 'fresh' / 'profile'}" in fresh.stdout
+    assert [p.name for p in (tmp_path / "fresh" / "profile").iterdir()] == ["trace_rank0_step4.json"]

@@ -8,6 +8,7 @@ naming it, before the sweep dir exists.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from fsdp_kit.errors import ConfigError, FsdpKitError, first_line
 from fsdp_kit.launch.shell import check_plain
 from fsdp_kit.launch.slurm import available_partitions
 from fsdp_kit.preflight import check_run_dir, preflight
+from fsdp_kit.run_dir import claim
 
 
 def sweep_points(config: DictConfig) -> list[list[str]]:
@@ -107,10 +109,12 @@ class CheckSweep(Callback):
     for a single run, its run dir at ``on_run_start``)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """A single run: refuse a run dir that another run is writing (or that cannot be written) before Hydra
-        writes its own files (.hydra/, the log) into it."""
+        """A single run: refuse a run dir that another run is writing (or that cannot be written), and lock it
+        (rank 0), before Hydra writes its own files (.hydra/, the log) into it."""
         try:
             check_run_dir(Path(config.hydra.run.dir))
+            if os.environ.get("RANK", "0") == "0":  # the other ranks of a torchrun job share rank 0's lock
+                claim(Path(config.hydra.run.dir))
         except FsdpKitError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)

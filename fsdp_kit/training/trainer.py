@@ -86,6 +86,7 @@ class Trainer:
                                               start_sample=self.state.samples_seen,
                                               pin_memory=self.data.cfg.pin_memory and self.env.device_type == "cuda"))
         self.tracker.start_window()
+        self.profiler.plan(self.state.step, self.cfg.max_steps)
         with self.reporter, self.checkpoints.preemption_guard(), self.profiler, self.watchdog:
             while self.state.step < self.cfg.max_steps:
                 self.watchdog.step_started(self.state.step + 1)
