@@ -120,12 +120,6 @@ class CheckSweep(Callback):
             sys.exit(err.exit_code)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _on_slurm(config.hydra.launcher):
-            try:
-                check_slurm_answers(OmegaConf.select(config, "hydra.launcher.partition", default=None))
-            except FsdpKitError as err:
-                print(f"error: {err} Nothing was launched.", file=sys.stderr)
-                sys.exit(err.exit_code)
         points = sweep_points(config)
         for number, overrides in enumerate(points):
             try:
@@ -135,4 +129,10 @@ class CheckSweep(Callback):
             except FsdpKitError as err:
                 print(f"error: sweep point {number} of {len(points)} ({' '.join(overrides)}): {err} "
                       "Nothing was launched.", file=sys.stderr)
+                sys.exit(err.exit_code)
+        if _on_slurm(config.hydra.launcher):  # after the points: a bad point is the user's to fix anywhere
+            try:
+                check_slurm_answers(OmegaConf.select(config, "hydra.launcher.partition", default=None))
+            except FsdpKitError as err:
+                print(f"error: {err} Nothing was launched.", file=sys.stderr)
                 sys.exit(err.exit_code)
