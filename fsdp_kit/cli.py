@@ -53,7 +53,8 @@ def _export(args: argparse.Namespace) -> int:
 
     from fsdp_kit.checkpoint.export import export_hf
 
-    out = export_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype) if args.dtype else None)
+    out = export_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype) if args.dtype else None,
+                    tokenizer=args.tokenizer)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -86,15 +87,14 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _pcluster_check(args: argparse.Namespace) -> int:
-    from fsdp_kit.launch.pcluster import check_cluster_yaml, fill_placeholders
+    from fsdp_kit.launch.pcluster import check_cluster_yaml, fill_placeholders, read_cluster_file
 
     bad = [item for item in args.set if "=" not in item]
     if bad:
         raise ConfigError(f"--set {bad[0]!r} is not NAME=VALUE", "pass e.g. --set SUBNET_ID=subnet-0123")
-    if not Path(args.file).is_file():
-        raise ConfigError(f"{args.file} does not exist", "pass the path of a ParallelCluster YAML file")
     values = dict(item.split("=", 1) for item in args.set)
-    for warning in check_cluster_yaml(fill_placeholders(Path(args.file).read_text(), values)):
+    text = fill_placeholders(read_cluster_file(Path(args.file)), values)
+    for warning in check_cluster_yaml(text, name=args.file):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.file}: valid for ParallelCluster")
     return 0
@@ -180,7 +180,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import os
 
-    from fsdp_kit.bench import levers, run_bench
+    from fsdp_kit.bench import levers, probe_factors, run_bench
 
     chosen = levers.select([name.strip() for name in args.levers.split(",")] if args.levers else None)
     if args.steps < 2:
@@ -189,12 +189,17 @@ def _bench(args: argparse.Namespace) -> int:
     if args.reference and not reference.is_file():
         raise ConfigError(f"--reference {args.reference} does not exist",
                           "pass a gpu_probe_*.json file or leave it out")
+    probe_factors(reference)  # a malformed record: refused now, not after the runs
+    if args.out:
+        _check_bench_out(Path(args.out))
     overrides = _with_config_dir(args)
     from fsdp_kit.bench.report import provenance, write  # torch and transformers: after the checks above
 
     about = provenance(overrides, args.steps)
     out = Path(args.out) if args.out else Path("outputs/bench") / "".join(
         c if c.isalnum() else "_" for c in about["device"]).strip("_").lower()
+    if not args.out:
+        _check_bench_out(out)
     main_rank = os.environ.get("RANK", "0") == "0"
     results = run_bench(chosen, overrides, args.steps, reference,
                         done=(lambda so_far: write(so_far, about, out)) if main_rank else None)
@@ -204,6 +209,18 @@ def _bench(args: argparse.Namespace) -> int:
     print(paths[1].read_text())
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def _check_bench_out(out: Path) -> None:
+    """bench.json, bench.md and bench.png can be written in ``out``: checked before minutes of measuring."""
+    from fsdp_kit.bench import OUTPUT_FILES
+    from fsdp_kit.outputs import check_writable_folder
+
+    check_writable_folder(out, "--out")
+    for name in OUTPUT_FILES:
+        if (out / name).is_dir():
+            raise ConfigError(f"--out {out}: {out / name} is a folder, where the bench writes a file",
+                              "pass --out a new folder, or move that folder away")
 
 
 def _probe_record() -> Path | None:
@@ -248,6 +265,9 @@ def build_parser() -> _Parser:
     export.add_argument("out_dir", help="new (or empty) output folder")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="cast the weights (default: as saved)")
+    export.add_argument("--tokenizer", metavar="NAME_OR_DIR", default=None,
+                        help="save this tokenizer instead of the one the checkpoint records (e.g. where that one "
+                             "was a relative path, recorded by an older fsdp_kit)")
     export.set_defaults(handler=_export)
 
     slurm = commands.add_parser("slurm", help="render a ready sbatch file for the overrides",

@@ -12,12 +12,14 @@ a lock left by a killed run does not block resuming.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,17 @@ HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
 
 
+FRESH_LOCK_S = 5.0
+_BEING_WRITTEN = {"pid": "(starting)", "host": socket.gethostname(), "started": "just now"}
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
 def _lock_owner() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
             "started": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -90,7 +103,9 @@ def live_holder(run_dir: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return None  # unreadable or half-written: a crashed writer, nothing to protect
+        # Half-written: a crashed writer, nothing to protect, unless it is being written this very moment by a
+        # run started at the same time (between its O_EXCL create and its write).
+        return _BEING_WRITTEN if _age(lock) < FRESH_LOCK_S else None
     if not isinstance(owner, dict):
         return None
     if owner.get("slurm_job") and owner.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
@@ -151,3 +166,70 @@ class RunLock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+
+
+# -- the lock taken before Hydra writes into the run dir ------------------------------------------------------------
+@dataclass
+class Claim:
+    """The run dir this process locked before Hydra wrote its files (.hydra/, the job log) there."""
+
+    run_dir: Path
+    lock: RunLock
+    fresh: bool
+    """The run dir did not exist or was empty: all that is in it was written by this run."""
+
+
+_claim: Claim | None = None
+
+
+def claim(run_dir: Path) -> Claim:
+    """Lock ``run_dir`` for this process now (the Hydra callback's ``on_run_start``, before Hydra writes there):
+    of two runs started at once into one run dir, the refused one writes nothing."""
+    global _claim
+    run_dir = Path(run_dir)
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(run_dir).acquire()
+    except ConfigError:
+        if fresh:
+            _remove_empty(run_dir)
+        raise
+    _claim = Claim(run_dir, lock, fresh)
+    return _claim
+
+
+def claimed_lock(run_dir: Path) -> RunLock | None:
+    """The lock ``claim`` took for ``run_dir`` in this process, if any (training keeps it instead of taking a
+    second one)."""
+    if _claim is not None and _claim.run_dir.resolve() == Path(run_dir).resolve():
+        return _claim.lock
+    return None
+
+
+def release_claim(refused: bool, hydra_files: list[str]) -> None:
+    """The end of the Hydra app: release the claimed lock. Where the run was ``refused`` and the run dir was fresh,
+    also remove what Hydra wrote there (``hydra_files``, relative names) and the run dir itself, so that a refusal
+    leaves no run dir behind; whenever anything else is there (metrics, checkpoints, a file of the user's), every
+    file stays."""
+    global _claim
+    if _claim is None:
+        return
+    found, _claim = _claim, None
+    found.lock.release()
+    if not (refused and found.fresh):
+        return
+    theirs = {found.run_dir / name for name in hydra_files}
+    present = [path for path in found.run_dir.rglob("*") if path.is_file() or path.is_symlink()]
+    if any(path not in theirs for path in present):
+        return
+    for path in present:
+        path.unlink(missing_ok=True)
+    for folder in sorted({path.parent for path in theirs}, key=lambda p: len(p.parts), reverse=True):
+        _remove_empty(folder)
+    _remove_empty(found.run_dir)
+
+
+def _remove_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (or gone): nothing of anyone else's is removed
+        folder.rmdir()

@@ -27,7 +27,7 @@ from fsdp_kit.config import TrainConfig, to_dict, to_yaml
 from fsdp_kit.config_dir import SHIPPED, describe, folder_first, origins, search_first
 from fsdp_kit.errors import ConfigError, FsdpKitError, one_line_warnings, report_error
 from fsdp_kit.policies.config import CheckpointMode
-from fsdp_kit.run_dir import RunLock, register_resolvers
+from fsdp_kit.run_dir import RunLock, claimed_lock, register_resolvers, release_claim
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -58,6 +58,7 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
     from fsdp_kit import data, models
     from fsdp_kit.checkpoint import Manager, RunIdentity
     from fsdp_kit.checkpoint.compat import trained_settings, training_settings
+    from fsdp_kit.data.tokenizer import recorded_name
     from fsdp_kit.launch.requeue import request_requeue
     from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
     from fsdp_kit.optim import build_optimizer, build_schedule
@@ -76,7 +77,7 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
         models.check_fits(config, job.data, job.trainer.max_new_tokens)
     model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
     check_policies(model, Policies.of(job))
-    identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer,
+    identity = RunIdentity.of(model, config, job.model.name, recorded_name(job.data.tokenizer),
                               training_settings(job.optim, job.trainer, job.precision.name))
     dataset = data.build(job.data, config)
 
@@ -171,8 +172,8 @@ def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> tuple[Path
     lock, refused = None, None
     if is_main:
         Path(proposed).mkdir(parents=True, exist_ok=True)
-        try:
-            lock = RunLock(Path(proposed)).acquire()
+        try:  # the lock the Hydra app took before writing its files here, else a new one
+            lock = claimed_lock(Path(proposed)) or RunLock(Path(proposed)).acquire()
         except ConfigError as err:
             refused = (err.problem, err.fix)  # sent as text: exceptions with two arguments do not unpickle
     holder = [proposed, refused]
@@ -203,14 +204,29 @@ def main() -> None:
 def task(cfg: DictConfig) -> None:
     """Hydra's task function: one training run of the composed ``cfg``."""
     one_line_warnings()
+    refused = False
     runtime = HydraConfig.get().runtime
     found = origins(runtime.choices, [f"{source.schema}://{source.path}" for source in runtime.config_sources])
     try:
         result = run(TrainConfig.from_hydra(cfg), origins=found)
     except FsdpKitError as err:
+        refused = True
         sys.exit(report_error(err))
+    finally:  # a refused run leaves no run dir of its own behind (Hydra wrote .hydra/ and its log there)
+        release_claim(refused, _hydra_files())
     if result.preempted:
         sys.exit(EXIT_REQUEUE)
+
+
+def _hydra_files() -> list[str]:
+    """What Hydra writes into a run dir, relative to it: its saved configs and the job's log file."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    saved = [f"{hydra_cfg.output_subdir}/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    return [*(saved if hydra_cfg.output_subdir else []), f"{hydra_cfg.job.name}.log"]
 
 
 if __name__ == "__main__":

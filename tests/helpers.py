@@ -181,13 +181,15 @@ class Outcome:
         return [line for line in self.stderr.splitlines() if line.startswith("error:")]
 
 
-def run_cli(*args: str, cwd: Path | str, env: dict[str, str] | None = None, timeout: float = 180) -> Outcome:
+def run_cli(*args: str, cwd: Path | str, env: dict[str, str] | None = None, timeout: float = 180,
+            setup: Callable[[], None] | None = None) -> Outcome:
     """``fsdp-kit ARGS`` run from ``cwd`` with ``env`` added, as a user types it: its exit code, stdout and stderr.
 
     The real entry point (``fsdp_kit.cli.main``) runs in a forked copy of this process: a process of its own (its
     own cwd, environment, Hydra and logging state, file descriptors 1 and 2, exit code) without a new interpreter
     importing torch and transformers again (seconds per command). Tests of what only a new process shows (the
-    console script itself, signals, imports) run the command with ``subprocess`` instead.
+    console script itself, signals, imports) run the command with ``subprocess`` instead. ``setup`` runs in the
+    child first (e.g. a resource limit that must not reach the test process).
     """
     with tempfile.TemporaryDirectory(prefix="fsdp_kit_cli_") as scratch:
         out_path, err_path = Path(scratch) / "stdout", Path(scratch) / "stderr"
@@ -195,6 +197,8 @@ def run_cli(*args: str, cwd: Path | str, env: dict[str, str] | None = None, time
         if pid == 0:  # the child: never returns into pytest
             code = 1
             try:
+                if setup is not None:
+                    setup()
                 code = _cli_child(list(args), cwd, env or {}, out_path, err_path)
             finally:
                 os._exit(code)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import run_cli
 
 from fsdp_kit import cli
 from fsdp_kit.bench.levers import LEVERS, select
@@ -47,3 +48,29 @@ def test_every_lever_turns_something_and_names_are_unique():
         assert lever.off and lever.on and lever.off != lever.on
     with pytest.raises(ConfigError, match="unknown lever 'fp8'"):
         select(["bf16", "fp8"])
+
+
+# --- issue 21 §5: bad output paths and reference records are refused before the first lever is measured ---------
+OUT_CASES = [
+    ("out-is-a-file", ["--out", "taken"], "--out taken is a file, not a folder"),
+    ("out-inside-a-file", ["--out", "taken/bench"], "--out taken/bench would be inside taken, which is a file"),
+    ("out-not-writable", ["--out", "/sys/bench"], "--out /sys/bench: /sys is not writable"),
+    ("out-holds-a-folder-named-like-a-result", ["--out", "results"], "results/bench.md is a folder"),
+    ("reference-not-json", ["--reference", "broken.json"], "--reference broken.json is not JSON"),
+    ("reference-not-a-probe-record", ["--reference", "list.json"], "--reference list.json is not a GPU probe record"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), [case[1:] for case in OUT_CASES], ids=[case[0] for case in OUT_CASES])
+def test_bench_refuses_its_outputs_and_reference_before_measuring(args, message, tmp_path):
+    (tmp_path / "taken").write_text("keep me")
+    (tmp_path / "results" / "bench.md").mkdir(parents=True)
+    (tmp_path / "broken.json").write_text('{"runs": [')
+    (tmp_path / "list.json").write_text('[{"label": "a"}]')
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    env = {"RANK": "0", "WORLD_SIZE": "1"}
+    outcome = run_cli("bench", "--levers", "ac", "--steps", "2", *args, *TINY, cwd=tmp_path, env=env, timeout=120)
+    assert outcome.code == 2 and "Traceback" not in outcome.stderr, outcome.stderr
+    assert len(outcome.error_lines) == 1 and message in outcome.error_lines[0], outcome.stderr
+    assert "Fix:" in outcome.error_lines[0] and "bench: ac" not in outcome.stdout, "nothing measured"
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before and (tmp_path / "taken").read_text() == "keep me"

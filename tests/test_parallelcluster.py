@@ -72,3 +72,24 @@ def test_cli_checks_a_file(tmp_path):
     bad_set = subprocess.run([fsdp_kit, "pcluster-check", str(FILES[0]), "--set", "REGION"], capture_output=True,
                              text=True)
     assert bad_set.returncode == 2 and "is not NAME=VALUE" in bad_set.stderr
+
+
+# issue 21 §5: a file that is not YAML, or not text, is one line (it was 102 lines: three chained tracebacks)
+BAD_FILES = [
+    ("unclosed-bracket", b"Region: us-east-1\nImage:\n  Os: [alinux2\n", "bad.yaml is not valid YAML at line 4"),
+    ("bad-indentation", b"Region: us-east-1\n Image: x\n", "bad.yaml is not valid YAML at line 2"),
+    ("duplicate-key", b"Region: us-east-1\nRegion: us-west-2\n", "Duplicate key found: Region"),
+    ("a-scalar", b"42\n", "bad.yaml holds a YAML int, not a ParallelCluster configuration"),
+    ("not-utf8", b"Region: us-east-1\nImage:\n  Os: \xff\n", "bad.yaml is not UTF-8 text (byte 0xff on line 3)"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), [case[1:] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES])
+def test_a_file_that_is_not_yaml_is_one_line(content, message, tmp_path):
+    from helpers import run_cli
+
+    (tmp_path / "bad.yaml").write_bytes(content)
+    outcome = run_cli("pcluster-check", "bad.yaml", cwd=tmp_path)
+    assert outcome.code == 2 and outcome.stdout == "", outcome.stderr
+    assert outcome.stderr.count("\n") == 1 and outcome.error_lines, outcome.stderr
+    assert message in outcome.error_lines[0] and "Fix:" in outcome.error_lines[0], outcome.stderr

@@ -21,8 +21,11 @@ from typing import Any
 
 from fsdp_kit.bench.levers import BASE, Lever
 from fsdp_kit.config import TrainConfig, compose_job, to_yaml
+from fsdp_kit.errors import ConfigError, first_line
 
-__all__ = ["BenchRun", "LeverResult", "bench_overrides", "run_bench"]
+__all__ = ["OUTPUT_FILES", "BenchRun", "LeverResult", "bench_overrides", "probe_factors", "run_bench"]
+
+OUTPUT_FILES = ("bench.json", "bench.md", "bench.png")
 
 _MEASURED = ("batch_size", "tflops_per_gpu", "tokens_per_s", "step_time_s", "mfu", "peak_mem_gb")
 
@@ -66,10 +69,22 @@ class LeverResult:
 
 
 def probe_factors(reference: Path | None) -> dict[str, float]:
-    """TFLOPS by run label from our GPU probe record (benchmarks/results/gpu_probe_*.json), if at hand."""
+    """TFLOPS by run label from our GPU probe record (benchmarks/results/gpu_probe_*.json), if at hand; a file of
+    another shape is one ConfigError (``fsdp-kit bench`` reads it before measuring anything)."""
     if reference is None or not reference.is_file():
         return {}
-    return {run["label"]: run["tflops"] for run in json.loads(reference.read_text())["runs"]}
+    fix = "pass a gpu_probe_*.json record from benchmarks/results/, or leave --reference out"
+    try:
+        record = json.loads(reference.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--reference {reference} is not JSON ({first_line(err)})", fix) from err
+    runs = record.get("runs") if isinstance(record, dict) else None
+    if not isinstance(runs, list) or not all(
+            isinstance(run, dict) and isinstance(run.get("label"), str) and isinstance(run.get("tflops"), (int, float))
+            for run in runs):
+        raise ConfigError(f"--reference {reference} is not a GPU probe record (a \"runs\" list of "
+                          "{\"label\", \"tflops\"} objects)", fix)
+    return {run["label"]: run["tflops"] for run in runs}
 
 
 def run_bench(levers: list[Lever], overrides: list[str], steps: int, reference: Path | None = None,
@@ -119,8 +134,6 @@ def _measure(job: TrainConfig, overrides: list[str]) -> BenchRun:
     try:
         result = run(job, console=_quiet_console())
     except Exception as err:  # one failing recipe (a CUDA error, a compile failure) must not cost the others
-        from fsdp_kit.errors import first_line
-
         return BenchRun(overrides, dict.fromkeys(_MEASURED), error=f"{type(err).__name__}: {first_line(err)}")
     search = next((json.loads(line) for line in (Path(job.run_dir) / "metrics.jsonl").read_text().splitlines()
                    if '"auto_batch"' in line), {})

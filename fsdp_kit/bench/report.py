@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import transformers
 
-from fsdp_kit.bench import LeverResult
+from fsdp_kit.bench import OUTPUT_FILES, LeverResult
 from fsdp_kit.metrics.peak import device_name
 
 
@@ -92,7 +92,7 @@ def chart(results: list[LeverResult], about: dict[str, Any], path: Path) -> None
 def write(results: list[LeverResult], about: dict[str, Any], out: Path) -> list[Path]:
     """bench.json, bench.md and bench.png in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "bench.json", out / "bench.md", out / "bench.png"]
+    paths = [out / name for name in OUTPUT_FILES]
     paths[0].write_text(json.dumps({"provenance": about, "levers": [r.as_dict() for r in results]}, indent=1) + "\n")
     paths[1].write_text(markdown(results, about))
     chart(results, about, paths[2])

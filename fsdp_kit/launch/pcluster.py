@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
-from fsdp_kit.errors import ConfigError
+from fsdp_kit.errors import ConfigError, first_line
 
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -18,7 +19,39 @@ def fill_placeholders(text: str, values: dict[str, str]) -> str:
     return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
 
 
-def check_cluster_yaml(text: str, cluster_name: str = "fsdp-kit") -> list[str]:
+def read_cluster_file(path: Path) -> str:
+    """The text of a ParallelCluster file; one ConfigError for a missing or non-UTF-8 file."""
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist", "pass the path of a ParallelCluster YAML file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} on line {line})",
+                          "save the file as UTF-8 (a ParallelCluster YAML is plain text)") from err
+
+
+def _check_yaml(text: str, name: str) -> str:
+    """``text`` parses as a YAML mapping without duplicate keys (ParallelCluster's own loader); else one
+    ConfigError naming the line, where ``parse_config`` would log and chain three tracebacks."""
+    import yaml
+    from pcluster.utils import yaml_load
+
+    try:
+        tree = yaml_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or first_line(err)
+        raise ConfigError(f"{name} is not valid YAML{where}: {problem}",
+                          "fix the YAML there (indentation, brackets, quotes)") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{name} holds a YAML {type(tree).__name__}, not a ParallelCluster configuration",
+                          "start from parallelcluster/cluster.yaml (Region:, Image:, HeadNode:, Scheduling:)")
+    return text
+
+
+def check_cluster_yaml(text: str, cluster_name: str = "fsdp-kit", name: str = "the file") -> list[str]:
     """Raise ConfigError for unreplaced placeholders, schema errors and failed validators; return warnings."""
     left = sorted(set(PLACEHOLDER.findall(text)))
     if left:
@@ -36,7 +69,7 @@ def check_cluster_yaml(text: str, cluster_name: str = "fsdp-kit") -> list[str]:
     except ImportError as err:
         raise ConfigError("checking a ParallelCluster file needs aws-parallelcluster",
                           "pip install -e '.[aws]'") from err
-    config_dict = parse_config(text)
+    config_dict = parse_config(_check_yaml(text, name))
     os.environ.setdefault("AWS_DEFAULT_REGION", str(config_dict.get("Region") or "us-east-1"))
     from pcluster.schemas.cluster_schema import ClusterSchema
 

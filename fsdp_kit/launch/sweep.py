@@ -8,6 +8,9 @@ naming it, before the sweep dir exists.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +27,9 @@ from omegaconf.errors import OmegaConfBaseException
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.errors import ConfigError, FsdpKitError, first_line
 from fsdp_kit.launch.shell import check_plain
+from fsdp_kit.launch.slurm import available_partitions
 from fsdp_kit.preflight import check_run_dir, preflight
+from fsdp_kit.run_dir import claim
 
 
 def sweep_points(config: DictConfig) -> list[list[str]]:
@@ -47,7 +52,7 @@ def check_point(config: DictConfig, overrides: list[str]) -> None:
     # The launcher decides how many ranks a job has: one process (basic), or submitit's nodes x tasks.
     world_size = int(OmegaConf.select(launcher, "nodes", default=1) or 1) * int(
         OmegaConf.select(launcher, "tasks_per_node", default=1) or 1)
-    on_slurm = "slurm" in str(OmegaConf.select(launcher, "_target_", default="")).lower()
+    on_slurm = _on_slurm(launcher)
     gpus = OmegaConf.select(launcher, "gpus_per_node", default=None)
     # submitit writes the launcher's settings into an sbatch file: no value may end a line there.
     for key, value in _strings(OmegaConf.to_container(launcher, resolve=True), "hydra.launcher"):
@@ -60,6 +65,35 @@ def check_point(config: DictConfig, overrides: list[str]) -> None:
     # On Slurm the job runs on other machines: do not ask this one's GPU (fsdp-kit submit checks the same way).
     preflight(job, world_size=world_size, device_type=("cuda" if gpus else "cpu") if on_slurm else None,
               probe_device=not on_slurm)
+
+
+def _on_slurm(launcher: DictConfig) -> bool:
+    return "slurm" in str(OmegaConf.select(launcher, "_target_", default="")).lower()
+
+
+_NO_SLURM_FIX = ("run the sweep where Slurm answers (a login node of the cluster), or without Slurm: "
+                 "hydra/launcher=local")
+
+
+def check_slurm_answers(partition: str | None = None) -> None:
+    """The Slurm client is here and its controller answers (``sinfo``), and ``partition`` exists, before the
+    launcher writes the sweep dir and calls ``sbatch`` (whose failure is submitit's 45-line traceback)."""
+    # submitit needs srun and sbatch; sinfo asks the controller, so that "no Slurm here" is known before submitting
+    missing = [tool for tool in ("sbatch", "srun", "sinfo") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"hydra/launcher=slurm needs the Slurm client, and {' and '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not on PATH: Slurm is not reachable from this "
+                          "machine", _NO_SLURM_FIX)
+    try:
+        partitions = available_partitions()
+    except ConfigError as err:
+        raise ConfigError(f"Slurm is not reachable from this machine: {err.problem}", _NO_SLURM_FIX) from err
+    except subprocess.TimeoutExpired as err:
+        raise ConfigError(f"Slurm is not reachable from this machine: sinfo did not answer in {err.timeout:g} s",
+                          _NO_SLURM_FIX) from err
+    if partition and partitions is not None and partition not in partitions:
+        raise ConfigError(f"hydra.launcher.partition={partition!r} does not exist on this cluster",
+                          f"use one of {', '.join(partitions) or '(none found)'}")
 
 
 def _strings(node: object, key: str) -> list[tuple[str, str]]:
@@ -75,10 +109,12 @@ class CheckSweep(Callback):
     for a single run, its run dir at ``on_run_start``)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """A single run: refuse a run dir that another run is writing (or that cannot be written) before Hydra
-        writes its own files (.hydra/, the log) into it."""
+        """A single run: refuse a run dir that another run is writing (or that cannot be written), and lock it
+        (rank 0), before Hydra writes its own files (.hydra/, the log) into it."""
         try:
             check_run_dir(Path(config.hydra.run.dir))
+            if os.environ.get("RANK", "0") == "0":  # the other ranks of a torchrun job share rank 0's lock
+                claim(Path(config.hydra.run.dir))
         except FsdpKitError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
@@ -93,4 +129,10 @@ class CheckSweep(Callback):
             except FsdpKitError as err:
                 print(f"error: sweep point {number} of {len(points)} ({' '.join(overrides)}): {err} "
                       "Nothing was launched.", file=sys.stderr)
+                sys.exit(err.exit_code)
+        if _on_slurm(config.hydra.launcher):  # after the points: a bad point is the user's to fix anywhere
+            try:
+                check_slurm_answers(OmegaConf.select(config, "hydra.launcher.partition", default=None))
+            except FsdpKitError as err:
+                print(f"error: {err} Nothing was launched.", file=sys.stderr)
                 sys.exit(err.exit_code)

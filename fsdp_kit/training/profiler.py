@@ -37,6 +37,25 @@ class StepProfiler:
         self._last_step = 0
         self._recording_memory = False
 
+    def plan(self, first_step: int, max_steps: int) -> None:
+        """This process trains steps ``first_step + 1 .. max_steps`` (fewer than max_steps after a resume): say at
+        start-up which of them are traced and where, or that none are and no trace will be written."""
+        if not self.enabled:
+            return
+        cfg, left = self.cfg, max_steps - first_step
+        skipped = cfg.profile_wait + cfg.profile_warmup
+        window = (f"trainer.profile_wait={cfg.profile_wait} + profile_warmup={cfg.profile_warmup} + "
+                  f"profile_active={cfg.profile_active} steps")
+        if left <= skipped:  # not one active step: the profiler would never hand over a trace
+            self.enabled = False
+            self._info(f"profile: no trace will be written: this run has {left} step(s) left (resumed at step "
+                       f"{first_step} of {max_steps}), fewer than the window needs ({window}); lower profile_wait/"
+                       "profile_warmup or raise trainer.max_steps")
+            return
+        start, end = first_step + skipped + 1, min(first_step + self._window_end(), max_steps)
+        cut = f" (the run ends inside the window of {window})" if end - start + 1 < cfg.profile_active else ""
+        self._info(f"profile: steps {start}-{end} are traced into {self.out}/trace_rank{{R}}_step{end}.json{cut}")
+
     def __enter__(self) -> StepProfiler:
         if not self.enabled:
             return self
@@ -50,7 +69,7 @@ class StepProfiler:
         self._profiler.__enter__()
         if self.device_type != "cuda":
             self._info(f"profile: CUDA memory snapshot skipped (it needs a CUDA device; this run is on "
-                       f"{self.device_type}); the trace goes to {self.out}")
+                       f"{self.device_type})")
         elif self.cfg.profile_wait == 0:
             self._start_memory_history()
         return self

@@ -104,6 +104,7 @@ class Trainer:
         if self.precision_check is not None:
             self._probe = PrecisionProbe(self.model, self.optimizer)
         self.tracker.start_window()
+        self.profiler.plan(self.state.step, self.cfg.max_steps)
         with self.reporter, self.checkpoints.preemption_guard(), self.profiler, self.watchdog:
             while self.state.step < self.cfg.max_steps:
                 self.watchdog.step_started(self.state.step + 1)
