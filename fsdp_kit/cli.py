@@ -86,6 +86,21 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rehearse(args: argparse.Namespace) -> int:
+    import time
+
+    from fsdp_kit.rehearse.report import findings, show
+    from fsdp_kit.rehearse.run import Options, rehearse
+
+    job, overrides, _ = _compose(args)
+    workdir = Path(args.workdir or f"outputs/rehearse/{time.strftime('%Y%m%d-%H%M%S')}")
+    outcome = rehearse(job, overrides, Options(workdir, Path(args.slurm_conf) if args.slurm_conf else None,
+                                               args.edit_hosts))
+    rows = findings(outcome)
+    show(outcome, rows)
+    return 0 if all(row.ok for row in rows) else 1
+
+
 def _pcluster_check(args: argparse.Namespace) -> int:
     from fsdp_kit.launch.pcluster import check_cluster_yaml, fill_placeholders, read_cluster_file
 
@@ -284,6 +299,21 @@ def build_parser() -> _Parser:
                                              "(cluster=..., cluster.nodes=..., slurm.*, training overrides).")
     _add_overrides(submit)
     submit.set_defaults(handler=_submit)
+
+    rehearse = commands.add_parser(
+        "rehearse", help="run the job scaled down on a local N-node Slurm, with a lost rank and a preemption",
+        description="Before renting nodes: render the job as `fsdp-kit slurm` does, scale it down to a tiny model of "
+                    "the same family (same wrapping, precision, sharding and node layout; processes per node capped "
+                    "to this machine), run it on a local Slurm of namespaced nodes (root, slurm-wlm, munge), kill one "
+                    "rank, preempt the job once, and print what held.")
+    rehearse.add_argument("--slurm-conf", metavar="PATH", help="use this running local cluster (partition `nodes`) "
+                          "instead of starting one")
+    rehearse.add_argument("--edit-hosts", action="store_true", help="allow adding the node names to /etc/hosts "
+                          "(removed again at the end); or set FSDP_KIT_EDIT_HOSTS=1")
+    rehearse.add_argument("--workdir", metavar="DIR", help="a new folder for the cluster, job files, run dir and logs "
+                          "(default: outputs/rehearse/<time>)")
+    _add_overrides(rehearse)
+    rehearse.set_defaults(handler=_rehearse)
 
     pcluster = commands.add_parser("pcluster-check", help="check a ParallelCluster YAML offline (needs [aws])",
                                    description="Check a ParallelCluster YAML with ParallelCluster's own schema.")

@@ -56,7 +56,7 @@ def _slurm_tests_in_one_file_first(config: pytest.Config, items: list[pytest.Ite
         items.sort(key=rank)  # stable: within a file and among the rest, collection order
 
 
-# Namespaced nodes beside this machine's (tests/slurm_netns.py): the multi-node tests use up to 3.
+# Namespaced nodes beside this machine's (fsdp_kit/rehearse/network.py): the multi-node tests use up to 3.
 MULTINODE_NODES = 3
 
 
@@ -68,9 +68,12 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
     It skips every test that asks for it, with the reason, where it cannot run here (not installed and not allowed
     to install, a real Slurm on this machine, ...). It stops only the daemons it started.
     """
-    from slurm_cluster import LocalSlurm, Unavailable
+    from ports import free_port
 
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=MULTINODE_NODES)
+    from fsdp_kit.rehearse.cluster import Allowed, LocalSlurm, Unavailable
+
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), Allowed.for_tests(), nodes=MULTINODE_NODES,
+                         free_port=free_port)
     try:
         cluster.start()
     except Unavailable as why:

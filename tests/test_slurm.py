@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 from helpers import Outcome, job, run_cli, run_ranks, train
 from ports import free_port
-from slurm_cluster import LocalSlurm
 
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.launch.sbatch import fill, render
 from fsdp_kit.launch.slurm import check, compose_job, timeout_minutes
+from fsdp_kit.rehearse.cluster import LocalSlurm
+from fsdp_kit.rehearse.faults import FAULT_ENV
+from fsdp_kit.rehearse.run import INJECT
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -247,8 +249,8 @@ def nodes(slurm: LocalSlurm) -> LocalSlurm:
 # Global batch 12 whatever the layout (2 nodes x 2 ranks x 3, 3 nodes x 1 rank x 4): the losses of one process.
 LAYOUTS = {(2, 2): "trainer.batch_size=3", (3, 1): "trainer.batch_size=4"}
 FAULT_STEPS, PREEMPT_STEPS = 8, 16  # a constant learning rate: a shorter run follows a longer one
-# Test-only fault injection (tests/faults/sitecustomize.py), put on the jobs' PYTHONPATH by slurm.setup.
-FAULTS = Path(__file__).resolve().parent / "faults"
+# Fault injection (fsdp_kit/rehearse/faults.py), put on the jobs' PYTHONPATH by slurm.setup.
+FAULTS = INJECT
 
 
 @pytest.fixture(scope="module")
@@ -260,14 +262,14 @@ def one_process_losses(tmp_path_factory) -> dict[int, float]:
 def _render_for_nodes(tmp_path: Path, name: str, layout: tuple[int, int], steps: int, *overrides: str,
                      fault: str | None = None) -> tuple[Path, dict[str, str] | None]:
     """Render with `fsdp-kit slurm` for ``layout`` (nodes, processes per node) as a user does: the script and the
-    environment to submit it with. ``fault``: ``kill|hang:<rank>:<step>`` (tests/faults/sitecustomize.py)."""
+    environment to submit it with. ``fault``: ``kill|hang:<rank>:<step>`` (fsdp_kit/rehearse/faults.py)."""
     script = tmp_path / f"{name}.sbatch"
     nodes, procs = layout
     setup = f"export PATH={BIN}:$PATH PYTHONPATH={FAULTS}" if fault else f"export PATH={BIN}:$PATH"
     _fsdp_kit("slurm", "-o", str(script), "slurm.partition=nodes", f"cluster.nodes={nodes}", f"slurm.job_name={name}",
               f"slurm.rdzv_port={free_port()}", *_local_overrides(tmp_path, steps, procs, setup), LAYOUTS[layout],
               "trainer.eval_batches=1", *overrides)  # own port: jobs side by side may have the same head node
-    return script, {"FSDP_KIT_TEST_FAULT": f"{fault}:{tmp_path / f'{name}.fired'}"} if fault else None
+    return script, {FAULT_ENV: f"{fault}:{tmp_path / f'{name}.fired'}"} if fault else None
 
 
 def _submit(slurm: LocalSlurm, tmp_path: Path, script: Path, env: dict[str, str] | None) -> tuple[str, Path]:

@@ -1,7 +1,8 @@
-"""A real, private Slurm cluster on localhost for the tests (Debian's slurm-wlm + munge).
+"""A real, private Slurm cluster on localhost (Debian's slurm-wlm + munge): the tests' cluster and the one
+``fsdp-kit rehearse`` runs a job on.
 
 One node is this machine (partitions ``low`` and ``high``). Where it can (root, ``ip netns``, leave to edit
-/etc/hosts), N more nodes join in partition ``nodes``: one network namespace per node on a private bridge
+/etc/hosts: ``Allowed``), N more nodes join in partition ``nodes``: one network namespace per node on a private bridge
 (10.213.K.0/24, an address range only this bridge holds: no traffic leaves the machine), each with its own UTS
 hostname and its own slurmd, all sharing the filesystem as a cluster's nodes share a home. Where it cannot, the
 one-node tests still run and the multi-node ones skip with ``multinode_skip``.
@@ -19,18 +20,53 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from ports import free_port
-from slurm_netns import NodeNetwork, NoNetwork, add_hosts_lines, remove_hosts_lines, why_not
+from fsdp_kit.rehearse.network import NodeNetwork, NoNetwork, add_hosts_lines, remove_hosts_lines, why_not
 
 NEEDED = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "munged")
 # Where a real installation keeps its config (Debian's current and older layout, the upstream default).
 REAL_CONFIGS = (Path("/etc/slurm/slurm.conf"), Path("/etc/slurm-llnl/slurm.conf"), Path("/usr/local/etc/slurm.conf"))
 
 
+APT_INSTALL = "apt-get install -y --no-install-recommends slurm-wlm munge"
+
+
 class Unavailable(Exception):
-    """The cluster cannot run here; the message says why (the tests skip with it)."""
+    """The cluster cannot run here; the message says why (the tests skip with it, rehearse refuses with it)."""
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """What the cluster may change on this machine beyond its own folder, and how its user allows it (the refusal
+    says so)."""
+
+    edit_hosts: bool
+    """Add this machine's and the nodes' names to /etc/hosts where they do not resolve (removed again at stop)."""
+    install: bool
+    """``apt-get install`` slurm-wlm and munge where they are missing."""
+    edit_hosts_how: str
+    """How the user allows ``edit_hosts``, e.g. "pass --edit-hosts"."""
+    install_how: str
+    """How the user allows ``install`` (or installs them)."""
+
+    @classmethod
+    def for_tests(cls) -> Allowed:
+        """The test suite's rules: on CI (CI=true, as root) both; elsewhere only when asked through the environment."""
+        ci = os.environ.get("CI") == "true"
+        return cls(edit_hosts=ci or os.environ.get("FSDP_KIT_EDIT_HOSTS") == "1",
+                   install=os.geteuid() == 0 and (ci or os.environ.get("FSDP_KIT_INSTALL_SLURM") == "1"),
+                   edit_hosts_how="run with CI=true or FSDP_KIT_EDIT_HOSTS=1 to let the tests add (and remove) them",
+                   install_how="run as root with CI=true or FSDP_KIT_INSTALL_SLURM=1 to let the tests install them")
+
+
+def any_free_port() -> int:
+    """A TCP port nothing listens on now, as the kernel picks one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -54,31 +90,70 @@ def _pid_of(name: str) -> list[int]:
     return pids
 
 
-def _refuse_real_slurm() -> None:
-    """Raise Unavailable where this machine belongs to a real Slurm: the tests never run beside one."""
+def refuse_real_slurm() -> None:
+    """Raise Unavailable where this machine belongs to a real Slurm: the local cluster never runs beside one."""
     running = [name for name in ("slurmctld", "slurmd", "slurmdbd") if _pid_of(name)]
     if running:
         raise Unavailable(f"a Slurm is already running here ({', '.join(running)}); "
-                          "the tests never touch a real installation")
+                          "the local cluster never touches a real installation")
     if os.environ.get("SLURM_JOB_ID"):
         raise Unavailable(f"running inside Slurm job {os.environ['SLURM_JOB_ID']} of a real cluster; "
-                          "the tests never start a second Slurm on its nodes")
+                          "the local cluster never starts a second Slurm on its nodes")
     configured = [str(path) for path in REAL_CONFIGS if path.exists()]
     if os.environ.get("SLURM_CONF"):
         configured.insert(0, f"SLURM_CONF={os.environ['SLURM_CONF']}")
     if configured:
         raise Unavailable(f"this machine is set up for a real Slurm ({', '.join(configured)}); "
-                          "the tests never touch a real installation")
+                          "the local cluster never touches a real installation")
 
 
 MULTINODE_PARTITION = "nodes"
 
 
-class LocalSlurm:
-    def __init__(self, root: Path, nodes: int = 0) -> None:
-        """``nodes``: how many namespaced nodes to add beside this machine's (where they can run)."""
+class SlurmClient:
+    """Slurm's client commands against the cluster of one slurm.conf (this process's SLURM_CONF is left alone)."""
+
+    def __init__(self, conf: Path) -> None:
+        self.conf = conf
+
+    def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
+            **kwargs) -> subprocess.CompletedProcess:
+        """A Slurm client command against this cluster; ``env`` adds to this process's environment."""
+        return subprocess.run(list(args), capture_output=True, text=True, check=check,
+                              env={**os.environ, **(env or {}), "SLURM_CONF": str(self.conf)}, **kwargs)
+
+    def job_state(self, job_id: str) -> str:
+        result = self.run("scontrol", "show", "job", job_id, check=False)
+        for field in result.stdout.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return "GONE"
+
+    def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float = 300.0) -> str:
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.job_state(job_id)
+            if state in states:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} still {state} after {timeout}s (wanted {states})")
+
+    def nodes_of(self, partition: str) -> list[str] | None:
+        """The nodes of ``partition``; None where the controller does not answer."""
+        result = self.run("sinfo", "-h", "-N", "-p", partition, "-o", "%N", check=False, timeout=30)
+        return sorted(set(result.stdout.split())) if result.returncode == 0 else None
+
+
+class LocalSlurm(SlurmClient):
+    def __init__(self, root: Path, allowed: Allowed, nodes: int = 0,
+                 free_port: Callable[[], int] = any_free_port) -> None:
+        """``nodes``: how many namespaced nodes to add beside this machine's (where they can run); ``free_port``
+        picks the daemons' ports (the tests hand out ports per pytest-xdist worker)."""
+        super().__init__(root / "slurm.conf")
         self.root = root
-        self.conf = root / "slurm.conf"
+        self.allowed = allowed
+        self._free_port = free_port
         self.host = socket.gethostname().split(".")[0]
         self.started: list[Path] = []  # pid files of the daemons we started, and only those
         self._exported_conf = False
@@ -94,7 +169,7 @@ class LocalSlurm:
 
     # -- setup -----------------------------------------------------------------------------------------
     def start(self) -> LocalSlurm:
-        _refuse_real_slurm()  # before installing anything: a real cluster's node gets no apt-get either
+        refuse_real_slurm()  # before installing anything: a real cluster's node gets no apt-get either
         self._ensure_installed()
         self._ensure_hostname()
         self._ensure_munge()
@@ -112,7 +187,7 @@ class LocalSlurm:
 
     def _make_network(self) -> None:
         """Namespaced nodes, or the reason they cannot be (the one-node tests run either way)."""
-        self.multinode_skip = why_not()
+        self.multinode_skip = why_not(self.allowed.edit_hosts, self.allowed.edit_hosts_how)
         if self.multinode_skip:
             return
         network = NodeNetwork(self._wanted_nodes)
@@ -126,11 +201,9 @@ class LocalSlurm:
         missing = [tool for tool in NEEDED if shutil.which(tool) is None]
         if not missing:
             return
-        may_install = os.geteuid() == 0 and (os.environ.get("CI") == "true"
-                                             or os.environ.get("FSDP_KIT_INSTALL_SLURM") == "1")
-        if not may_install or shutil.which("apt-get") is None:
-            raise Unavailable(f"{', '.join(missing)} not installed; install Debian's slurm-wlm and munge, or run "
-                              "as root with CI=true or FSDP_KIT_INSTALL_SLURM=1 to let the tests install them")
+        if not self.allowed.install or shutil.which("apt-get") is None:
+            raise Unavailable(f"{', '.join(missing)} not installed; install Debian's slurm-wlm and munge "
+                              f"({APT_INSTALL}), or {self.allowed.install_how}")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         result = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"],
                                 capture_output=True, text=True, env=env, timeout=600)
@@ -147,9 +220,8 @@ class LocalSlurm:
             return
         except OSError:
             pass
-        if os.environ.get("CI") != "true" and os.environ.get("FSDP_KIT_EDIT_HOSTS") != "1":
-            raise Unavailable(f"hostname {self.host!r} does not resolve; set FSDP_KIT_EDIT_HOSTS=1 to let the tests "
-                              "add it to /etc/hosts")
+        if not self.allowed.edit_hosts:
+            raise Unavailable(f"hostname {self.host!r} does not resolve; {self.allowed.edit_hosts_how}")
         self._hosts_lines.append(f"127.0.0.1 {self.host}")
         add_hosts_lines(self._hosts_lines)
 
@@ -186,8 +258,8 @@ class LocalSlurm:
         self.conf.write_text(f"""\
 ClusterName=fsdpkit-test
 SlurmctldHost={self.host}({controller})
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={self._free_port()}
+SlurmdPort={self._free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -256,30 +328,6 @@ PartitionName=high Nodes={self.host} PriorityTier=10 MaxTime=INFINITE State=UP
                 return
             time.sleep(0.2)
         raise Unavailable(f"the nodes never became idle (states {states!r}); see {self.root / 'log'}")
-
-    # -- use ---------------------------------------------------------------------------------------------
-    def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
-            **kwargs) -> subprocess.CompletedProcess:
-        """A Slurm client command against this cluster; ``env`` adds to this process's environment."""
-        return subprocess.run(list(args), capture_output=True, text=True, check=check,
-                              env={**os.environ, **(env or {}), "SLURM_CONF": str(self.conf)}, **kwargs)
-
-    def job_state(self, job_id: str) -> str:
-        result = self.run("scontrol", "show", "job", job_id, check=False)
-        for field in result.stdout.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        return "GONE"
-
-    def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float = 300.0) -> str:
-        deadline = time.monotonic() + timeout
-        state = ""
-        while time.monotonic() < deadline:
-            state = self.job_state(job_id)
-            if state in states:
-                return state
-            time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} still {state} after {timeout}s (wanted {states})")
 
     # -- teardown ----------------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""Nodes of the test cluster on one machine: a network namespace, a veth link into a private bridge and a hosts
+"""Nodes of the local cluster on one machine: a network namespace, a veth link into a private bridge and a hosts
 line per node (DESIGN.md section 4, "Several Slurm nodes on one machine").
 
 Everything made is recorded as it is made, so ``remove()`` undoes exactly that (also after a partial start), and
@@ -29,8 +29,9 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def why_not() -> str | None:
-    """Why namespaced nodes cannot run here, or None."""
+def why_not(edit_hosts: bool, how_to_allow: str) -> str | None:
+    """Why namespaced nodes cannot run here, or None. ``edit_hosts``: the caller lets us add the node names to
+    /etc/hosts (and remove them again); ``how_to_allow`` says how, for the refusal."""
     if os.geteuid() != 0:
         return "network namespaces and a bridge need root"
     missing = [tool for tool in ("ip", "nsenter", "unshare") if shutil.which(tool) is None]
@@ -38,9 +39,8 @@ def why_not() -> str | None:
         return f"{', '.join(missing)} not installed"
     if _ip("netns", "list", check=False).returncode != 0:
         return "`ip netns` does not work here"
-    if os.environ.get("CI") != "true" and os.environ.get("FSDP_KIT_EDIT_HOSTS") != "1":
-        return ("the node names must go into /etc/hosts; run with CI=true or FSDP_KIT_EDIT_HOSTS=1 to let the tests "
-                "add (and remove) them")
+    if not edit_hosts:
+        return f"the node names must go into /etc/hosts; {how_to_allow}"
     return None
 
 
