@@ -78,7 +78,7 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
-def _pid_of(name: str) -> list[int]:
+def pid_of(name: str) -> list[int]:
     """Live processes named ``name`` (read from /proc: pgrep may be missing where Slurm is)."""
     pids = []
     for comm in Path("/proc").glob("[0-9]*/comm"):
@@ -92,7 +92,7 @@ def _pid_of(name: str) -> list[int]:
 
 def refuse_real_slurm() -> None:
     """Raise Unavailable where this machine belongs to a real Slurm: the local cluster never runs beside one."""
-    running = [name for name in ("slurmctld", "slurmd", "slurmdbd") if _pid_of(name)]
+    running = [name for name in ("slurmctld", "slurmd", "slurmdbd") if pid_of(name)]
     if running:
         raise Unavailable(f"a Slurm is already running here ({', '.join(running)}); "
                           "the local cluster never touches a real installation")

@@ -112,7 +112,7 @@ def scale_down(job: TrainConfig, machine: Machine) -> Rehearsal:
     plan.set("slurm.procs_per_node", plan.procs_per_node, wanted, why)
     _shard_group(job, plan, wanted)
     _model(job, plan)
-    _data(job, plan)
+    _data(job, plan, global_batch=job.trainer.batch_size * job.trainer.grad_accum * plan.nodes * plan.procs_per_node)
     _trainer(job, plan)
     return plan
 
@@ -139,7 +139,7 @@ def _model(job: TrainConfig, plan: Rehearsal) -> None:
         plan.set("model.pretrained", None, job.model.pretrained, "null: random init of the tiny shape")
 
 
-def _data(job: TrainConfig, plan: Rehearsal) -> None:
+def _data(job: TrainConfig, plan: Rehearsal, global_batch: int) -> None:
     data = job.data
     source_len, target_len = min(data.max_source_len, MAX_SOURCE_LEN), min(data.max_target_len, MAX_TARGET_LEN)
     plan.set("data.source", "synthetic", f"{data.source.value}", "synthetic tokens (the cluster's data is not here)")
@@ -149,8 +149,8 @@ def _data(job: TrainConfig, plan: Rehearsal) -> None:
     plan.set("data.max_source_len", source_len, f"{data.max_source_len}/{data.max_target_len} tokens",
              f"{source_len}/{target_len}")
     plan.set("data.max_target_len", target_len)
-    plan.set("data.num_examples", 4096)
-    plan.set("data.eval_examples", 16)
+    plan.set("data.num_examples", global_batch * (STEPS + 1))
+    plan.set("data.eval_examples", global_batch)
     plan.set("data.num_workers", 0)
 
 
