@@ -101,14 +101,17 @@ def _saves(outcome: Outcome) -> list[dict[str, Any]]:
 
 
 def preemption(outcome: Outcome, attempts: dict) -> tuple[Row, Row]:
-    saves = _saves(outcome)
-    preempted = [m for m in saves if m.get("reason") == "preemption"]
+    preempted = [m for m in _saves(outcome) if m.get("reason") == "preemption"]
     requeued = [key for key in attempts if key[0] >= 1]
     back = attempts.get(requeued[0], []) if requeued else []
     said = _log_lines(outcome, "requeueing job")
-    save = (f"SIGUSR2 after step {outcome.preempted_after}: all {preempted[0]['world_size']} ranks saved step "
-            f"{preempted[0]['step']}; {said[0] if said else 'no requeue line in the log'}") if preempted else (
-        "no preemption save" + ("" if outcome.preempted_after else " (the job ended before the signal)"))
+    if preempted:
+        step = preempted[0]["step"]
+        writers = len(list((outcome.run_dir / "checkpoints" / f"step_{step}").glob("__*.distcp")))
+        save = (f"SIGUSR2 after step {outcome.preempted_after}: the world of {preempted[0]['world_size']} saved step "
+                f"{step} ({writers} ranks wrote shards); {said[0] if said else 'no requeue line in the log'}")
+    else:
+        save = "no preemption save" + ("" if outcome.preempted_after else " (the job ended before the signal)")
     requeue = (f"requeued {requeued[0][0]} time(s); all {len(back)} ranks resumed at step {back[0]['first_step']} in "
                f"the same run dir {outcome.run_dir.name}") if back else "the job was not requeued"
     return Row("preemption", bool(preempted and said), save), Row("requeue", bool(back), requeue)
@@ -159,8 +162,8 @@ def show(outcome: Outcome, rows: list[Row], console: Console | None = None) -> N
     for change in outcome.plan.changes:
         scaled.add_row(*change)
     console.print(scaled)
-    table = Table(title=f"Rehearsal of {outcome.cluster_sbatch.name} ({outcome.plan.nodes} nodes x "
-                        f"{outcome.plan.procs_per_node} process(es))", title_justify="left")
+    table = Table(title=f"Rehearsal: {outcome.plan.nodes} nodes x {outcome.plan.procs_per_node} process(es), "
+                        f"Slurm job {outcome.job_id}", title_justify="left")
     table.add_column("check")
     table.add_column("", width=4)
     table.add_column("what happened")

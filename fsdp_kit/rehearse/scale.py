@@ -19,11 +19,11 @@ from fsdp_kit.config import TrainConfig
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.launch.slurm import procs_per_node
 
-STEPS = 12
+STEPS = 10
 """Training steps of the rehearsal: a lost rank at LOST_AT_STEP, a preemption once past PREEMPT_AFTER_STEP."""
-SAVE_EVERY = 3
-LOST_AT_STEP = 6
-PREEMPT_AFTER_STEP = 7
+SAVE_EVERY = 2
+LOST_AT_STEP = 4
+PREEMPT_AFTER_STEP = 4
 MAX_SOURCE_LEN, MAX_TARGET_LEN = 64, 16
 PROCESS_GB = 1.0
 """Memory one tiny-model trainer takes on CPU (torch and transformers loaded: about 0.6-0.8 GB resident)."""
