@@ -55,6 +55,9 @@ def test_the_wheel_carries_configs_and_templates(installed, tmp_path):
     assert (package / "configs" / "train.yaml").is_file()
     assert (package / "configs" / "model" / "t5_3b.yaml").is_file()
     assert (package / "launch" / "job.sbatch.in").is_file()
+    # fsdp-kit rehearse: the local cluster, and the folder a rehearsal puts on its jobs' PYTHONPATH
+    assert (package / "rehearse" / "cluster.py").is_file() and (package / "rehearse" / "inject" / "sitecustomize.py"
+                                                                ).is_file()
 
 
 def test_train_slurm_and_plan_run_from_an_empty_directory(installed, tmp_path):
