@@ -13,6 +13,7 @@ from fsdp_kit.config import compose_job
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.launch.slurm import check, procs_per_node
 from fsdp_kit.rehearse.cluster import NEEDED, pid_of
+from fsdp_kit.rehearse.machine import check_can_start
 from fsdp_kit.rehearse.scale import Machine, scale_down
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,12 +67,32 @@ def _rehearse(tmp_path: Path, *args: str, env: dict[str, str] | None = None):
     return lines[0], workdir
 
 
+def _refusal_as_nobody() -> str:
+    """check_can_start's refusal in a forked child whose effective user is not root (a pipe brings it back)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.seteuid(65534)
+            check_can_start(3, edit_hosts=True)
+            os.write(write, b"not refused")
+        except ConfigError as err:
+            os.write(write, str(err).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as answer:
+        return answer.read()
+
+
 def test_an_unusable_machine_is_refused_in_one_line_before_anything_is_started_or_written(tmp_path):
     if os.geteuid() != 0:
         line, workdir = _rehearse(tmp_path)
         assert "needs root" in line and "--slurm-conf" in line
         assert not workdir.exists()
         return
+    assert "needs root. Fix: run it as root" in _refusal_as_nobody()
     empty = tmp_path / "bin"
     empty.mkdir()
     line, workdir = _rehearse(tmp_path, env={"PATH": str(empty)})
