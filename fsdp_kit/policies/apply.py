@@ -10,7 +10,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from fsdp_kit.errors import ConfigError
 from fsdp_kit.models.build import layer_classes, layers
 from fsdp_kit.policies.activation import apply_checkpointing
 from fsdp_kit.policies.config import (
@@ -39,12 +38,10 @@ class Policies:
     wrap: WrapConfig
     ac: ActivationCheckpointConfig
     compile: bool = False
-    compile_backend: str = "inductor"
 
     @classmethod
     def of(cls, job: TrainConfig) -> Policies:
-        return cls(job.precision, job.sharding, job.wrap, job.ac, compile=job.trainer.compile,
-                   compile_backend=job.trainer.compile_backend)
+        return cls(job.precision, job.sharding, job.wrap, job.ac, compile=job.trainer.compile)
 
     @property
     def needs_layer_classes(self) -> bool:
@@ -75,18 +72,6 @@ def check_policies(model: nn.Module, policies: Policies) -> None:
     """Fail early (on the meta model, before any process group) if a named layer class does not exist."""
     if policies.needs_layer_classes:
         layer_classes(model, policies.wrap.layer_cls)
-    if policies.compile:
-        check_compile_backend(policies.compile_backend)
-
-
-def check_compile_backend(name: str) -> None:
-    """A backend torch.compile knows, checked before any process group (torch would fail at the first step)."""
-    import torch._dynamo
-
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if name not in known:
-        raise ConfigError(f"trainer.compile_backend={name!r} is not a torch.compile backend",
-                          "use inductor (generates kernels) or aot_eager (no code generation)")
 
 
 def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Applied:
@@ -96,7 +81,7 @@ def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Ap
 
     compiled = layers(model, layer_cls) if policies.compile else []
     for layer in compiled:
-        layer.compile(backend=policies.compile_backend)
+        layer.compile()
 
     fsdp_kwargs = {
         "mesh": mesh,

@@ -53,10 +53,6 @@ class TrainerConfig:
     """Generation length limit; null uses data.max_target_len."""
     compile: bool = False
     """torch.compile each transformer layer."""
-    compile_backend: str = "inductor"
-    """torch.compile backend with compile=true: inductor (generates fused kernels: the speed-up) | aot_eager (traces
-    forward and backward like inductor but runs them eagerly, no code generation: for finding compile problems
-    fast; the model-matrix tests use it) | any name in torch._dynamo.list_backends()."""
     seed: int = 0
     """Seed for weight init and dropout."""
     profile: bool = False
