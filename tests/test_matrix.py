@@ -19,6 +19,7 @@ import fsdp_kit.metrics.flops as flops_module
 from fsdp_kit import models
 from fsdp_kit.checkpoint.export import export_hf
 from fsdp_kit.metrics import FlopCounter, closed_form_flops
+from fsdp_kit.plan import traced
 from fsdp_kit.policies.config import WrapConfig, WrapPolicy
 from fsdp_kit.policies.wrapping import fsdp_units
 
@@ -164,13 +165,16 @@ def test_export_reloads_through_model_pretrained_with_the_trained_loss(trained, 
 
 
 @pytest.mark.parametrize("name", [*TRAINED, "gpt2_tiny"])  # t5_tiny: test_metrics.py
-def test_flop_counter_equals_the_closed_form(name, tmp_path, monkeypatch):
+def test_flop_counter_and_planner_equal_the_closed_form(name, tmp_path, monkeypatch):
     monkeypatch.setattr(flops_module, "COUNTED", {})  # the counter under test counts
     cfg = job(tmp_path, f"model={name}").model
     config = models.hf_config(cfg)
     batch, source, target = 2, 24, 8
     shapes = {key: tuple(value.shape) for key, value in _batch(config, batch, source, target, "meta").items()}
     assert FlopCounter(cfg, config).flops_for_shapes(shapes) == closed_form_flops(config, batch, source, target)
+    # the planner traces the same model (activations and FLOPs of one sample at the job's lengths)
+    planning = job(tmp_path, f"model={name}", f"data.max_source_len={source}", f"data.max_target_len={target}")
+    assert traced(planning).flops_per_sample == closed_form_flops(config, 1, source, target)
 
 
 @pytest.mark.parametrize(("name", "params"), [("flan_t5_base", 247_577_856), ("mt5_small", 300_176_768)])

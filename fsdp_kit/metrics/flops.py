@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PretrainedConfig
 
-from fsdp_kit.models.build import build
+from fsdp_kit.models.build import build, traceable
 from fsdp_kit.models.config import ModelConfig
 from fsdp_kit.models.objective import token_loss
 
@@ -25,9 +25,7 @@ shapes, e.g. each lever of ``fsdp-kit bench``, does not count again (T5-3B: abou
 
 class FlopCounter:
     def __init__(self, model_cfg: ModelConfig, config: PretrainedConfig) -> None:
-        # Eval mode: train-mode randomness read on the host (BART's layerdrop draws a number per layer and compares
-        # it) cannot run on fake tensors, and neither it nor dropout is a matmul: the count is the same.
-        self._model = build(model_cfg, device="meta", config=config).eval()
+        self._model = traceable(build(model_cfg, device="meta", config=config))
         self._key = (repr(model_cfg), type(config).__name__, config.to_json_string(use_diff=False))
         self._cache: dict[tuple, int] = {}
 

@@ -194,6 +194,17 @@ def build(cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dt
     return model
 
 
+def traceable(model: PreTrainedModel) -> PreTrainedModel:
+    """``model`` in training mode for tracing on fake tensors (FLOP counting, planning), except the stacks that can
+    skip layers: BART's layerdrop draws a random number per layer and compares it on the host, which a fake tensor
+    cannot. Those stacks then also skip their embedding dropout, one mask per stack: no FLOPs, negligible memory."""
+    model.train()
+    for module in model.modules():
+        if hasattr(module, "layerdrop"):
+            module.training = False
+    return model
+
+
 def layer_classes(model: nn.Module, names: list[str] | None) -> tuple[type[nn.Module], ...]:
     """Resolve layer class names (default: the model's ``_no_split_modules``) against the model's modules."""
     present = {type(module).__name__: type(module) for module in model.modules()}
