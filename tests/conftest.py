@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # The files that take longest (measured on 2 cores, 2026-11-23), slowest first: under xdist they are handed out
 # first, so that none of them is left to run alone at the end. The Slurm file leads, whatever this list says.
 LONGEST_FIRST = ("test_checkpoint.py", "test_train.py", "test_acceptance.py", "test_plan.py", "test_wheel.py",
-                 "test_optim_resume.py", "test_parity.py", "test_batch_size.py")
+                 "test_optim_resume.py", "test_parity.py", "test_matrix.py", "test_batch_size.py")
 
 
 def _slurm_tests_in_one_file_first(config: pytest.Config, items: list[pytest.Item]) -> None:

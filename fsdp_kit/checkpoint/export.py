@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from fsdp_kit.checkpoint.manager import corrupt_error, read_marker, verify
 from fsdp_kit.data.tokenizer import build_tokenizer
 from fsdp_kit.errors import CheckpointError, ConfigError, first_line
+from fsdp_kit.models.build import keep_untied_head, tie_all_but_the_head
 from fsdp_kit.outputs import check_writable_folder, nearest_existing
 
 
@@ -41,6 +42,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | 
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config)
+    tie_all_but_the_head(model)
     model.to_empty(device="cpu")
     state = model.state_dict()
     try:
@@ -62,7 +64,9 @@ def _model_config(source: Path, meta: dict[str, Any]) -> Any:
                               "export a checkpoint written by fsdp_kit train")
     hf_config = dict(recorded)
     try:
-        return AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+        config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+        keep_untied_head(config, recorded)
+        return config
     except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"{source}/fsdp_kit.json records a model config transformers cannot build "
                               f"({first_line(err)})", "export with the transformers version that trained it") from err

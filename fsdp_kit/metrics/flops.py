@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PretrainedConfig
 
-from fsdp_kit.models.build import build
+from fsdp_kit.models.build import build, traceable
 from fsdp_kit.models.config import ModelConfig
 from fsdp_kit.models.objective import token_loss
 
@@ -25,7 +25,7 @@ shapes, e.g. each lever of ``fsdp-kit bench``, does not count again (T5-3B: abou
 
 class FlopCounter:
     def __init__(self, model_cfg: ModelConfig, config: PretrainedConfig) -> None:
-        self._model = build(model_cfg, device="meta", config=config)
+        self._model = traceable(build(model_cfg, device="meta", config=config))
         self._key = (repr(model_cfg), type(config).__name__, config.to_json_string(use_diff=False))
         self._cache: dict[tuple, int] = {}
 
@@ -52,24 +52,3 @@ class FlopCounter:
                 loss_sum.backward()
         self._model.zero_grad(set_to_none=True)
         return int(counter.get_total_flops())
-
-
-def t5_closed_form_flops(config: PretrainedConfig, batch: int, source_len: int, target_len: int) -> int:
-    """Training FLOPs of a T5 step (forward + backward = 3x forward), from the shapes alone.
-
-    6 x (parameters a token passes through) x tokens for the dense layers, plus the attention score and
-    value products; see DESIGN.md. Used to check the counter, and by the planner.
-    """
-    d, d_ff, inner = config.d_model, config.d_ff, config.num_heads * config.d_kv
-    enc_layers, dec_layers = config.num_layers, config.num_decoder_layers
-    ff_mats = 3 if config.is_gated_act else 2
-    attn = 4 * d * inner
-    enc_block = attn + ff_mats * d * d_ff
-    xattn_kv = 2 * d * inner
-    dec_block = 2 * attn + ff_mats * d * d_ff
-    dense = (enc_layers * enc_block * batch * source_len
-             + dec_layers * (dec_block - xattn_kv) * batch * target_len
-             + dec_layers * xattn_kv * batch * source_len
-             + d * config.vocab_size * batch * target_len)
-    attention = (enc_layers * source_len**2 + dec_layers * (target_len**2 + source_len * target_len)) * inner * batch
-    return 6 * dense + 12 * attention

@@ -52,6 +52,7 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         except (ValueError, TypeError) as err:  # the config class's own consistency checks
             raise ConfigError(f"model.hf_config is not a valid {config_class.__name__} ({first_line(err)})",
                               "fix the model.hf_config values") from err
+    keep_untied_head(config, _asked_settings(cfg))
     if cfg.dropout is not None:
         for key, value in config.to_dict().items():
             if key.endswith(_DROPOUT_SUFFIXES) and isinstance(value, float):
@@ -59,6 +60,39 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     # Training never uses the KV cache, and HF T5 breaks non-reentrant activation checkpointing with it.
     config.use_cache = False
     return config
+
+
+def keep_untied_head(config: PretrainedConfig, asked: dict[str, Any]) -> None:
+    """Keep the language-model head untied from the embedding where the settings say so.
+
+    transformers 5.x T5 and mT5 configs force ``tie_word_embeddings=True`` (T5 v1.1, mT5 and Flan-T5 checkpoints
+    hold their own head, which from_pretrained keeps by comparing values), so a model built from the config alone
+    would share one matrix for the embedding and the head: not the v1.1 architecture, and loading or exporting its
+    weights would write both into that one matrix. Setting the attribute after construction builds the untied head.
+    """
+    if asked.get("tie_word_embeddings") is False and config.tie_word_embeddings:
+        config.tie_word_embeddings = False
+
+
+def tie_all_but_the_head(model: PreTrainedModel) -> None:
+    """With the head untied, the model's other declared ties hold (T5's encoder and decoder embeddings are
+    ``shared``): transformers ties nothing at all when ``tie_word_embeddings`` is false."""
+    head = model.get_output_embeddings()
+    if model.config.tie_word_embeddings or head is None:
+        return
+    head_name = next(name for name, module in model.named_modules() if module is head) + ".weight"
+    ties = {target: source for target, source in (type(model)._tied_weights_keys or {}).items()
+            if target != head_name}
+    if ties:
+        model.all_tied_weights_keys = ties  # what save_pretrained and tie_weights read
+        model.tie_weights(recompute_mapping=False)
+
+
+def _asked_settings(cfg: ModelConfig) -> dict[str, Any]:
+    """The model settings as written: the preset's hf_config, or the pretrained folder's config.json."""
+    if not cfg.pretrained:
+        return cfg.hf_config
+    return PretrainedConfig.get_config_dict(cfg.pretrained)[0]
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -85,9 +119,10 @@ def check_hf_config(config_class: type[PretrainedConfig], values: dict[str, Any]
         if key.endswith(_DROPOUT_SUFFIXES) and not 0 <= value < 1:
             raise ConfigError(f"model.hf_config.{key}={value} must be in [0, 1)",
                               f"pass model.hf_config.{key}=<a probability, e.g. 0.1>")
-        # A size, count or scale whose default is positive (d_model, num_layers, layer_norm_epsilon, ...).
-        if not key.endswith(_DROPOUT_SUFFIXES) and isinstance(was, (int, float)) and not isinstance(was, bool) \
-                and was > 0 and value <= 0:
+        # A size, count or scale whose default is positive (d_model, num_layers, layer_norm_epsilon, ...); a token
+        # id is none of these (BART's pad id defaults to 1, and 0 is a valid id).
+        if not key.endswith((*_DROPOUT_SUFFIXES, "_token_id")) and isinstance(was, (int, float)) \
+                and not isinstance(was, bool) and was > 0 and value <= 0:
             raise ConfigError(f"model.hf_config.{key}={value} must be > 0",
                               f"pass model.hf_config.{key}=<a number > 0> (its default is {was})")
 
@@ -155,6 +190,18 @@ def build(cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dt
                 raise
             raise ConfigError(f"model.attn_implementation={cfg.attn_implementation}: {first_line(err, 120)}",
                               "use sdpa, eager or flex_attention, or leave it null") from err
+    tie_all_but_the_head(model)
+    return model
+
+
+def traceable(model: PreTrainedModel) -> PreTrainedModel:
+    """``model`` in training mode for tracing on fake tensors (FLOP counting, planning), except the stacks that can
+    skip layers: BART's layerdrop draws a random number per layer and compares it on the host, which a fake tensor
+    cannot. Those stacks then also skip their embedding dropout, one mask per stack: no FLOPs, negligible memory."""
+    model.train()
+    for module in model.modules():
+        if hasattr(module, "layerdrop"):
+            module.training = False
     return model
 
 

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from fsdp_kit.models.build import layers
+from fsdp_kit.models.build import layers, tie_all_but_the_head
 from fsdp_kit.models.config import ModelConfig
 
 
@@ -35,16 +35,27 @@ def materialize(model: PreTrainedModel, cfg: ModelConfig, device: torch.device, 
 
 
 def _load_pretrained(model: PreTrainedModel, cfg: ModelConfig, rank: int) -> None:
+    _init_unsaved_buffers(model)
     full_state: dict[str, torch.Tensor] = {}
     if rank == 0:
         dtype = next(model.parameters()).dtype
         auto = AutoModelForSeq2SeqLM if model.config.is_encoder_decoder else AutoModelForCausalLM
         source = auto.from_pretrained(cfg.pretrained, config=model.config, dtype=dtype,
                                       trust_remote_code=cfg.trust_remote_code)
+        tie_all_but_the_head(source)
         full_state = {name: tensor.to(dtype) for name, tensor in source.state_dict().items()}
         del source
     set_model_state_dict(model, full_state,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def _init_unsaved_buffers(model: PreTrainedModel) -> None:
+    """Buffers no checkpoint holds (non-persistent: Llama's rotary frequencies) are computed by the model's own
+    init, on every rank; to_empty left them as uninitialized memory."""
+    with torch.no_grad():
+        for module in model.modules():
+            if module._non_persistent_buffers_set and next(module.parameters(recurse=False), None) is None:
+                model._init_weights(module)
 
 
 def _init_random(model: PreTrainedModel, device: torch.device, seed: int) -> None:

@@ -19,6 +19,7 @@ from fsdp_kit import models
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.metrics.flops import FlopCounter
+from fsdp_kit.models.build import traceable
 from fsdp_kit.plan.activations import ActivationProfile, profile
 from fsdp_kit.plan.memory import GB, MemoryBreakdown, ModelShape, breakdown
 from fsdp_kit.plan.speed import SpeedEstimate, estimate_speed
@@ -71,7 +72,7 @@ def _batch_shapes(job: TrainConfig, encoder_decoder: bool, batch: int) -> dict[s
 
 def _meta_model(job: TrainConfig) -> tuple[nn.Module, tuple[type[nn.Module], ...]]:
     config = models.hf_config(job.model)
-    model = models.build(job.model, device="meta", dtype=compute_dtype(job.precision), config=config)
+    model = traceable(models.build(job.model, device="meta", dtype=compute_dtype(job.precision), config=config))
     return model, models.layer_classes(model, job.wrap.layer_cls)
 
 
