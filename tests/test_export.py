@@ -72,6 +72,21 @@ def test_sharded_export_loads_with_identical_weights_and_logits_and_continues_th
     again = run_cli("export", str(checkpoint), str(out), cwd=ROOT, timeout=300)
     assert again.code != 0 and "not empty" in again.stderr  # never overwrites
 
+    cast = run_cli("export", str(checkpoint), str(tmp_path / "bf16"), "--dtype", "bfloat16", cwd=ROOT, timeout=300)
+    assert cast.code == 0, cast.stderr
+    as_bf16 = T5ForConditionalGeneration.from_pretrained(tmp_path / "bf16")
+    assert as_bf16.config.dtype == torch.bfloat16
+    for name, tensor in as_bf16.state_dict().items():
+        assert torch.equal(tensor, trained[name].to(torch.bfloat16)), name
+
+
+def test_a_bad_shard_size_is_one_line_before_the_checkpoint_is_read(tmp_path):
+    outcome = run_cli("export", str(tmp_path / "no_such_checkpoint"), str(tmp_path / "hf"), "--max-shard-size", "2XB",
+                      cwd=tmp_path)
+    assert outcome.code == 2 and len(outcome.error_lines) == 1, outcome.stderr
+    assert "--max-shard-size '2XB' is not a size" in outcome.error_lines[0] and "e.g. 500MB" in outcome.error_lines[0]
+    assert list(tmp_path.iterdir()) == []
+
 
 # A T5 of ~33M parameters (133 MB in fp32) whose largest tensor is 4 MB: big enough that holding it shows in the
 # process's peak memory above everything else export allocates.
