@@ -134,16 +134,31 @@ def test_export_memory_is_bounded_by_a_shard_not_by_the_model(scaled_checkpoint,
     assert growth < model_bytes / 2, f"memory rose by {growth / 1e6:.0f} MB exporting {model_bytes / 1e6:.0f} MB"
 
 
-def test_a_marker_without_a_model_config_is_refused_before_anything_is_written(scaled_checkpoint, tmp_path):
-    from fsdp_kit.checkpoint.export import export_hf
+def _marker_and_index_only(checkpoint: Path, folder: Path, drop: tuple[str, ...]) -> Path:
+    """A copy of ``checkpoint``'s marker (without the keys ``drop``, re-signed) and DCP index, without its shards."""
     from fsdp_kit.checkpoint.marker import MARKER, marker_text
 
-    source = tmp_path / "step_1"
-    source.mkdir()
-    shutil.copy(scaled_checkpoint / ".metadata", source / ".metadata")
-    meta = json.loads((scaled_checkpoint / MARKER).read_text())
-    del meta["hf_config"]
-    (source / MARKER).write_text(marker_text(meta))
+    folder.mkdir()
+    shutil.copy(checkpoint / ".metadata", folder / ".metadata")
+    meta = {k: v for k, v in json.loads((checkpoint / MARKER).read_text()).items() if k not in drop}
+    (folder / MARKER).write_text(marker_text(meta))
+    return folder
+
+
+def test_a_marker_without_a_model_config_is_refused_before_anything_is_written(scaled_checkpoint, tmp_path):
+    from fsdp_kit.checkpoint.export import export_hf
+
+    source = _marker_and_index_only(scaled_checkpoint, tmp_path / "step_1", drop=("hf_config",))
     with pytest.raises(CheckpointError, match=r"records no model config .*export a checkpoint written by fsdp_kit"):
         export_hf(source, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_shards_that_cannot_be_read_name_the_cause_and_leave_nothing(scaled_checkpoint, tmp_path):
+    """Shards missing (and no checksums recorded that would have caught it first): DCP's failure, in one line."""
+    from fsdp_kit.checkpoint.export import export_hf
+
+    source = _marker_and_index_only(scaled_checkpoint, tmp_path / "step_1", drop=("checksum", "checksums"))
+    with pytest.raises(CheckpointError, match=r"reading the weights of .*step_1 failed \(FileNotFoundError: "):
+        export_hf(source, tmp_path / "out" / "hf", max_shard_size="2MB")
+    assert list(tmp_path.iterdir()) == [source]

@@ -88,8 +88,17 @@ def _load(source: Path, tensors: dict[str, torch.Tensor]) -> None:
         with _single_process_load():
             dcp.load({"model": tensors}, checkpoint_id=str(source), no_dist=True)
     except (Exception, CheckpointException) as err:  # DCP raises many types for damaged shards
-        raise CheckpointError(f"reading the weights of {source} failed ({type(err).__name__}: "
-                              f"{first_line(err)})", "export another checkpoint") from err
+        cause = _first_failure(err)
+        raise CheckpointError(f"reading the weights of {source} failed ({type(cause).__name__}: "
+                              f"{first_line(cause)})", "export another checkpoint") from err
+
+
+def _first_failure(err: BaseException) -> BaseException:
+    """What went wrong inside DCP: its CheckpointException's own text names only the ranks that failed."""
+    failures = err.failures if isinstance(err, CheckpointException) else {}
+    for exc, _traceback in failures.values():
+        return exc
+    return err
 
 
 @contextmanager
