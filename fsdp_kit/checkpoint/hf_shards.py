@@ -63,9 +63,9 @@ def write_config(model: PreTrainedModel, folder: Path) -> None:
         model.generation_config.save_pretrained(folder)
 
 
-def write_shards(source: Path, model: PreTrainedModel, folder: Path, max_shard_size: int | str) -> list[str]:
+def write_shards(source: Path, model: PreTrainedModel, folder: Path, max_shard_size: int | str) -> None:
     """Copy ``model``'s tensors (meta, in the dtypes to write) from the DCP checkpoint ``source`` into
-    safetensors shards in ``folder``, one shard in memory at a time; the names of the files written."""
+    safetensors shards in ``folder`` (plus the index where there are several), one shard in memory at a time."""
     wanted = saved_tensors(model)
     split = split_torch_state_dict_into_shards(wanted, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
@@ -75,11 +75,10 @@ def write_shards(source: Path, model: PreTrainedModel, folder: Path, max_shard_s
         save_file(shard, folder / filename, metadata={"format": "pt"})
         del shard  # freed before the next shard is read
     if not split.is_sharded:
-        return list(split.filename_to_tensors)
+        return
     index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
              "weight_map": split.tensor_to_filename}
     (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return [*split.filename_to_tensors, SAFE_WEIGHTS_INDEX_NAME]
 
 
 def _load(source: Path, tensors: dict[str, torch.Tensor]) -> None:
