@@ -52,9 +52,10 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from fsdp_kit.checkpoint.export import export_hf
+    from fsdp_kit.checkpoint.hf_shards import DEFAULT_MAX_SHARD_SIZE
 
     out = export_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype) if args.dtype else None,
-                    tokenizer=args.tokenizer)
+                    tokenizer=args.tokenizer, max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -283,6 +284,9 @@ def build_parser() -> _Parser:
     export.add_argument("--tokenizer", metavar="NAME_OR_DIR", default=None,
                         help="save this tokenizer instead of the one the checkpoint records (e.g. where that one "
                              "was a relative path, recorded by an older fsdp_kit)")
+    export.add_argument("--max-shard-size", metavar="SIZE", default=None,
+                        help="largest safetensors file, e.g. 500MB (default 1GB): export holds one file's tensors "
+                             "in memory at a time, so this bounds its memory, whatever the model's size")
     export.set_defaults(handler=_export)
 
     slurm = commands.add_parser("slurm", help="render a ready sbatch file for the overrides",

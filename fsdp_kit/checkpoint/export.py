@@ -1,7 +1,9 @@
 """Turn a sharded DCP checkpoint into a HF ``save_pretrained`` folder, on one machine without a GPU.
 
-The model is built on the meta device from the config the checkpoint recorded, allocated once on CPU,
-and DCP reads the shards straight into it (no process group, no second copy of the weights).
+The model is built on the meta device from the config the checkpoint recorded, never allocated: it only says what
+``save_pretrained`` would write (names, dtypes, tied weights, config files). The weights are copied from the DCP shards
+into HF safetensors shards one output shard at a time (see ``hf_shards``), so peak memory is one shard
+(``max_shard_size``), not the model: no process group, no model copy.
 
 Everything export needs (the marker's model config, a loadable tokenizer, a writable output folder) is checked
 before a byte is written. The folder is written as a hidden sibling and renamed into place at the end, so a full
@@ -17,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 
+from fsdp_kit.checkpoint.hf_shards import DEFAULT_MAX_SHARD_SIZE, shard_bytes, write_config, write_shards
 from fsdp_kit.checkpoint.manager import corrupt_error, read_marker, verify
 from fsdp_kit.data.tokenizer import build_tokenizer
 from fsdp_kit.errors import CheckpointError, ConfigError, first_line
@@ -29,9 +30,11 @@ from fsdp_kit.outputs import check_writable_folder, nearest_existing
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-              tokenizer: str | None = None) -> Path:
-    """Write ``checkpoint`` as a HF folder at ``out_dir``; ``tokenizer`` replaces the one the checkpoint records."""
+              tokenizer: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write ``checkpoint`` as a HF folder at ``out_dir``; ``tokenizer`` replaces the one the checkpoint records;
+    ``max_shard_size`` (bytes, or "500MB") bounds each safetensors file and so the memory export needs."""
     source, target = Path(checkpoint), Path(out_dir)
+    shard_size = shard_bytes(max_shard_size)
     meta = read_marker(source)
     check_target(target)
     config = _model_config(source, meta)
@@ -43,16 +46,16 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | 
     with torch.device("meta"):
         model = auto.from_config(config)
     tie_all_but_the_head(model)
-    model.to_empty(device="cpu")
-    state = model.state_dict()
-    try:
-        dcp.load({"model": state}, checkpoint_id=str(source), no_dist=True)
-    except (Exception, CheckpointException) as err:  # DCP raises many types for damaged shards
-        raise CheckpointError(f"reading the weights of {source} failed ({type(err).__name__}: "
-                              f"{first_line(err)})", "export another checkpoint") from err
     if dtype is not None:
-        model.to(dtype)
-    _write(target, lambda folder: (model.save_pretrained(folder), tokens.save_pretrained(folder)))
+        model.to(dtype)  # casts the floating-point tensors only, as it would a loaded model
+
+    def save(folder: Path) -> None:
+        folder.mkdir()
+        write_config(model, folder)
+        write_shards(source, model, folder, shard_size)
+        tokens.save_pretrained(folder)
+
+    _write(target, save)
     return target
 
 
@@ -107,6 +110,8 @@ def _write(target: Path, save: Any) -> None:
                 folder.rmdir()
             except OSError:
                 break
+        if isinstance(err, CheckpointError):  # the checkpoint could not be read: nothing about the disk
+            raise
         raise CheckpointError(f"writing {target} failed: {_why(err, target)}; nothing was left there",
                               "free space (or raise the file-size limit, ulimit -f) and export again, or export "
                               "to another disk") from err
