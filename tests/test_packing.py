@@ -117,3 +117,15 @@ def test_models_that_cannot_pack_are_refused_before_any_work(overrides, named, t
         run(job(tmp_path, "data.packing=true", *overrides))
     assert "\n" not in str(refused.value) and "data.packing=false" in str(refused.value)
     assert not list(tmp_path.iterdir()), "nothing was written"
+
+
+
+def test_the_planner_traces_full_packed_rows_with_their_masks():
+    from fsdp_kit.config import compose_job
+    from fsdp_kit.plan import traced
+
+    def saved(packing: str) -> float:
+        profile = traced(compose_job([f"data.packing={packing}"])).activations
+        return profile.outside_layers + sum(profile.per_layer)
+
+    assert saved("true") > saved("false"), "a packed row's 4-D masks are part of its activations"
