@@ -116,8 +116,8 @@ def take_stream_pairs(batch: dict[str, torch.Tensor]) -> int | None:
     return None if count is None else int(count)
 
 
-def padding_share(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(padding tokens, all tokens) of a collated seq2seq batch, source and target sides together."""
-    real = int(batch["attention_mask"].sum()) + int((batch["labels"] != IGNORE_INDEX).sum())
-    total = batch["input_ids"].numel() + batch["labels"].numel()
-    return total - real, total
+def as_packed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An unpacked seq2seq batch as packed rows of one pair each: the packed forward (its 4-D masks included) at
+    the same shapes, for the batch-size search."""
+    return {**batch, "segment_ids": batch["attention_mask"].long(),
+            "decoder_segment_ids": (batch["labels"] != IGNORE_INDEX).long()}
