@@ -58,6 +58,7 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
     from fsdp_kit import data, models
     from fsdp_kit.checkpoint import Manager, RunIdentity
     from fsdp_kit.checkpoint.compat import trained_settings, training_settings
+    from fsdp_kit.data.config import check_packing
     from fsdp_kit.data.tokenizer import recorded_name
     from fsdp_kit.launch.requeue import request_requeue
     from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
@@ -73,6 +74,7 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
     job = resolve_auto_checkpointing(job, runtime.world_size, runtime.local_world_size, runtime.device)
 
     config = models.hf_config(job.model)
+    check_packing(job.data, config.model_type, job.model.attn_implementation)  # before the model is built
     if job.model.pretrained:  # a preset's position table was checked with the values (config.check_values)
         models.check_fits(config, job.data, job.trainer.max_new_tokens)
     model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)

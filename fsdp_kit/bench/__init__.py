@@ -27,7 +27,7 @@ __all__ = ["OUTPUT_FILES", "BenchRun", "LeverResult", "bench_overrides", "probe_
 
 OUTPUT_FILES = ("bench.json", "bench.md", "bench.png")
 
-_MEASURED = ("batch_size", "tflops_per_gpu", "tokens_per_s", "step_time_s", "mfu", "peak_mem_gb")
+_MEASURED = ("batch_size", "tflops_per_gpu", "tokens_per_s", "real_tokens_per_s", "step_time_s", "mfu", "peak_mem_gb")
 
 
 def bench_overrides(steps: int) -> list[str]:
@@ -64,6 +64,7 @@ class LeverResult:
         return {"lever": self.lever.name, "what": self.lever.what, "off": dataclasses.asdict(self.off),
                 "on": dataclasses.asdict(self.on), "tflops_gain": self.gain("tflops_per_gpu"),
                 "tokens_per_s_gain": self.gain("tokens_per_s"),
+                "text_tokens_per_s_gain": self.gain("real_tokens_per_s"),
                 "published": dataclasses.asdict(published) if published else None,
                 "probe_factor": self.probe_factor, "probe_runs": list(self.lever.probe) if self.lever.probe else None}
 

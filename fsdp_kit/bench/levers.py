@@ -65,6 +65,8 @@ LEVERS: tuple[Lever, ...] = (
     Lever("grad_accum_no_sync", "one reduce-scatter per step vs one per micro-batch (grad_accum=4)",
           ("trainer.grad_accum=4", "trainer.grad_accum_no_sync=false"),
           ("trainer.grad_accum=4", "trainer.grad_accum_no_sync=true")),
+    Lever("packing", "several built-in pairs per row (data.packing) vs one pair per padded row; read the tokens of "
+          "text per second", ("data=builtin", "data.packing=false"), ("data=builtin", "data.packing=true")),
     Lever("pinned_batches", "pinned host batches with non-blocking copies vs pageable", ("data.pin_memory=false",),
           ("data.pin_memory=true",)),
 )

@@ -40,20 +40,21 @@ def markdown(results: list[LeverResult], about: dict[str, Any]) -> str:
              "step time per device. Published: the factor a publication states for the lever; probe: the ratio of our "
              "H100 probe's runs (shared/DESIGN.md section 4).", "",
              "| lever | off: batch / TFLOPS / tokens/s | on: batch / TFLOPS / tokens/s | gain (TFLOPS) | "
-             "gain (tokens/s) | published | probe (H100) |", "|---|---|---|---|---|---|---|"]
+             "gain (tokens/s) | gain (text tokens/s) | published | probe (H100) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         off, on = r.off.numbers, r.on.numbers
         if r.off.error or r.on.error:
             failed = "; ".join(f"{side} failed: {run.error}" for side, run in (("off", r.off), ("on", r.on))
                                if run.error)
-            lines.append(f"| {r.lever.name} | {failed} | | n/a | n/a | | {_factor(r.probe_factor)} |")
+            lines.append(f"| {r.lever.name} | {failed} | | n/a | n/a | n/a | | {_factor(r.probe_factor)} |")
             continue
         published = r.lever.published
         cited = f"{published.qualifier} {published.factor:g}x" if published else "n/a"
         lines.append(f"| {r.lever.name} | {off['batch_size']} / {_num(off['tflops_per_gpu'])} / "
                      f"{_num(off['tokens_per_s'])} | {on['batch_size']} / {_num(on['tflops_per_gpu'])} / "
                      f"{_num(on['tokens_per_s'])} | {_factor(r.gain('tflops_per_gpu'))} | "
-                     f"{_factor(r.gain('tokens_per_s'))} | {cited} | {_factor(r.probe_factor)} |")
+                     f"{_factor(r.gain('tokens_per_s'))} | {_factor(r.gain('real_tokens_per_s'))} | {cited} | "
+                     f"{_factor(r.probe_factor)} |")
     sources = sorted({r.lever.published.source for r in results if r.lever.published})
     lines += ["", *(f"Published: {source}." for source in sources)]
     lines += ["", *(f"- `{r.lever.name}`: {r.lever.what}; off `{' '.join(r.lever.off)}`, on "

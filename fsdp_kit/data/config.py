@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fsdp_kit.errors import ConfigError
 from fsdp_kit.options import Option
 
 
@@ -52,6 +53,31 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     pin_memory: bool = True
     """On GPU, load batches into pinned host memory so their copies to the GPU do not block the host."""
+    packing: bool = False
+    """Pack several (source, target) pairs into each training row (up to max_source_len source and max_target_len
+    target tokens), with attention block-diagonal per pair: less padding, the same loss per target token. T5-family
+    models only (sdpa or eager attention); eval batches stay unpacked."""
     max_skipped_fraction: float = 0.01
     """csv/jsonl/hf: the largest share of rows that may be skipped (empty or non-text source/target) before
     the run refuses to start; every skip is counted and reported either way. 0 allows none, 1 any."""
+
+
+PACKABLE_MODEL_TYPES = ("t5", "mt5")
+"""Encoder-decoders whose stacks take 4-D attention masks and whose positions are relative (T5's bias depends only on
+the key-query distance), so a block-diagonal mask gives each packed pair exactly its unpacked result."""
+
+PACKABLE_ATTENTION = (None, "sdpa", "eager")
+
+
+def check_packing(cfg: DataConfig, model_type: str, attn_implementation: str | None) -> None:
+    """Refuse ``data.packing=true`` for a model that cannot keep packed pairs apart."""
+    if not cfg.packing:
+        return
+    if model_type not in PACKABLE_MODEL_TYPES:
+        raise ConfigError(f"data.packing=true needs a T5-family encoder-decoder ({', '.join(PACKABLE_MODEL_TYPES)}); "
+                          f"this model is {model_type!r}, whose attention cannot keep packed pairs apart",
+                          "set data.packing=false for this model")
+    if attn_implementation not in PACKABLE_ATTENTION:
+        raise ConfigError(f"data.packing=true needs attention that takes 4-D masks (sdpa or eager), not "
+                          f"model.attn_implementation={attn_implementation}",
+                          "set model.attn_implementation=sdpa, or data.packing=false")

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from fsdp_kit.data.config import DataConfig
+from fsdp_kit.data.config import DataConfig, check_packing
 from fsdp_kit.data.sources import Pair, load_pairs
 from fsdp_kit.data.tokenizer import build_tokenizer
 from fsdp_kit.errors import ConfigError
@@ -23,6 +23,7 @@ class TextPairs(Dataset):
 
     def __init__(self, pairs: list[Pair], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
         self.pairs, self.tokenizer, self.cfg = pairs, tokenizer, cfg
+        self._lengths: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -33,6 +34,13 @@ class TextPairs(Dataset):
                                     max_length=self.cfg.max_source_len)["input_ids"]
         target_ids = self.tokenizer(target, truncation=True, max_length=self.cfg.max_target_len)["input_ids"]
         return {"source": source_ids, "target": target_ids}
+
+    def lengths(self, index: int) -> tuple[int, int]:
+        """(source, target) token counts of pair ``index`` after truncation (packing cuts rows by them)."""
+        if index not in self._lengths:
+            example = self[index]
+            self._lengths[index] = (len(example["source"]), len(example["target"]))
+        return self._lengths[index]
 
 
 class SyntheticTokens(Dataset):
@@ -50,6 +58,9 @@ class SyntheticTokens(Dataset):
         target = torch.randint(2, self.vocab_size, (self.cfg.max_target_len,), generator=generator)
         return {"source": source.tolist(), "target": target.tolist()}
 
+    def lengths(self, index: int) -> tuple[int, int]:
+        return self.cfg.max_source_len, self.cfg.max_target_len
+
 
 @dataclass(frozen=True)
 class Collator:
@@ -65,15 +76,12 @@ class Collator:
             return self._seq2seq(examples)
         return self._causal(examples)
 
-    def _length(self, longest: int, fixed: int | None) -> int:
-        return fixed if fixed is not None else -(-longest // 8) * 8
-
     def _seq2seq(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         fixed_src, fixed_tgt = self.fixed_lengths or (None, None)
-        src_len = self._length(max(len(e["source"]) for e in examples), fixed_src)
-        tgt_len = self._length(max(len(e["target"]) for e in examples), fixed_tgt)
-        input_ids = _padded([e["source"] for e in examples], src_len, self.pad_id)
-        labels = _padded([e["target"] for e in examples], tgt_len, IGNORE_INDEX)
+        src_len = padded_length(max(len(e["source"]) for e in examples), fixed_src)
+        tgt_len = padded_length(max(len(e["target"]) for e in examples), fixed_tgt)
+        input_ids = pad_rows([e["source"] for e in examples], src_len, self.pad_id)
+        labels = pad_rows([e["target"] for e in examples], tgt_len, IGNORE_INDEX)
         decoder_input_ids = torch.full_like(labels, self.pad_id)
         decoder_input_ids[:, 0] = self.decoder_start_id
         decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, self.pad_id)
@@ -83,9 +91,9 @@ class Collator:
     def _causal(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         joined = [e["source"] + e["target"] for e in examples]
         fixed = sum(self.fixed_lengths) if self.fixed_lengths else None
-        length = self._length(max(map(len, joined)), fixed)
-        input_ids = _padded(joined, length, self.pad_id)
-        labels = _padded([[IGNORE_INDEX] * len(e["source"]) + e["target"] for e in examples], length, IGNORE_INDEX)
+        length = padded_length(max(map(len, joined)), fixed)
+        input_ids = pad_rows(joined, length, self.pad_id)
+        labels = pad_rows([[IGNORE_INDEX] * len(e["source"]) + e["target"] for e in examples], length, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": _mask(joined, length), "labels": labels}
 
 
@@ -94,10 +102,10 @@ class Collator:
         sources = [e["source"] for e in examples]
         length = max(map(len, sources))
         if self.is_encoder_decoder:
-            input_ids, mask = _padded(sources, length, self.pad_id), _mask(sources, length)
+            input_ids, mask = pad_rows(sources, length, self.pad_id), _mask(sources, length)
         else:
             flipped = [row[::-1] for row in sources]
-            input_ids = _padded(flipped, length, self.pad_id).flip(1)
+            input_ids = pad_rows(flipped, length, self.pad_id).flip(1)
             mask = _mask(flipped, length).flip(1)
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
@@ -112,7 +120,12 @@ def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor]:
     return total, real
 
 
-def _padded(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+def padded_length(longest: int, fixed: int | None) -> int:
+    """``fixed`` if given, else the longest row rounded up to a multiple of 8."""
+    return fixed if fixed is not None else -(-longest // 8) * 8
+
+
+def pad_rows(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
     out = torch.full((len(rows), length), value, dtype=torch.long)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row[:length], dtype=torch.long)
@@ -185,11 +198,19 @@ class DataBundle:
 
     def train_loader(self, batch_size: int, rank: int, world_size: int, start_sample: int = 0,
                      pin_memory: bool = False) -> DataLoader:
+        dataset, collate = self.train, self.collate
         sampler = GlobalBatchSampler(len(self.train), batch_size, rank, world_size, self.cfg.seed,
                                      start_sample=start_sample)
+        if self.cfg.packing:
+            from fsdp_kit.data import packing  # it builds on this module's sampler and collator
+
+            sampler = packing.PackedBatchSampler(self.train.lengths, (self.cfg.max_source_len, self.cfg.max_target_len),
+                                                 len(self.train), batch_size, rank, world_size, self.cfg.seed,
+                                                 start_sample=start_sample)
+            dataset, collate = packing.PackedPairs(self.train), packing.PackedCollator(self.collate)
         # Its own generator: creating the loader must not draw from the global RNG that dropout uses, or a
         # resumed run (which creates it after restoring the RNG) would shift every dropout mask.
-        return DataLoader(self.train, batch_sampler=sampler, collate_fn=self.collate,
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                           num_workers=self.cfg.num_workers, pin_memory=pin_memory,
                           persistent_workers=self.cfg.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.cfg.seed))
@@ -205,6 +226,7 @@ class DataBundle:
 
 def build(cfg: DataConfig, model_config: PretrainedConfig) -> DataBundle:
     """Tokenizer, train/eval datasets and the collator for ``model_config``'s kind of model."""
+    check_packing(cfg, model_config.model_type, getattr(model_config, "_attn_implementation", None))
     tokenizer = build_tokenizer(cfg.tokenizer)
     vocab_size = model_config.vocab_size
     if len(tokenizer) > vocab_size:

@@ -48,7 +48,7 @@ class Tracker:
         self.device_name = device_name(device)
         self.peak_tflops = peak_tflops(self.device_name, peak_override)
         self._window = _Window()
-        self._closed: list[tuple[float, int, float, float]] = []  # (seconds, steps, tokens, flops) per window
+        self._closed: list[tuple[float, ...]] = []  # (seconds, steps, tokens, flops, real tokens) per window
         self.clock = RankClock(device)
         self._run_steps: list[list[float]] = []  # per closed window: each step's wall time, for the summary
         self._run_local: list[list[float]] = []  # per closed window: each step's own work
@@ -105,7 +105,7 @@ class Tracker:
         step_time = elapsed / w.steps
         tflops = flops / elapsed / self.world_size / 1e12
         allocated, reserved = peak_memory_gb(self.device)
-        self._closed.append((elapsed, w.steps, tokens, flops))
+        self._closed.append((elapsed, w.steps, tokens, flops, real_tokens))
         self.start_window()
         return {
             "step": step,
@@ -136,14 +136,17 @@ class Tracker:
         steps = sum(w[1] for w in windows)
         allocated, reserved = peak_memory_gb(self.device)
         if not steps or seconds <= 0:  # nothing trained in this process (e.g. resumed at max_steps): no rates
-            rates: dict[str, float | None] = dict.fromkeys(("tokens_per_s", "tflops_per_gpu", "mfu", "step_time_s"))
+            rates: dict[str, float | None] = dict.fromkeys(
+                ("tokens_per_s", "real_tokens_per_s", "tflops_per_gpu", "mfu", "step_time_s"))
         else:
             tflops = sum(w[3] for w in windows) / seconds / self.world_size / 1e12
             rates = {"tokens_per_s": sum(w[2] for w in windows) / seconds, "tflops_per_gpu": tflops,
+                     "real_tokens_per_s": sum(w[4] for w in windows) / seconds,
                      "mfu": tflops / self.peak_tflops if self.peak_tflops else None, "step_time_s": seconds / steps}
         return {
             "steps_measured": steps,
             "tokens_per_s": rates["tokens_per_s"],
+            "real_tokens_per_s": rates["real_tokens_per_s"],
             "tflops_per_gpu": rates["tflops_per_gpu"],
             "mfu": rates["mfu"],
             "peak_mem_gb": allocated,

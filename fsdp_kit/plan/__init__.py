@@ -65,8 +65,11 @@ _WORK: dict[tuple, StepWork] = {}
 def _batch_shapes(job: TrainConfig, encoder_decoder: bool, batch: int) -> dict[str, tuple[int, ...]]:
     src, tgt = job.data.max_source_len, job.data.max_target_len
     if encoder_decoder:
-        return {"input_ids": (batch, src), "attention_mask": (batch, src), "decoder_input_ids": (batch, tgt),
-                "labels": (batch, tgt)}
+        shapes = {"input_ids": (batch, src), "attention_mask": (batch, src), "decoder_input_ids": (batch, tgt),
+                  "labels": (batch, tgt)}
+        if job.data.packing:  # a packed row is full: max_source_len tokens of text, and its 4-D masks are traced
+            shapes.update(segment_ids=(batch, src), decoder_segment_ids=(batch, tgt))
+        return shapes
     return {"input_ids": (batch, src + tgt), "attention_mask": (batch, src + tgt), "labels": (batch, src + tgt)}
 
 
@@ -79,7 +82,7 @@ def _meta_model(job: TrainConfig) -> tuple[nn.Module, tuple[type[nn.Module], ...
 def _trace_key(job: TrainConfig) -> tuple:
     """What a trace depends on: the model, its layer classes, the lengths and the compute dtype."""
     return (repr(job.model), repr(job.wrap.layer_cls), job.data.max_source_len, job.data.max_target_len,
-            compute_dtype(job.precision))
+            compute_dtype(job.precision), job.data.packing)
 
 
 def traced(job: TrainConfig) -> Traced:

@@ -32,6 +32,9 @@ def show(plan: Plan, console: Console | None = None, origins: dict[str, str] | N
                   f"on {machines} ({cluster.gpu_memory_gb:g} GB) | {recipe} | "
                   f"source/target {job.data.max_source_len}/{job.data.max_target_len} tokens", highlight=False)
     _show_origins(console, origins)
+    if job.data.packing:
+        console.print(f"data.packing=true: the batch counts packed rows, each full ({job.data.max_source_len} source "
+                      "tokens of text, several pairs)", highlight=False)
     table = Table(title=f"per-GPU memory at batch {job.trainer.batch_size}")
     table.add_column("part")
     table.add_column("GB", justify="right")

@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.data import DataBundle
+from fsdp_kit.data.packing import as_packed
 from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.models.objective import token_loss
@@ -127,7 +128,10 @@ class _Prober:
         while len(self._examples) < min(batch, size):
             self._examples.append(self.data.train[len(self._examples)])
         examples = [self._examples[i % len(self._examples)] for i in range(batch)]
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in self.collate(examples).items()}
+        collated = self.collate(examples)
+        if self.data.cfg.packing:  # packed rows are full: the same shapes, through the packed forward
+            collated = as_packed(collated)
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in collated.items()}
         self.model.train()
         loss_sum, _ = token_loss(self.model, inputs)
         loss_sum.backward()

@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from fsdp_kit.checkpoint import Manager, TrainState
 from fsdp_kit.data import DataBundle
 from fsdp_kit.data.loader import token_counts
+from fsdp_kit.data.packing import take_stream_pairs
 from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import TrainingDivergedError
 from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
@@ -109,11 +110,14 @@ class Trainer:
             while self.state.step < self.cfg.max_steps:
                 self.watchdog.step_started(self.state.step + 1)
                 self.tracker.step_started()
-                self._train_step([next(batches) for _ in range(self.cfg.grad_accum)])
+                micro_batches = [next(batches) for _ in range(self.cfg.grad_accum)]
+                packed = [take_stream_pairs(micro) for micro in micro_batches]  # pairs, for packed batches
+                self._train_step(micro_batches)
                 if self._probe is not None and self._probe.done:
                     self._check_precision()
                 self.state.step += 1
-                self.state.samples_seen += self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size
+                self.state.samples_seen += (sum(packed) if packed[0] is not None
+                                            else self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size)
                 step = self.state.step
                 if self.nonfinite_streak:
                     self._nonfinite(step)
