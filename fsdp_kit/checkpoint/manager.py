@@ -45,6 +45,7 @@ from fsdp_kit.checkpoint.preemption import PreemptionFlag
 from fsdp_kit.checkpoint.state import TrainState, load_rng, save_rng
 from fsdp_kit.checkpoint.timeline import complete_checkpoints, move_aside, next_seq, prune_plan, resume_source
 from fsdp_kit.errors import CheckpointError, first_line
+from fsdp_kit.torch_private import CHECKPOINT_WRAPPER_PREFIX
 
 __all__ = ["MARKER", "Manager", "RunIdentity", "complete_checkpoints", "read_marker", "verify"]
 # the files one rank writes (DCP's FileSystemWriter names its shards __<rank>_<n>.distcp); the rest is rank 0's
@@ -69,7 +70,7 @@ class RunIdentity:
     @classmethod
     def of(cls, model: torch.nn.Module, config: PretrainedConfig, model_name: str, tokenizer: str,
            training: dict[str, Any] | None = None) -> RunIdentity:
-        shapes = {name.replace("_checkpoint_wrapped_module.", ""): list(param.shape)
+        shapes = {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): list(param.shape)
                   for name, param in model.named_parameters()}
         return cls(model_name, config.to_dict(), tokenizer, shapes, training or {})
 

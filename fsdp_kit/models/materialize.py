@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 
 from fsdp_kit.models.build import layers
 from fsdp_kit.models.config import ModelConfig
+from fsdp_kit.torch_private import CHECKPOINT_WRAPPER_PREFIX, direct_parameters, set_parameter
 
 
 def materialize(model: PreTrainedModel, cfg: ModelConfig, device: torch.device, rank: int, seed: int) -> None:
@@ -49,7 +50,7 @@ def _load_pretrained(model: PreTrainedModel, cfg: ModelConfig, rank: int) -> Non
 
 def _init_random(model: PreTrainedModel, device: torch.device, seed: int) -> None:
     generator_state = torch.random.get_rng_state()
-    names = {id(module): name.replace("_checkpoint_wrapped_module.", "") for name, module in model.named_modules()}
+    names = {id(module): name.replace(CHECKPOINT_WRAPPER_PREFIX, "") for name, module in model.named_modules()}
     groups = [*layers(model, _no_split_classes(model)), model]
     group_ids = {id(group) for group in groups}
     with torch.no_grad():
@@ -86,18 +87,18 @@ def _full_size_parameters(modules: list[nn.Module], device: torch.device) -> Ite
     full: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     for module in modules:
-        for name, param in list(module._parameters.items()):
+        for name, param in direct_parameters(module):
             if param is None:
                 continue
             if id(param) not in full:
                 full[id(param)] = (param, torch.empty(param.shape, dtype=param.dtype, device=device))
-            module._parameters[name] = nn.Parameter(full[id(param)][1], requires_grad=False)
+            set_parameter(module, name, nn.Parameter(full[id(param)][1], requires_grad=False))
             swapped.append((module, name, param))
     try:
         yield list(full.values())
     finally:
         for module, name, param in swapped:
-            module._parameters[name] = param
+            set_parameter(module, name, param)
 
 
 def _copy_into_shard(sharded: nn.Parameter, full_tensor: torch.Tensor) -> None:

@@ -19,13 +19,12 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsdp_kit.models.build import layers
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.policies.activation import SAVED_OPS
+from fsdp_kit.torch_private import FakeTensorMode, TorchDispatchMode, direct_parameters, fake_mode, set_parameter
 
 
 @dataclass(frozen=True)
@@ -165,9 +164,9 @@ def _fake_parameters(model: nn.Module, mode: FakeTensorMode) -> None:
     """Make the parameters fake once, so every use (and every view, like a transposed weight) shares one fake
     storage that can be told apart from activations."""
     for module in model.modules():
-        for name, param in list(module._parameters.items()):
+        for name, param in direct_parameters(module):
             if param is not None:
-                module._parameters[name] = nn.Parameter(mode.from_tensor(param), requires_grad=param.requires_grad)
+                set_parameter(module, name, nn.Parameter(mode.from_tensor(param), requires_grad=param.requires_grad))
 
 
 def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes: dict[str, tuple[int, ...]],
@@ -194,11 +193,10 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
 
     hooks = [layer.register_forward_pre_hook(enter, with_kwargs=True) for layer in found]
     hooks += [layer.register_forward_hook(leave) for layer in found]
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
     # The fake-tensor dispatch cache is shared by every FakeTensorMode in the process: an output it serves may
     # not share the storage its inputs do, which hides a tensor that several layers receive (the count then
     # depends on what was traced before). Storage identity is what this profile counts, so no cache.
-    mode.cache_enabled = False
+    mode = fake_mode(cache=False)
     recorder = _Recorder(running)
     try:
         with mode, _gpu_like_attention():

@@ -20,14 +20,12 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from fsdp_kit.models.build import layers
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.plan import activations
+from fsdp_kit.torch_private import TorchDispatchMode, fake_mode, op_packet, op_schema_arguments, tree_flatten
 
 _aten = torch.ops.aten
 _MATMULS = frozenset({_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm})
@@ -101,11 +99,11 @@ def _nbytes(tensor: torch.Tensor) -> int:
 def op_bytes(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> int:
     """Bytes ``func`` reads and writes: its tensor inputs and its outputs (for in-place ops, the tensors it
     mutates); 0 for views and allocations."""
-    if func._overloadpacket in _ALLOCATIONS or func.is_view:
+    if op_packet(func) in _ALLOCATIONS or func.is_view:
         return 0
     outputs = _tensors(out)
     written, read = list(outputs), []
-    schema_args = func._schema.arguments
+    schema_args = op_schema_arguments(func)
     values = [*args, *(kwargs.get(arg.name) for arg in schema_args[len(args):])]
     for arg, value in zip(schema_args, values, strict=False):
         tensors = _tensors(value)
@@ -114,7 +112,7 @@ def op_bytes(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object
             written += tensors  # in-place or out=: the mutated tensors are written
     if not written:
         return 0  # metadata queries
-    if func._overloadpacket in _WRITE_ONLY:
+    if op_packet(func) in _WRITE_ONLY:
         read = []
     return sum(map(_nbytes, written)) + sum(map(_nbytes, read))
 
@@ -139,8 +137,8 @@ class _Pricer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func._overloadpacket in _MATMULS:
-            flops = flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        if op_packet(func) in _MATMULS:
+            flops = flop_registry[op_packet(func)](*args, **kwargs, out_val=out)
             self.add(Work(matmul_flops=flops, kernels=1))
         else:
             moved = op_bytes(func, args, kwargs, out)
@@ -188,7 +186,7 @@ def _trace(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
 def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes) -> StepWork:
     """Trace ``model`` (a throwaway meta model in the compute dtype) at batch 2 and 3; ``batch_shapes(batch)``
     gives the input shapes."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = fake_mode()
     with mode, activations._gpu_like_attention():
         activations._fake_parameters(model, mode)
         # 2 and 3, not 1: at batch 1 some reshapes are free views that cost a copy at any larger batch
@@ -207,7 +205,7 @@ def optimizer_bytes_per_element(make_optimizer, dtype: torch.dtype, elements: in
                                 tensors: int = 4) -> tuple[float, int]:
     """(bytes read and written per parameter element, multi-tensor kernels per call) of one optimizer step,
     traced on fake parameters of ``dtype`` (the step after the first, when the state exists)."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = fake_mode()
     pricer = _Pricer()
     with mode:
         params = [nn.Parameter(torch.zeros(elements, dtype=dtype, device="meta")) for _ in range(tensors)]

@@ -11,15 +11,11 @@ import functools
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointImpl,
-    apply_activation_checkpointing,
-    checkpoint_wrapper,
-)
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.policies.config import ActivationCheckpointConfig, CheckpointMode
+from fsdp_kit.torch_private import CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper
 
 _aten = torch.ops.aten
 SAVED_OPS: frozenset = frozenset(

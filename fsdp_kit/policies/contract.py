@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from fsdp_kit.optim.config import OptimConfig, OptimizerName, StateDtype
 from fsdp_kit.policies.config import Precision
+from fsdp_kit.torch_private import CHECKPOINT_WRAPPER_PREFIX, direct_parameters, fsdp_params
 
 ROLES = ("stored", "compute", "reduce", "grad", "master")
 """The roles a run shows after its first step (checkpoint and export come from files, see ``FILE_ROLES``)."""
@@ -112,7 +113,7 @@ def keep_fp32_names(model: nn.Module) -> set[str]:
 
 def clean_name(name: str) -> str:
     """A module's name as the user's model spells it (without the AC and compile wrappers' parts)."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    return name.replace(CHECKPOINT_WRAPPER_PREFIX, "").replace("_orig_mod.", "")
 
 
 def group_of(name: str, keep: set[str]) -> str:
@@ -149,7 +150,7 @@ class PrecisionProbe:
 
     def _compute(self, module_name: str):
         def hook(module: nn.Module, _args: Any) -> None:
-            for name, param in module._parameters.items():
+            for name, param in direct_parameters(module):
                 if param is not None and param.is_floating_point():
                     self._add(f"{module_name}.{name}", "compute", _dtype(param))
         return hook
@@ -191,8 +192,7 @@ def reduce_dtypes(model: nn.Module) -> dict[int, str]:
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
-        group = module._get_fsdp_state()._fsdp_param_group
-        for fsdp_param in group.fsdp_params if group is not None else ():
+        for fsdp_param in fsdp_params(module):
             dtype = fsdp_param.reduce_dtype or fsdp_param.param_dtype or fsdp_param.orig_dtype
             found[id(fsdp_param.sharded_param)] = str(dtype).removeprefix("torch.")
     return found

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
@@ -38,6 +37,7 @@ from fsdp_kit.errors import ConfigError
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.optim.anyprecision import AnyPrecisionAdamW
 from fsdp_kit.policies.apply import reshard_all
+from fsdp_kit.torch_private import finish_fsdp_iteration
 
 __all__ = ["BatchSearch", "find_batch_size", "planner_start", "search_batch_size", "upper_bound"]
 
@@ -150,12 +150,8 @@ def _reset_fsdp(model: nn.Module) -> None:
     """Finish the FSDP iteration an out-of-memory error interrupted. FSDP2 closes each iteration in a callback at
     the end of backward; without it the next backward never queues that callback again, its groups stay in their
     backward states and every later step computes wrong gradients (the test of this module catches that). The
-    callback is private API (torch 2.11 to 2.13): it reduces any gradients computed, reshards and resets."""
-    root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
-    if root is None:
-        return
-    state = root._get_fsdp_state()
-    state._root_post_backward_final_callback()
+    callback is private API (fsdp_kit.torch_private): it reduces any gradients computed, reshards and resets."""
+    finish_fsdp_iteration(model)
 
 
 def _free(model: nn.Module, device: torch.device) -> None:
@@ -265,5 +261,5 @@ def find_batch_size(job: TrainConfig, model: nn.Module, optimizer: Optimizer, da
     if job.trainer.compile:
         # The probes' several batch sizes made dynamo compile shape-generic kernels; training runs one shape,
         # so compile afresh for it (what a run at a fixed batch would have).
-        torch._dynamo.reset()
+        torch.compiler.reset()
     return found
