@@ -93,7 +93,7 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
             if job.trainer.auto_batch:  # before the config dump, so that it records the batch found
                 found = find_batch_size(job, model, optimizer, dataset, env)
                 reporter.note(found.record(), found.message())
-            grad_scaler = torch.amp.GradScaler(env.device_type) if needs_grad_scaler(job.precision) else None
+            grad_scaler = torch.amp.GradScaler(env.device_type, enabled=needs_grad_scaler(job.precision))
             identity = replace(identity, training={**identity.training,  # the batch the search found, if any
                                                    "trained": trained_settings(job, env.world_size)})
             checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity, log=reporter.info)
@@ -105,9 +105,11 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
                 reporter.info(escape(describe(origins)))
             for line in dataset.report:  # every skipped row counted, by reason
                 reporter.info(line)
-            parts = TrainParts(model, optimizer, schedule, dataset, FlopCounter(job.model, config),
-                               Tracker(env.device, env.world_size, job.metrics.peak_tflops, env.rank), reporter,
-                               checkpoints, grad_scaler, precision_check(job, model))
+            parts = TrainParts(model=model, optimizer=optimizer, schedule=schedule, data=dataset,
+                               flops=FlopCounter(job.model, config),
+                               tracker=Tracker(env.device, env.world_size, job.metrics.peak_tflops, env.rank),
+                               reporter=reporter, checkpoints=checkpoints, grad_scaler=grad_scaler,
+                               precision=precision_check(job, model))
             trainer = Trainer(parts, job.trainer, env)
             result = trainer.fit()
             if result.preempted and env.is_main:

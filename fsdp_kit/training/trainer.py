@@ -46,9 +46,9 @@ class FitResult:
         return {record["step"]: record["loss"] for record in self.history}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainParts:
-    """What the loop works with, built by ``fsdp_kit.train`` (or a test) and handed over as one bundle."""
+    """What the loop works with, built by ``fsdp_kit.train`` (or a test) and handed over as one bundle, by name."""
 
     model: nn.Module
     optimizer: Optimizer
@@ -58,7 +58,8 @@ class TrainParts:
     tracker: Tracker
     reporter: Reporter
     checkpoints: Manager
-    grad_scaler: torch.amp.GradScaler | None = None
+    grad_scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler(enabled=False))
+    """Enabled for fp16 only; a disabled one passes the loss and the step through unchanged."""
     precision: PrecisionCheck | None = None
 
 
@@ -164,28 +165,26 @@ class Trainer:
                 reduced.wait()
                 reduced = None
             loss = loss_sum * self.env.world_size / global_tokens
-            (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
+            self.grad_scaler.scale(loss).backward()
             loss_total += loss_sum.detach()
-        if self.grad_scaler:
-            self.grad_scaler.unscale_(self.optimizer)
+        self.grad_scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad_norm is not None:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
         elif self.cfg.max_nonfinite_steps:  # the guard needs the norm even without clipping
             self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
                                                              if p.grad is not None])
-        finite = self._finite(loss_total, self._grad_norm) if self.cfg.max_nonfinite_steps else (True, True)
+        loss_finite, norm_finite = (self._finite(loss_total, self._grad_norm) if self.cfg.max_nonfinite_steps
+                                    else (True, True))
+        # An enabled scaler already skips steps whose scaled gradients overflowed (and lowers its scale): that is
+        # its normal work, not a blow-up. Then only a non-finite loss counts.
+        norm_finite = norm_finite or self.grad_scaler.is_enabled()
         self.tracker.collectives_done()  # the update that follows is this rank's own work
-        if self.grad_scaler:
-            # The scaler already skips steps whose scaled gradients overflowed (and lowers its scale): that is
-            # its normal work, not a blow-up. Only a non-finite loss counts.
+        if loss_finite and norm_finite:
             self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-            self.nonfinite_streak = 0 if finite[0] else self.nonfinite_streak + 1
-        elif all(finite):
-            self.optimizer.step()
             self.nonfinite_streak = 0
         else:
             self.nonfinite_streak += 1  # the update is skipped: the weights stay the last finite ones
+        self.grad_scaler.update()  # after a skipped step too: it lowers the scale when it found an overflow
         self.tracker.local_work_ended()
         self.optimizer.zero_grad(set_to_none=True)
         if self.nonfinite_streak == 1:  # the first step of a blow-up: find where it started (all ranks)
