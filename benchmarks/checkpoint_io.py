@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=8 benchmarks/checkpoint_io.py model=t5_3b ...
 
 Builds and shards the model as training does, gives the optimizer its state with one step, then times
-`Manager.save` (write + atomic commit) and `Manager.restore` into a fresh run. Bytes are the sizes of the files
-written. Writes benchmarks/results/<device>/checkpoint_io_<model>.json.
+`CheckpointManager.save` (write + atomic commit) and `CheckpointManager.restore` into a fresh run. Bytes are the
+sizes of the files written. Writes benchmarks/results/<device>/checkpoint_io_<model>.json.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from common import compose_job, device_slug, provenance, write_json
 
 from fsdp_kit import distributed, models
-from fsdp_kit.checkpoint import Manager, RunIdentity, TrainState
+from fsdp_kit.checkpoint import CheckpointManager, RunIdentity, TrainState
 from fsdp_kit.metrics import synchronize
 from fsdp_kit.optim import build_optimizer, build_schedule
 from fsdp_kit.policies.precision import param_dtype
@@ -49,7 +49,7 @@ def main() -> None:
         if env.is_main and args.dir.exists():
             shutil.rmtree(args.dir)
         env.barrier()
-        manager = Manager(job.checkpoint, args.dir, env.rank, env.world_size, identity)
+        manager = CheckpointManager(job.checkpoint, args.dir, env.rank, env.world_size, identity)
         synchronize(env.device)
         start = time.perf_counter()
         path = manager.save(state, reason="benchmark")
@@ -57,7 +57,7 @@ def main() -> None:
         save_s = time.perf_counter() - start
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         job.checkpoint.resume = str(path)
-        reader = Manager(job.checkpoint, args.dir, env.rank, env.world_size, identity)
+        reader = CheckpointManager(job.checkpoint, args.dir, env.rank, env.world_size, identity)
         start = time.perf_counter()
         reader.restore(TrainState(model, optimizer, build_schedule(optimizer, job.trainer)))
         synchronize(env.device)

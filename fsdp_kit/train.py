@@ -56,7 +56,7 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
     import torch  # what training needs, after the checks: a refused config costs none of it
 
     from fsdp_kit import data, models
-    from fsdp_kit.checkpoint import Manager, RunIdentity
+    from fsdp_kit.checkpoint import CheckpointManager, RunIdentity
     from fsdp_kit.checkpoint.compat import trained_settings, training_settings
     from fsdp_kit.data.tokenizer import recorded_name
     from fsdp_kit.launch.requeue import request_requeue
@@ -96,7 +96,8 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
             grad_scaler = torch.amp.GradScaler(env.device_type, enabled=needs_grad_scaler(job.precision))
             identity = replace(identity, training={**identity.training,  # the batch the search found, if any
                                                    "trained": trained_settings(job, env.world_size)})
-            checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity, log=reporter.info)
+            checkpoints = CheckpointManager(job.checkpoint, run_dir, env.rank, env.world_size, identity,
+                                            log=reporter.info)
             resumed = checkpoints.check_resume()  # refused before resolved_config.yaml is written
             if env.is_main:
                 _write_resolved_config(run_dir, to_yaml(job), resumed[1].get("step") if resumed else None)

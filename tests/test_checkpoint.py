@@ -135,14 +135,14 @@ def _killed_mid_save(run_dir: str) -> None:
     from fsdp_kit.checkpoint import manager
     from fsdp_kit.train import run
 
-    commit = manager.Manager._commit
+    commit = manager.CheckpointManager._commit
 
     def commit_or_die(self, partial, final, meta):
         if final.name == "step_4":
             os.kill(os.getpid(), signal.SIGKILL)
         commit(self, partial, final, meta)
 
-    manager.Manager._commit = commit_or_die  # this forked process's own copy of the class
+    manager.CheckpointManager._commit = commit_or_die  # this forked process's own copy of the class
     run(job(run_dir, "trainer.max_steps=6", "checkpoint.every=2"))
 
 

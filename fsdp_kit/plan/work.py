@@ -60,7 +60,7 @@ class Work:
 
 
 @dataclass(frozen=True)
-class Linear:
+class FixedPlusPerSample:
     """``at_zero + per_sample * batch``."""
 
     at_zero: Work
@@ -74,9 +74,9 @@ class Linear:
 class StepWork:
     """The work of one forward + backward, as a function of the batch."""
 
-    total: Linear
+    total: FixedPlusPerSample
     """Forward and backward, nothing recomputed."""
-    layer_forward: tuple[Linear, ...]
+    layer_forward: tuple[FixedPlusPerSample, ...]
     """Each transformer layer's forward (what full checkpointing runs again in backward)."""
 
     def at(self, batch: int, checkpointed: set[int] = frozenset(), selective: bool = False) -> Work:
@@ -193,12 +193,12 @@ def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_sh
         two_total, two_layers = _trace(model, layer_cls, batch_shapes(2))
         three_total, three_layers = _trace(model, layer_cls, batch_shapes(3))
 
-    def linear(two: Work, three: Work) -> Linear:
+    def through(two: Work, three: Work) -> FixedPlusPerSample:
         per_sample = three - two
-        return Linear(two - per_sample.scaled(2), per_sample)
+        return FixedPlusPerSample(two - per_sample.scaled(2), per_sample)
 
-    return StepWork(linear(two_total, three_total),
-                    tuple(linear(a, b) for a, b in zip(two_layers, three_layers, strict=True)))
+    return StepWork(through(two_total, three_total),
+                    tuple(through(a, b) for a, b in zip(two_layers, three_layers, strict=True)))
 
 
 def optimizer_bytes_per_element(make_optimizer, dtype: torch.dtype, elements: int = 1 << 16,

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from fsdp_kit.checkpoint import Manager, TrainState
+from fsdp_kit.checkpoint import CheckpointManager, TrainState
 from fsdp_kit.data import DataBundle
 from fsdp_kit.data.loader import token_counts
 from fsdp_kit.distributed import DistEnv
@@ -57,7 +57,7 @@ class TrainParts:
     flops: FlopCounter
     tracker: Tracker
     reporter: Reporter
-    checkpoints: Manager
+    checkpoints: CheckpointManager
     grad_scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler(enabled=False))
     """Enabled for fp16 only; a disabled one passes the loss and the step through unchanged."""
     precision: PrecisionCheck | None = None
