@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fsdp_kit.checks import check_fields
+
 if TYPE_CHECKING:  # torch is imported where it is used: the config (DistConfig) must not import it
     import torch
     from torch.distributed.device_mesh import DeviceMesh
@@ -22,6 +24,10 @@ class DistConfig:
     """null picks nccl on GPU, gloo on CPU."""
     timeout_s: int = 600
     """Collective timeout."""
+
+    def check(self, prefix: str = "dist.") -> None:
+        """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
+        check_fields(self, prefix, {"timeout_s": ">0"})
 
 
 @dataclass(frozen=True)
