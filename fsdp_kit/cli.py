@@ -37,9 +37,8 @@ def _compose(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from fsdp_kit import train
-    from fsdp_kit.config import check_spelling, search_path_override
+    from fsdp_kit.config import search_path_override
 
-    check_spelling(args.overrides)
     if args.config_dir:
         search_path_override(args.config_dir)  # a missing folder: the one line the other commands print
     extra = ["--config-dir", str(Path(args.config_dir).resolve())] if args.config_dir else []

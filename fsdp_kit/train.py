@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from fsdp_kit import distributed
 from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER
-from fsdp_kit.config import TrainConfig, to_dict, to_yaml
+from fsdp_kit.config import TrainConfig, check_spelling, to_dict, to_yaml
 from fsdp_kit.config_dir import SHIPPED, describe, folder_first, origins, search_first
 from fsdp_kit.errors import ConfigError, FsdpKitError, one_line_warnings, report_error
 from fsdp_kit.policies.config import CheckpointMode
@@ -198,6 +198,7 @@ def main() -> None:
     (``--config-dir DIR``) is searched before the shipped presets."""
     try:
         sys.argv[1:], folder = folder_first(sys.argv[1:])
+        check_spelling(sys.argv[1:])  # Hydra's own error for these is a multi-line type mismatch
     except FsdpKitError as err:
         sys.exit(report_error(err))
     search_first(folder)
@@ -235,11 +236,6 @@ def _hydra_files() -> list[str]:
 if __name__ == "__main__":
     # Run the module's own main, not __main__'s copy: submitit (Hydra's Slurm/local launchers) pickles the task
     # function, and a function of an importable module is pickled by name instead of by value with its globals.
-    from fsdp_kit.config import check_spelling
     from fsdp_kit.train import main as importable_main
 
-    try:  # as `fsdp-kit train` does: Hydra's own error for these is a multi-line type mismatch
-        check_spelling(sys.argv[1:])
-    except FsdpKitError as err:
-        sys.exit(report_error(err))
     importable_main()

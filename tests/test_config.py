@@ -229,3 +229,18 @@ def test_environment_values_keep_their_config_text_in_what_is_written(tmp_path, 
     assert "s3cr3t" not in text
     with pytest.raises(ConfigError, match=r"slurm.partition reads the environment \(\$\{oc.env:TOKEN_X\}\)"):
         directives(compose_job(["slurm.partition=${oc.env:TOKEN_X}"]))
+
+
+def test_each_component_config_checks_its_own_fields():
+    from fsdp_kit.launch.config import SlurmConfig
+    from fsdp_kit.optim.config import OptimConfig
+    from fsdp_kit.training.config import TrainerConfig
+
+    with pytest.raises(ConfigError, match=r"^trainer\.clip_grad_norm=0\.0 must be > 0 \(null turns clipping off\)"):
+        TrainerConfig(clip_grad_norm=0.0).check()
+    with pytest.raises(ConfigError, match=r"^slurm\.rdzv_port=70000 must be a port number in 1-65535\. Fix: pass "
+                                          r"slurm\.rdzv_port=<1-65535>"):
+        SlurmConfig(rdzv_port=70000).check()
+    with pytest.raises(ConfigError, match=r"^optim\.betas=\[0\.9, 1\.0\] must be two numbers in \[0, 1\)"):
+        OptimConfig(betas=[0.9, 1.0]).check()
+    OptimConfig().check()  # the defaults pass
