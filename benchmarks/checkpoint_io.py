@@ -19,10 +19,13 @@ import torch
 import torch.distributed as dist
 from common import compose_job, device_slug, provenance, write_json
 
-from fsdp_kit import distributed, models
-from fsdp_kit.checkpoint import CheckpointManager, RunIdentity, TrainState
-from fsdp_kit.metrics import synchronize
-from fsdp_kit.optim import build_optimizer, build_schedule
+from fsdp_kit import distributed
+from fsdp_kit.checkpoint.manager import CheckpointManager, RunIdentity
+from fsdp_kit.checkpoint.state import TrainState
+from fsdp_kit.metrics.tracker import synchronize
+from fsdp_kit.models.build import build as build_model
+from fsdp_kit.models.build import hf_config
+from fsdp_kit.optim.build import build_optimizer, build_schedule
 from fsdp_kit.policies.precision import param_dtype
 from fsdp_kit.train import shard_and_materialize
 
@@ -34,8 +37,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     job = compose_job([*args.overrides, f"run_dir={args.dir}", "checkpoint.resume=never"])
-    config = models.hf_config(job.model)
-    model = models.build(job.model, dtype=param_dtype(job.precision), config=config)
+    config = hf_config(job.model)
+    model = build_model(job.model, dtype=param_dtype(job.precision), config=config)
     identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer)
     runtime = distributed.detect()
     with distributed.session(runtime, job.dist, job.sharding) as env:

@@ -34,10 +34,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from fsdp_kit.distributed import DistEnv
-    from fsdp_kit.metrics import Reporter
-    from fsdp_kit.policies import Applied
-    from fsdp_kit.training import FitResult
-    from fsdp_kit.training.trainer import PrecisionCheck
+    from fsdp_kit.metrics.report import Reporter
+    from fsdp_kit.policies.apply import Applied
+    from fsdp_kit.training.trainer import FitResult, PrecisionCheck
 
 
 def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str] | None = None) -> FitResult:
@@ -55,31 +54,35 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
 
     import torch  # what training needs, after the checks: a refused config costs none of it
 
-    from fsdp_kit import data, models
-    from fsdp_kit.checkpoint import CheckpointManager, RunIdentity
     from fsdp_kit.checkpoint.compat import trained_settings, training_settings
+    from fsdp_kit.checkpoint.manager import CheckpointManager, RunIdentity
+    from fsdp_kit.data.loader import build as build_data
     from fsdp_kit.data.tokenizer import recorded_name
     from fsdp_kit.launch.requeue import request_requeue
-    from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
-    from fsdp_kit.optim import build_optimizer, build_schedule
+    from fsdp_kit.metrics.flops import FlopCounter
+    from fsdp_kit.metrics.report import Reporter
+    from fsdp_kit.metrics.tracker import Tracker
+    from fsdp_kit.models.build import build as build_model
+    from fsdp_kit.models.build import check_fits, hf_config
+    from fsdp_kit.optim.build import build_optimizer, build_schedule
     from fsdp_kit.plan import resolve_auto_checkpointing
-    from fsdp_kit.policies import Policies, check_policies
+    from fsdp_kit.policies.apply import Policies, check_policies
     from fsdp_kit.policies.precision import needs_grad_scaler, param_dtype
-    from fsdp_kit.training import Trainer, TrainParts
     from fsdp_kit.training.batch_size import find_batch_size
+    from fsdp_kit.training.trainer import Trainer, TrainParts
 
     # ac=auto: the lightest checkpointing whose planned peak fits this device (fsdp_kit.plan)
     chose_ac = job.ac.mode == CheckpointMode.auto
     job = resolve_auto_checkpointing(job, runtime.world_size, runtime.local_world_size, runtime.device)
 
-    config = models.hf_config(job.model)
+    config = hf_config(job.model)
     if job.model.pretrained:  # a preset's position table was checked with the values (config.check_values)
-        models.check_fits(config, job.data, job.trainer.max_new_tokens)
-    model = models.build(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
+        check_fits(config, job.data, job.trainer.max_new_tokens)
+    model = build_model(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
     check_policies(model, Policies.of(job))
     identity = RunIdentity.of(model, config, job.model.name, recorded_name(job.data.tokenizer),
                               training_settings(job.optim, job.trainer, job.precision.name))
-    dataset = data.build(job.data, config)
+    dataset = build_data(job.data, config)
 
     with distributed.session(runtime, job.dist, job.sharding) as env:
         run_dir, lock = _agreed_run_dir(job.run_dir, env.world_size, env.is_main)
@@ -159,11 +162,11 @@ def _announce(reporter: Reporter, job: TrainConfig, env: DistEnv, model: PreTrai
 
 def shard_and_materialize(model: PreTrainedModel, job: TrainConfig, env: DistEnv) -> Applied:
     """Apply the policies to the meta-device ``model`` (AC -> compile -> FSDP) and fill its local shards."""
-    from fsdp_kit import models
-    from fsdp_kit.policies import Policies, apply_policies
+    from fsdp_kit.models.materialize import materialize
+    from fsdp_kit.policies.apply import Policies, apply_policies
 
     applied = apply_policies(model, Policies.of(job), env.mesh)
-    models.materialize(model, job.model, env.device, env.rank, seed=job.trainer.seed)
+    materialize(model, job.model, env.device, env.rank, seed=job.trainer.seed)
     return applied
 
 

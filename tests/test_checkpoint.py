@@ -17,7 +17,8 @@ import pytest
 import torch
 from helpers import Outcome, exit_codes, job, run_cli, run_ranks, signal_after_first_log, train
 
-from fsdp_kit.checkpoint import EXIT_REQUEUE, complete_checkpoints
+from fsdp_kit.checkpoint.manager import complete_checkpoints
+from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE
 from fsdp_kit.errors import CheckpointError, ConfigError
 from fsdp_kit.preflight import preflight
 

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from helpers import job, run_ranks
 
 from fsdp_kit.checkpoint.state import TrainState
-from fsdp_kit.optim import AnyPrecisionAdamW
+from fsdp_kit.optim.anyprecision import AnyPrecisionAdamW
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
               pytest.mark.filterwarnings("ignore:AnyPrecisionAdamW variance_dtype=float16")]

@@ -117,12 +117,13 @@ def test_step_time_uses_nvlink_inside_a_node_and_the_network_across_nodes():
 
 def _state_bytes_per_rank(cfg):
     """Rank body: bytes of this rank's parameter, gradient and optimizer-state shards after one step."""
-    from fsdp_kit import distributed, models
-    from fsdp_kit.optim import build_optimizer
+    from fsdp_kit import distributed
+    from fsdp_kit.models.build import build as build_model
+    from fsdp_kit.optim.build import build_optimizer
     from fsdp_kit.policies.precision import param_dtype
     from fsdp_kit.train import shard_and_materialize
 
-    model = models.build(cfg.model, dtype=param_dtype(cfg.precision))
+    model = build_model(cfg.model, dtype=param_dtype(cfg.precision))
     with distributed.session(distributed.detect(), cfg.dist, cfg.sharding) as env:
         shard_and_materialize(model, cfg, env)
         optimizer = build_optimizer(model, cfg.optim)
@@ -147,9 +148,9 @@ def _state_bytes_per_rank(cfg):
 def test_predicted_sharded_state_matches_every_rank(world, overrides, tmp_path):
     cfg = job(tmp_path, *overrides)
     measured = run_ranks(_state_bytes_per_rank, world, cfg)
-    from fsdp_kit import models
+    from fsdp_kit.models.build import build as build_model
 
-    meta = models.build(cfg.model)
+    meta = build_model(cfg.model)
     shape = ModelShape(sum(p.numel() for p in meta.parameters()), 1, 1)
     predicted = breakdown(cfg, shape, NO_ACTS, 1, world, gpus_per_node=cfg.sharding.shard_group_size or world)
     for params, grads, states in measured:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fsdp_kit import models
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.metrics.flops import FlopCounter
+from fsdp_kit.models.build import build as build_model
+from fsdp_kit.models.build import hf_config, layer_classes
 from fsdp_kit.plan.activations import ActivationProfile, profile
 from fsdp_kit.plan.memory import GB, MemoryBreakdown, ModelShape, breakdown
 from fsdp_kit.plan.speed import SpeedEstimate, estimate_speed
@@ -70,9 +71,9 @@ def _batch_shapes(job: TrainConfig, encoder_decoder: bool, batch: int) -> dict[s
 
 
 def _meta_model(job: TrainConfig) -> tuple[nn.Module, tuple[type[nn.Module], ...]]:
-    config = models.hf_config(job.model)
-    model = models.build(job.model, device="meta", dtype=compute_dtype(job.precision), config=config)
-    return model, models.layer_classes(model, job.wrap.layer_cls)
+    config = hf_config(job.model)
+    model = build_model(job.model, device="meta", dtype=compute_dtype(job.precision), config=config)
+    return model, layer_classes(model, job.wrap.layer_cls)
 
 
 def _trace_key(job: TrainConfig) -> tuple:

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from fsdp_kit.config import TrainConfig
-from fsdp_kit.data import DataBundle
+from fsdp_kit.data.loader import DataBundle
 from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.models.objective import token_loss

@@ -9,9 +9,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import register_fsdp_forward_method
 
-from fsdp_kit.data import DataBundle
+from fsdp_kit.data.loader import DataBundle
 from fsdp_kit.distributed import DistEnv
-from fsdp_kit.metrics import Reporter
+from fsdp_kit.metrics.report import Reporter
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.policies.apply import reshard_all
 from fsdp_kit.training.config import TrainerConfig

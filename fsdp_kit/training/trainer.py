@@ -13,12 +13,14 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from fsdp_kit.checkpoint import CheckpointManager, TrainState
-from fsdp_kit.data import DataBundle
-from fsdp_kit.data.loader import token_counts
+from fsdp_kit.checkpoint.manager import CheckpointManager
+from fsdp_kit.checkpoint.state import TrainState
+from fsdp_kit.data.loader import DataBundle, token_counts
 from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import TrainingDivergedError
-from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
+from fsdp_kit.metrics.flops import FlopCounter
+from fsdp_kit.metrics.report import Reporter
+from fsdp_kit.metrics.tracker import Tracker
 from fsdp_kit.models.objective import IGNORE_INDEX, token_loss
 from fsdp_kit.policies.config import Precision
 from fsdp_kit.policies.contract import PrecisionProbe, compare, write_report
