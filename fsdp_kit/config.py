@@ -12,14 +12,21 @@ import dataclasses
 import difflib
 import warnings
 from dataclasses import dataclass, field
+from typing import cast
 
+from hydra import compose
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_config_search_path
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, ValidationError
+from hydra.errors import HydraException, OverrideParseException
+from hydra.initialize import get_gh_backup, restore_gh_from_backup
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, ValidationError, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from fsdp_kit.checkpoint.config import CheckpointConfig
 from fsdp_kit.checks import check_finite
-from fsdp_kit.config_dir import check_folder, checked_folder, origins
+from fsdp_kit.config_dir import SEARCHPATH_KEY, check_folder, checked_folder, origins, user_folders
 from fsdp_kit.data.config import DataConfig
 from fsdp_kit.distributed import DistConfig
 from fsdp_kit.env_values import keep_env_text, written
@@ -30,6 +37,7 @@ from fsdp_kit.models.config import ModelConfig
 from fsdp_kit.optim.config import OptimConfig
 from fsdp_kit.policies.config import ActivationCheckpointConfig, PrecisionConfig, ShardingConfig, WrapConfig
 from fsdp_kit.policies.sharding import check_shard_group
+from fsdp_kit.run_dir import register_resolvers
 from fsdp_kit.training.config import TrainerConfig
 
 CONFIG_MODULE = "fsdp_kit.configs"
@@ -71,7 +79,7 @@ class TrainConfig:
     def from_hydra(cls, cfg: DictConfig) -> TrainConfig:
         """Turn a composed Hydra config into typed dataclasses (resolving interpolations)."""
         try:
-            typed = OmegaConf.merge(OmegaConf.structured(cls), cfg)
+            typed = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(cls), cfg))
             _refuse_unknown_keys(typed, "")
             # values read from the environment keep their config text, so that no file gets them resolved
             return keep_env_text(typed, OmegaConf.to_object(typed))
@@ -98,7 +106,7 @@ def _refuse_unknown_keys(node: DictConfig, prefix: str) -> None:
         return
     fields = [item.name for item in dataclasses.fields(schema)]
     for key in node:
-        name = f"{prefix}{key}"
+        name = f"{prefix}{key!s}"
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean {prefix}{close[0]}?" if close else f"{prefix.rstrip('.') or 'the config'} has " \
@@ -132,7 +140,7 @@ def check_values(job: TrainConfig, world_size: int, for_training: bool = True) -
             f"(trainer.batch_size={job.trainer.batch_size} x {world_size} ranks)",
             "raise data.eval_examples or lower trainer.batch_size")
     if not job.model.pretrained:  # a pretrained model's config is a file: preflight/train check it
-        from fsdp_kit.models.build import check_fits, hf_config
+        from fsdp_kit.models.build import check_fits, hf_config  # late: transformers, for a preset's positions
 
         check_fits(hf_config(job.model), job.data, job.trainer.max_new_tokens)
     check_shard_group(job.sharding, world_size)
@@ -176,17 +184,6 @@ def compose_with_origins(overrides: list[str]) -> tuple[TrainConfig, dict[str, s
 
     The folders of ``hydra.searchpath=[file://DIR]`` overrides (what ``--config-dir`` becomes) are searched before
     the shipped presets, as Hydra's own ``--config-dir`` is: a user's ``DIR/model/t5_tiny.yaml`` wins."""
-    from hydra import compose
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.errors import HydraException, OverrideParseException
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-    from omegaconf import open_dict
-    from omegaconf.errors import OmegaConfBaseException
-
-    from fsdp_kit.config_dir import SEARCHPATH_KEY, user_folders
-    from fsdp_kit.run_dir import register_resolvers
-
     check_spelling(overrides)
     folders = user_folders(overrides)
     for folder in folders:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     CONFIG_MAPPING,
@@ -111,8 +112,6 @@ def check_pretrained(name: str) -> None:
         raise ConfigError(f"model.pretrained={name!r} holds no weights (none of {', '.join(_WEIGHT_FILES)})",
                           "copy the weights beside config.json, or use a model preset (model=t5_small) to "
                           "start from random weights")
-    from safetensors import safe_open
-
     for weights in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(weights), framework="pt") as handle:  # reads the header only
