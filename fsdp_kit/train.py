@@ -35,24 +35,27 @@ if TYPE_CHECKING:
 
     from fsdp_kit.distributed import DistEnv
     from fsdp_kit.metrics.report import Reporter
+    from fsdp_kit.optim.config import OptimConfig
     from fsdp_kit.policies.apply import Applied
+    from fsdp_kit.policies.config import PrecisionConfig
     from fsdp_kit.training.trainer import FitResult, PrecisionCheck
 
 
 def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str] | None = None) -> FitResult:
     """Train ``job`` in this process (one rank of however many the launcher started); ``origins``: the file each
     config group came from, for the header."""
-    from fsdp_kit.preflight import preflight
+    from fsdp_kit.preflight import preflight  # late: this Hydra app refuses bad input without torch
 
     runtime = distributed.detect()
     if not runtime.is_main:
-        import transformers
+        import transformers  # late: see above
 
         warnings.filterwarnings("ignore")  # one copy of each warning, from rank 0
         transformers.logging.set_verbosity_error()
     preflight(job, world_size=runtime.world_size, device_type=runtime.device_type)
 
-    import torch  # what training needs, after the checks: a refused config costs none of it
+    # What training needs, imported after the checks (a refused config costs none of it, seconds of imports):
+    import torch
 
     from fsdp_kit.checkpoint.compat import trained_settings, training_settings
     from fsdp_kit.checkpoint.manager import CheckpointManager, RunIdentity
@@ -88,6 +91,7 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
         run_dir, lock = _agreed_run_dir(job.run_dir, env.world_size, env.is_main)
         reporter = Reporter(run_dir, job.metrics, job.trainer.max_steps, enabled=env.is_main, console=console,
                             config=to_dict(job) if job.metrics.wandb else None)
+        batch_search = None
         try:
             applied = shard_and_materialize(model, job, env)
             torch.manual_seed(job.trainer.seed + env.rank)  # each rank draws its own dropout masks
@@ -96,6 +100,8 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
             if job.trainer.auto_batch:  # before the config dump, so that it records the batch found
                 found = find_batch_size(job, model, optimizer, dataset, env)
                 reporter.note(found.record(), found.message())
+                job = replace(job, trainer=replace(job.trainer, batch_size=found.batch_size))
+                batch_search = found.record()
             grad_scaler = torch.amp.GradScaler(env.device_type, enabled=needs_grad_scaler(job.precision))
             identity = replace(identity, training={**identity.training,  # the batch the search found, if any
                                                    "trained": trained_settings(job, env.world_size)})
@@ -113,9 +119,10 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
                                flops=FlopCounter(job.model, config),
                                tracker=Tracker(env.device, env.world_size, job.metrics.peak_tflops, env.rank),
                                reporter=reporter, checkpoints=checkpoints, grad_scaler=grad_scaler,
-                               precision=precision_check(job, model))
+                               precision=precision_check(precision=job.precision, optim=job.optim, model=model))
             trainer = Trainer(parts, job.trainer, env)
             result = trainer.fit()
+            result.batch_search = batch_search
             if result.preempted and env.is_main:
                 (run_dir / PREEMPTED_MARKER).write_text(f"{trainer.state.step}\n")
                 reporter.info(f"preempted: saved step {trainer.state.step}; {request_requeue()}")
@@ -126,12 +133,12 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
                 lock.release()
 
 
-def precision_check(job: TrainConfig, model: PreTrainedModel) -> PrecisionCheck:
+def precision_check(*, precision: PrecisionConfig, optim: OptimConfig, model: PreTrainedModel) -> PrecisionCheck:
     """The precision contract's rows this run is checked against after its first step."""
-    from fsdp_kit.policies.contract import expected, keep_fp32_names
+    from fsdp_kit.policies.contract import expected, keep_fp32_names  # late: torch, see run()
     from fsdp_kit.training.trainer import PrecisionCheck
 
-    return PrecisionCheck(job.precision.name, expected(job.precision.name, job.optim, bool(keep_fp32_names(model))))
+    return PrecisionCheck(precision.name, expected(precision.name, optim, bool(keep_fp32_names(model))))
 
 
 def _write_resolved_config(run_dir: Path, text: str, resumed_step: int | None) -> None:
@@ -162,7 +169,7 @@ def _announce(reporter: Reporter, job: TrainConfig, env: DistEnv, model: PreTrai
 
 def shard_and_materialize(model: PreTrainedModel, job: TrainConfig, env: DistEnv) -> Applied:
     """Apply the policies to the meta-device ``model`` (AC -> compile -> FSDP) and fill its local shards."""
-    from fsdp_kit.models.materialize import materialize
+    from fsdp_kit.models.materialize import materialize  # late: torch, see run()
     from fsdp_kit.policies.apply import Policies, apply_policies
 
     applied = apply_policies(model, Policies.of(job), env.mesh)
@@ -173,7 +180,7 @@ def shard_and_materialize(model: PreTrainedModel, job: TrainConfig, env: DistEnv
 def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> tuple[Path, RunLock | None]:
     """Rank 0's run dir for everyone (ranks on different nodes may have resolved different time stamps),
     locked by rank 0; if another run holds it, every rank raises the same error."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # late: torch, see run()
 
     lock, refused = None, None
     if is_main:
@@ -187,7 +194,7 @@ def _agreed_run_dir(proposed: str, world_size: int, is_main: bool) -> tuple[Path
         dist.broadcast_object_list(holder, src=0)
     if holder[1] is not None:
         raise ConfigError(*holder[1])
-    path = Path(holder[0])
+    path = Path(str(holder[0]))
     if is_main:
         (path / PREEMPTED_MARKER).unlink(missing_ok=True)
     return path, lock
@@ -227,8 +234,6 @@ def task(cfg: DictConfig) -> None:
 
 def _hydra_files() -> list[str]:
     """What Hydra writes into a run dir, relative to it: its saved configs and the job's log file."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return []
     hydra_cfg = HydraConfig.get()

@@ -154,4 +154,5 @@ def test_auto_batch_trains_exactly_like_the_batch_it_found_and_records_it(tmp_pa
     records = [json.loads(line) for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
     event = next(r for r in records if r.get("event") == "auto_batch")
     assert event["batch_size"] == 5 and event["start"] == 2 and [5, True] in event["probes"]
+    assert searched.batch_size == 5 and searched.batch_search == event  # returned, not written into the job
     assert "batch_size: 5" in (tmp_path / "auto" / "resolved_config.yaml").read_text()

@@ -36,6 +36,8 @@ from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.optim.anyprecision import AnyPrecisionAdamW
+from fsdp_kit.plan import make_plan
+from fsdp_kit.plan.memory import GB
 from fsdp_kit.policies.apply import reshard_all
 from fsdp_kit.torch_private import finish_fsdp_iteration
 
@@ -240,9 +242,6 @@ def planner_start(job: TrainConfig, env: DistEnv) -> tuple[int, str]:
     planner has nothing to plan for (CPU)."""
     if env.device_type != "cuda":
         return job.trainer.batch_size, "trainer.batch_size (no GPU memory to plan for)"
-    from fsdp_kit.plan import make_plan
-    from fsdp_kit.plan.memory import GB
-
     memory_gb = torch.cuda.get_device_properties(env.device).total_memory / GB
     cluster = dataclasses.replace(job.cluster, nodes=max(env.world_size // env.local_world_size, 1),
                                   gpus_per_node=env.local_world_size, gpu_memory_gb=memory_gb)
@@ -252,12 +251,11 @@ def planner_start(job: TrainConfig, env: DistEnv) -> tuple[int, str]:
 
 def find_batch_size(job: TrainConfig, model: nn.Module, optimizer: Optimizer, data: DataBundle,
                     env: DistEnv) -> BatchSearch:
-    """Run the search for ``job`` (trainer.auto_batch=true) on this rank and set job.trainer.batch_size to the
-    batch found."""
+    """Run the search for ``job`` (trainer.auto_batch=true) on this rank; the batch found is the result's
+    ``batch_size`` (``job`` is not changed)."""
     start, source = planner_start(job, env)
     bound = upper_bound(job.trainer.auto_batch_max, job.data.eval_examples, env.world_size)
     found = search_batch_size(model, optimizer, data, env.device, env.world_size, start, bound, source)
-    job.trainer.batch_size = found.batch_size
     if job.trainer.compile:
         # The probes' several batch sizes made dynamo compile shape-generic kernels; training runs one shape,
         # so compile afresh for it (what a run at a fixed batch would have).

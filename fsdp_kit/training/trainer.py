@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -18,6 +20,7 @@ from fsdp_kit.checkpoint.state import TrainState
 from fsdp_kit.data.loader import DataBundle, token_counts
 from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import TrainingDivergedError
+from fsdp_kit.launch.requeue import request_requeue
 from fsdp_kit.metrics.flops import FlopCounter
 from fsdp_kit.metrics.report import Reporter
 from fsdp_kit.metrics.tracker import Tracker
@@ -42,6 +45,10 @@ class FitResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     preempted: bool = False
+    batch_size: int = 0
+    """The per-rank batch the run trained at (the one trainer.auto_batch found, where it searched)."""
+    batch_search: dict[str, Any] | None = None
+    """trainer.auto_batch's search (its metrics.jsonl record), if it ran."""
 
     @property
     def losses(self) -> dict[int, float]:
@@ -93,7 +100,7 @@ class Trainer:
         self._probe: PrecisionProbe | None = None
 
     def fit(self) -> FitResult:
-        result = FitResult()
+        result = FitResult(batch_size=self.cfg.batch_size)
         self.checkpoints.restore(self.state)
         if self.state.step >= self.cfg.max_steps:
             self.reporter.info(f"already trained to step {self.state.step} (trainer.max_steps={self.cfg.max_steps}): "
@@ -160,7 +167,7 @@ class Trainer:
         defer_sync = self.cfg.grad_accum_no_sync and len(batches) > 1
         for index, (micro, batch) in enumerate(zip(micro_batches, batches)):
             if defer_sync:  # reduce-scatter only after the last micro-batch's backward
-                self.model.set_requires_gradient_sync(index == len(batches) - 1)
+                cast(FSDPModule, self.model).set_requires_gradient_sync(index == len(batches) - 1)
             step_flops += self.flops.flops(micro)
             loss_sum, _ = token_loss(self.model, batch)
             if reduced is not None:
@@ -175,8 +182,8 @@ class Trainer:
         elif self.cfg.max_nonfinite_steps:  # the guard needs the norm even without clipping
             self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
                                                              if p.grad is not None])
-        loss_finite, norm_finite = (self._finite(loss_total, self._grad_norm) if self.cfg.max_nonfinite_steps
-                                    else (True, True))
+        loss_finite, norm_finite = (self._finite(loss_total, self._grad_norm)
+                                    if self.cfg.max_nonfinite_steps and self._grad_norm is not None else (True, True))
         # An enabled scaler already skips steps whose scaled gradients overflowed (and lowers its scale): that is
         # its normal work, not a blow-up. Then only a non-finite loss counts.
         norm_finite = norm_finite or self.grad_scaler.is_enabled()
@@ -225,7 +232,7 @@ class Trainer:
                 "lower optim.lr or raise trainer.warmup_steps (with trainer.clip_grad_norm set), then resume from "
                 "the last checkpoint")
 
-    def _micro_loss(self, global_tokens: torch.Tensor):
+    def _micro_loss(self, global_tokens: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
         """The loss one micro-batch backpropagates in ``_train_step`` (for the non-finite locator)."""
         def loss_of(batch: Batch) -> torch.Tensor:
             loss_sum, _ = token_loss(self.model, batch)
@@ -246,10 +253,10 @@ class Trainer:
                                   f"(see precision.json): {'; '.join(problems)}")
 
     def _log(self, step: int) -> dict[str, Any]:
-        record = self.tracker.record(step, lr=self.schedule.get_last_lr()[0])
+        record = self.tracker.record(step, lr=float(self.schedule.get_last_lr()[0]))
         if self._grad_norm is not None:
             record["grad_norm"] = float(_full(self._grad_norm))
-        if not math.isfinite(record["loss"]):
+        if not math.isfinite(cast(float, record["loss"])):
             self.reporter.warning(f"non-finite loss at step {step}")
         self.reporter.log(record)
         return record
@@ -262,6 +269,4 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 def _requeue() -> None:
     """The hang watchdog's last act on rank 0: under submitit the exit code alone does not requeue the job."""
-    from fsdp_kit.launch.requeue import request_requeue
-
     print(f"fsdp_kit hang watchdog: {request_requeue()}", flush=True)
