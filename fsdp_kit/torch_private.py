@@ -69,7 +69,7 @@ def finish_fsdp_iteration(model: nn.Module) -> None:
         root._get_fsdp_state()._root_post_backward_final_callback()
 
 
-def fsdp_params(module: nn.Module) -> list:
+def fsdp_params(module: FSDPModule) -> list:
     """The FSDPParam records of one FSDP module (each has ``param_dtype``, ``reduce_dtype``, ``orig_dtype``,
     ``sharded_param``); FSDP2 has no public reader of its per-parameter policy."""
     group = module._get_fsdp_state()._fsdp_param_group

@@ -13,6 +13,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +37,9 @@ def materialize(model: PreTrainedModel, cfg: ModelConfig, device: torch.device, 
 
 
 def _load_pretrained(model: PreTrainedModel, cfg: ModelConfig, rank: int) -> None:
-    full_state: dict[str, torch.Tensor] = {}
+    full_state: dict[str, Any] = {}
     if rank == 0:
+        assert cfg.pretrained is not None  # the caller loads only a pretrained model
         dtype = next(model.parameters()).dtype
         auto = AutoModelForSeq2SeqLM if model.config.is_encoder_decoder else AutoModelForCausalLM
         source = auto.from_pretrained(cfg.pretrained, config=model.config, dtype=dtype,

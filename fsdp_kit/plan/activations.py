@@ -35,17 +35,17 @@ class ActivationProfile:
     """Saved outside the transformer layers (embeddings, final norms, logits and loss)."""
     per_layer: tuple[float, ...]
     """Saved inside each layer, in execution order."""
-    layer_inputs: tuple[dict[int, int], ...]
+    layer_inputs: tuple[dict[int, float], ...]
     """Each layer's tensor inputs as {storage id: bytes per sample} (what activation checkpointing keeps;
     tensors every layer receives, like T5's position bias, share one storage and count once)."""
-    selective_outputs: tuple[dict[int, int], ...] = ()
+    selective_outputs: tuple[dict[int, float], ...] = ()
     """Per layer, the outputs of the ops ac=selective keeps (matmuls, attention) as {storage id: bytes per
     sample}."""
 
     def saved(self, checkpointed: set[int], selective: bool = False) -> float:
         """Bytes alive at the end of forward when the layers at these indices are checkpointed (``selective``:
         checkpointed layers also keep their matmul and attention outputs)."""
-        kept: dict[int, int] = {}
+        kept: dict[int, float] = {}
         for index in checkpointed:
             kept.update(self.layer_inputs[index])
             if selective:
@@ -86,7 +86,7 @@ stand-in runs (plan/work.py prices them)."""
 
 class _SavedLikeEfficientAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, bias):  # type: ignore[override]
+    def forward(ctx, query, key, value, bias):
         output = torch.empty_like(query)
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
         for recorder in _Recorder.active:  # the fused kernels' outputs, which ac=selective keeps
@@ -97,7 +97,7 @@ class _SavedLikeEfficientAttention(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         saved = ctx.saved_tensors  # read once: a checkpointed layer's saved tensors unpack once
         query, key, value = saved[:3]
         bias = saved[5] if len(saved) > 5 else None
@@ -116,8 +116,8 @@ def _gpu_like_attention() -> Iterator[None]:
         bias = attn_mask if attn_mask is not None and attn_mask.is_floating_point() else None
         return _SavedLikeEfficientAttention.apply(query, key, value, bias)
 
-    F.scaled_dot_product_attention = attention
-    torch.nn.functional.scaled_dot_product_attention = attention
+    F.scaled_dot_product_attention = attention  # type: ignore[assignment]  # a stand-in, restored below
+    torch.nn.functional.scaled_dot_product_attention = attention  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -145,7 +145,7 @@ class _Recorder(TorchDispatchMode):
                 self.alive.append(tensor)  # a freed storage's address would be reused: keys must stay unique
                 found[hash(StorageWeakRef(tensor.untyped_storage()))] = tensor.untyped_storage().nbytes()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in SAVED_OPS:
             self.record(out)
@@ -182,10 +182,10 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
     order = {id(layer): index for index, layer in enumerate(found)}
 
     def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        running[0] = order[id(module)]
+        index = running[0] = order[id(module)]
         tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.is_floating_point()]
         alive.extend(tensors)  # storages are told apart by address: none may be freed and reused during the trace
-        inputs[running[0]] = {hash(StorageWeakRef(t.untyped_storage())): t.untyped_storage().nbytes()
+        inputs[index] = {hash(StorageWeakRef(t.untyped_storage())): t.untyped_storage().nbytes()
                               for t in tensors}
 
     def leave(*_: object) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fsdp_kit.config import TrainConfig
+from fsdp_kit.optim.build import build_optimizer
 from fsdp_kit.plan import calibration as calibration_file
 from fsdp_kit.plan.calibration import Calibration, Observation, predict
 from fsdp_kit.plan.memory import ModelShape, dtype_bytes, precision_bytes, shard_factor
@@ -86,15 +87,13 @@ def optimizer_traffic(job: TrainConfig) -> tuple[float, int]:
     if key not in _OPTIMIZER_TRAFFIC:
         optim = job.optim
         if optim.name == "anyprecision":
-            from fsdp_kit.optim.build import build_optimizer
-
             traffic = optimizer_bytes_per_element(lambda params: build_optimizer(_Holder(params), optim), dtype)
         elif optim.fused:  # one kernel: reads parameter, gradient and both moments, writes all but the gradient
             traffic = (7.0 * dtype_bytes(dtype), 1)
         else:  # torch's multi-tensor AdamW, its default on GPU
             traffic = optimizer_bytes_per_element(
-                lambda params: torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                                 weight_decay=optim.weight_decay, foreach=True), dtype)
+                lambda params: torch.optim.AdamW(params, lr=optim.lr, betas=(optim.betas[0], optim.betas[1]),
+                                                 eps=optim.eps, weight_decay=optim.weight_decay, foreach=True), dtype)
         _OPTIMIZER_TRAFFIC[key] = traffic
     return _OPTIMIZER_TRAFFIC[key]
 

@@ -14,12 +14,14 @@ The optimizer's traffic per parameter element is traced the same way, on the con
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 from torch.utils.flop_counter import flop_registry
 
 from fsdp_kit.models.build import layers
@@ -79,7 +81,7 @@ class StepWork:
     layer_forward: tuple[FixedPlusPerSample, ...]
     """Each transformer layer's forward (what full checkpointing runs again in backward)."""
 
-    def at(self, batch: int, checkpointed: set[int] = frozenset(), selective: bool = False) -> Work:
+    def at(self, batch: int, checkpointed: AbstractSet[int] = frozenset(), selective: bool = False) -> Work:
         work = self.total.at(batch)
         for index in checkpointed:
             forward = self.layer_forward[index].at(batch)
@@ -134,7 +136,7 @@ class _Pricer(TorchDispatchMode):
         bias_bytes = 0 if bias is None else _nbytes(bias) * (2 if backward else 1)  # backward writes its gradient
         self.add(Work(attention_flops=flops, memory_bytes=bias_bytes, kernels=1))
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if op_packet(func) in _MATMULS:
@@ -161,7 +163,7 @@ def _trace(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
     found = layers(model, layer_cls)
     pricer = _Pricer()
 
-    def enter(index: int):
+    def enter(index: int) -> Callable[..., None]:
         return lambda *_: setattr(pricer, "current", index)
 
     def leave(*_: object) -> None:
@@ -183,7 +185,8 @@ def _trace(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
     return sum(pricer.work.values(), Work()), [pricer.work.get(i, Work()) for i in range(len(found))]
 
 
-def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes) -> StepWork:
+def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
+              batch_shapes: Callable[[int], dict[str, tuple[int, ...]]]) -> StepWork:
     """Trace ``model`` (a throwaway meta model in the compute dtype) at batch 2 and 3; ``batch_shapes(batch)``
     gives the input shapes."""
     mode = fake_mode()
@@ -201,8 +204,8 @@ def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_sh
                     tuple(through(a, b) for a, b in zip(two_layers, three_layers, strict=True)))
 
 
-def optimizer_bytes_per_element(make_optimizer, dtype: torch.dtype, elements: int = 1 << 16,
-                                tensors: int = 4) -> tuple[float, int]:
+def optimizer_bytes_per_element(make_optimizer: Callable[[list[nn.Parameter]], Optimizer], dtype: torch.dtype,
+                                elements: int = 1 << 16, tensors: int = 4) -> tuple[float, int]:
     """(bytes read and written per parameter element, multi-tensor kernels per call) of one optimizer step,
     traced on fake parameters of ``dtype`` (the step after the first, when the state exists)."""
     mode = fake_mode()

@@ -21,7 +21,7 @@ only when loading in float16): pure bf16 means every weight is bf16.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +148,7 @@ class PrecisionProbe:
     def _add(self, name: str, role: str, dtype: str) -> None:
         self.seen.setdefault(group_of(name, self.keep), {}).setdefault(role, set()).add(dtype)
 
-    def _compute(self, module_name: str):
+    def _compute(self, module_name: str) -> Callable[[nn.Module, Any], None]:
         def hook(module: nn.Module, _args: Any) -> None:
             for name, param in direct_parameters(module):
                 if param is not None and param.is_floating_point():
