@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from fsdp_kit import distributed
 from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER
-from fsdp_kit.config import TrainConfig, check_spelling, to_dict, to_yaml
+from fsdp_kit.config import TrainConfig, check_ranges, check_spelling, to_dict, to_yaml
 from fsdp_kit.config_dir import SHIPPED, describe, folder_first, origins, search_first
 from fsdp_kit.errors import ConfigError, FsdpKitError, one_line_warnings, report_error
 from fsdp_kit.policies.config import CheckpointMode
@@ -46,6 +46,7 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
     config group came from, for the header."""
     from fsdp_kit.preflight import preflight  # late: this Hydra app refuses bad input without torch
 
+    check_ranges(job)  # a bad value is refused before distributed.detect imports torch (seconds)
     runtime = distributed.detect()
     if not runtime.is_main:
         import transformers  # late: see above
