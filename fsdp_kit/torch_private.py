@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._ops import OpOverload
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointImpl",
     "CheckpointWrapper",
     "FakeTensorMode",
+    "OpOverload",
     "TorchDispatchMode",
     "apply_activation_checkpointing",
     "checkpoint_wrapper",
@@ -96,12 +98,12 @@ def fake_mode(cache: bool = True) -> FakeTensorMode:
     return mode
 
 
-def op_packet(func: torch._ops.OpOverload) -> object:
+def op_packet(func: OpOverload) -> object:
     """The overload packet of an aten op (``aten.mm`` for ``aten.mm.default``), the key torch's FLOP table uses."""
     return func._overloadpacket
 
 
-def op_schema_arguments(func: torch._ops.OpOverload) -> list:
+def op_schema_arguments(func: OpOverload) -> list:
     """The op's schema arguments (each has ``name``, ``kwarg_only``, ``alias_info``)."""
     return list(func._schema.arguments)
 

@@ -27,7 +27,14 @@ from torch.utils.flop_counter import flop_registry
 from fsdp_kit.models.build import layers
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.plan import activations
-from fsdp_kit.torch_private import TorchDispatchMode, fake_mode, op_packet, op_schema_arguments, tree_flatten
+from fsdp_kit.torch_private import (
+    OpOverload,
+    TorchDispatchMode,
+    fake_mode,
+    op_packet,
+    op_schema_arguments,
+    tree_flatten,
+)
 
 _aten = torch.ops.aten
 _MATMULS = frozenset({_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm})
@@ -98,7 +105,7 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return min(tensor.numel() * tensor.element_size(), tensor.untyped_storage().nbytes())
 
 
-def op_bytes(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> int:
+def op_bytes(func: OpOverload, args: tuple, kwargs: dict, out: object) -> int:
     """Bytes ``func`` reads and writes: its tensor inputs and its outputs (for in-place ops, the tensors it
     mutates); 0 for views and allocations."""
     if op_packet(func) in _ALLOCATIONS or func.is_view:

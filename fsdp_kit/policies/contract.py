@@ -142,7 +142,7 @@ class PrecisionProbe:
         self.seen: dict[str, dict[str, set[str]]] = {}
         self.done = False
         self._handles = [module.register_forward_pre_hook(self._compute(name))
-                         for name, module in model.named_modules() if module._parameters]
+                         for name, module in model.named_modules() if any(direct_parameters(module))]
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
 
     def _add(self, name: str, role: str, dtype: str) -> None:
