@@ -234,3 +234,12 @@ def test_search_command_is_the_recipe_it_priced(tmp_path):
     assert planned.code == 0, planned.stderr
     assert re.search(rf"batch {batch} fits in 2 GB; largest batch that fits: {batch}\b", planned.stdout), \
         planned.stdout
+
+
+def test_model_shape_is_cached_per_reshard_last_unit():
+    """What is all-gathered again for backward depends on sharding.reshard_last_unit, so its cached shape does too."""
+    from fsdp_kit.plan import model_shape
+
+    kept, resharded = (compose_job(["model=t5_tiny", f"sharding.reshard_last_unit={flag}"])
+                       for flag in ("false", "true"))
+    assert model_shape(resharded).regathered > model_shape(kept).regathered

@@ -112,10 +112,11 @@ def traced_work(job: TrainConfig) -> StepWork:
 
 def model_shape(job: TrainConfig) -> ModelShape:
     """Parameter count and FSDP unit sizes of ``job``'s model under its wrap policy (cached)."""
-    key = (repr(job.model), repr(job.wrap))
+    key = (repr(job.model), repr(job.wrap), job.sharding.reshard_last_unit)
     if key not in _SHAPES:
         model, layer_cls = _meta_model(model=job.model, precision=job.precision, wrap=job.wrap)
-        _SHAPES[key] = ModelShape.of(model, job, layer_cls)
+        _SHAPES[key] = ModelShape.of(model, wrap=job.wrap, reshard_last_unit=job.sharding.reshard_last_unit,
+                                     layer_cls=layer_cls)
     return _SHAPES[key]
 
 

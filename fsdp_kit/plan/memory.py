@@ -22,7 +22,7 @@ from fsdp_kit.config import TrainConfig
 from fsdp_kit.optim.anyprecision import CHUNK_NUMEL
 from fsdp_kit.plan.activations import ActivationProfile
 from fsdp_kit.policies.activation import checkpointed_indices
-from fsdp_kit.policies.config import CheckpointMode
+from fsdp_kit.policies.config import CheckpointMode, WrapConfig
 from fsdp_kit.policies.precision import compute_dtype, mixed_precision_policy, param_dtype
 from fsdp_kit.policies.sharding import reshard_after_forward, shard_group_size
 from fsdp_kit.policies.wrapping import fsdp_units
@@ -46,12 +46,13 @@ class ModelShape:
     sharding.reshard_last_unit, the last one: policies/apply.py keeps those unsharded); None: all of them."""
 
     @classmethod
-    def of(cls, model: nn.Module, job: TrainConfig, layer_cls: tuple[type[nn.Module], ...]) -> ModelShape:
-        units = fsdp_units(model, job.wrap, layer_cls)
+    def of(cls, model: nn.Module, *, wrap: WrapConfig, reshard_last_unit: bool,
+           layer_cls: tuple[type[nn.Module], ...]) -> ModelShape:
+        units = fsdp_units(model, wrap, layer_cls)
         unit_params = [sum(p.numel() for p in unit.parameters()) for unit in units]
         total = sum(p.numel() for p in model.parameters())
         root = total - sum(unit_params)
-        regathered = sum(unit_params) - (unit_params[-1] if unit_params and not job.sharding.reshard_last_unit else 0)
+        regathered = sum(unit_params) - (unit_params[-1] if unit_params and not reshard_last_unit else 0)
         return cls(total, max([root, *unit_params]), len(units) + 1, regathered)
 
 
