@@ -25,13 +25,13 @@ def _memory(*overrides: str, world: int = 8, gpus: int = 8):
     ("full_shard", 24, 8, 24), ("shard_grad_op", 24, 8, 24), ("hybrid_shard", 24, 8, 8),
     ("hybrid_shard_zero2", 24, 8, 8), ("no_shard", 24, 8, 1)])
 def test_sharding_factors(strategy, world, gpus, factor):
-    assert shard_factor(compose_job([f"sharding={strategy}"]), world, gpus) == factor
+    assert shard_factor(compose_job([f"sharding={strategy}"]).sharding, world, gpus) == factor
     memory = _memory(f"sharding={strategy}", world=world, gpus=gpus)
     assert memory.params == pytest.approx(SHAPE.params * 4 / factor)
 
 
 def test_hybrid_shard_group_size_overrides_the_node():
-    assert shard_factor(compose_job(["sharding=hybrid_shard", "sharding.shard_group_size=4"]), 24, 8) == 4
+    assert shard_factor(compose_job(["sharding=hybrid_shard", "sharding.shard_group_size=4"]).sharding, 24, 8) == 4
 
 
 @pytest.mark.parametrize(("precision", "optim", "param", "optimizer"), [
@@ -45,7 +45,7 @@ def test_precision_bytes(precision, optim, param, optimizer):
 
 def test_anyprecision_bytes_follow_its_dtypes():
     cfg = compose_job(["optim=anyprecision", "optim.momentum_dtype=float32", "optim.use_kahan_summation=false"])
-    assert optimizer_bytes_per_param(cfg) == 4 + 2
+    assert optimizer_bytes_per_param(cfg.optim, cfg.precision) == 4 + 2
 
 
 def test_resharding_keeps_two_units_and_zero2_keeps_all():

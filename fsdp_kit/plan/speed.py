@@ -116,7 +116,7 @@ def _regathered(job: TrainConfig, shape: ModelShape) -> int:
 def _fsdp_copies(job: TrainConfig, shape: ModelShape, factor: int) -> Work:
     """FSDP2's local traffic around its collectives: the copy into the all-gather buffer (with the cast to the
     compute dtype) and out of it into the unsharded parameters, and the same for the gradients' reduce-scatter."""
-    pbytes, cbytes, rbytes = precision_bytes(job)
+    pbytes, cbytes, rbytes = precision_bytes(job.precision)
     gathered = shape.params + _regathered(job, shape)
     all_gather = gathered * ((pbytes + cbytes) / factor + 3 * cbytes)
     reduce_scatter = shape.params * (cbytes + 2 * rbytes + (rbytes + pbytes) / factor)
@@ -147,7 +147,7 @@ def observation(job: TrainConfig, shape: ModelShape, work: StepWork, batch: int,
                 measured_s: float = 0.0, label: str = "") -> Observation:
     """The step's work as the terms of plan/calibration.py's time model."""
     cluster = job.cluster
-    total = step_work(job, shape, work, batch, shard_factor(job, world, cluster.gpus_per_node))
+    total = step_work(job, shape, work, batch, shard_factor(job.sharding, world, cluster.gpus_per_node))
     flops = total.matmul_flops + total.attention_flops
     bandwidth, _ = _memory_bandwidth(job)
     if job.precision.name == Precision.fp32:
@@ -192,9 +192,9 @@ def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, b
     source = f"calibrated: {calibration.describe()}" + (f", {speedup_text}" if speedup_text else "") + bandwidth_text
     tflops = flops_per_sample * batch / compute_s / 1e12
 
-    factor = shard_factor(job, world, cluster.gpus_per_node)
+    factor = shard_factor(job.sharding, world, cluster.gpus_per_node)
     replicas = world // factor
-    _, cbytes, rbytes = precision_bytes(job)
+    _, cbytes, rbytes = precision_bytes(job.precision)
     shard_traffic = ((shape.params + _regathered(job, shape)) * cbytes + shape.params * rbytes) * (factor - 1) / factor
     replica_traffic = 2 * shape.params / factor * rbytes * (replicas - 1) / replicas if replicas > 1 else 0.0
     shard_spans_nodes = factor > cluster.gpus_per_node
