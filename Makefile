@@ -35,8 +35,12 @@ wheel: $(STAMP)
 gpu-wheels: $(STAMP)
 	PYTHON=$(PY) benchmarks/gpu/build_wheels.sh .whl
 
+# ruff's lint rules, its formatter's check (settings in pyproject.toml; `ruff format fsdp_kit` applies it) and mypy
+# on the package (its [tool.mypy] settings): what .ci/run runs after the tests.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fsdp_kit tests benchmarks examples
+	$(VENV)/bin/ruff format --check fsdp_kit
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache build dist

@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=8 benchmarks/checkpoint_io.py model=t5_3b ...
 
 Builds and shards the model as training does, gives the optimizer its state with one step, then times
-`Manager.save` (write + atomic commit) and `Manager.restore` into a fresh run. Bytes are the sizes of the files
-written. Writes benchmarks/results/<device>/checkpoint_io_<model>.json.
+`CheckpointManager.save` (write + atomic commit) and `CheckpointManager.restore` into a fresh run. Bytes are the
+sizes of the files written. Writes benchmarks/results/<device>/checkpoint_io_<model>.json.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ import torch
 import torch.distributed as dist
 from common import compose_job, device_slug, provenance, write_json
 
-from fsdp_kit import distributed, models
-from fsdp_kit.checkpoint import Manager, RunIdentity, TrainState
-from fsdp_kit.metrics import synchronize
-from fsdp_kit.optim import build_optimizer, build_schedule
+from fsdp_kit import distributed
+from fsdp_kit.checkpoint.manager import CheckpointManager, RunIdentity
+from fsdp_kit.checkpoint.state import TrainState
+from fsdp_kit.metrics.tracker import synchronize
+from fsdp_kit.models.build import build as build_model
+from fsdp_kit.models.build import hf_config
+from fsdp_kit.optim.build import build_optimizer, build_schedule
 from fsdp_kit.policies.precision import param_dtype
 from fsdp_kit.train import shard_and_materialize
 
@@ -34,8 +37,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     job = compose_job([*args.overrides, f"run_dir={args.dir}", "checkpoint.resume=never"])
-    config = models.hf_config(job.model)
-    model = models.build(job.model, dtype=param_dtype(job.precision), config=config)
+    config = hf_config(job.model)
+    model = build_model(job.model, dtype=param_dtype(job.precision), config=config)
     identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer)
     runtime = distributed.detect()
     with distributed.session(runtime, job.dist, job.sharding) as env:
@@ -49,7 +52,7 @@ def main() -> None:
         if env.is_main and args.dir.exists():
             shutil.rmtree(args.dir)
         env.barrier()
-        manager = Manager(job.checkpoint, args.dir, env.rank, env.world_size, identity)
+        manager = CheckpointManager(job.checkpoint, args.dir, env.rank, env.world_size, identity)
         synchronize(env.device)
         start = time.perf_counter()
         path = manager.save(state, reason="benchmark")
@@ -57,7 +60,7 @@ def main() -> None:
         save_s = time.perf_counter() - start
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         job.checkpoint.resume = str(path)
-        reader = Manager(job.checkpoint, args.dir, env.rank, env.world_size, identity)
+        reader = CheckpointManager(job.checkpoint, args.dir, env.rank, env.world_size, identity)
         start = time.perf_counter()
         reader.restore(TrainState(model, optimizer, build_schedule(optimizer, job.trainer)))
         synchronize(env.device)

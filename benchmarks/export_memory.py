@@ -3,12 +3,11 @@
     python benchmarks/export_memory.py model=t5_large                           # this checkout's export
     python benchmarks/export_memory.py --label one_copy_24e5e21 model=t5_large  # run with PYTHONPATH=<older source>
 
-Makes a checkpoint once, in a process of its own (random init, fp32, written by `Manager.save` as training writes
-it, the model's state only: export reads nothing else), then runs `python -m fsdp_kit.cli export` on it and reads
-the child's peak RSS from `os.wait4` (this process never holds the model: a child's peak counts its parent's size
-at the fork). A PYTHONPATH set by the caller reaches the child: that is how an older export is
-measured on the same checkpoint. Writes benchmarks/results/<device>/export_memory_<model>_<label>.json.
-"""
+Makes a checkpoint once, in a process of its own (random init, fp32, written by `CheckpointManager.save` as training
+writes it, the model's state only: export reads nothing else), then runs `python -m fsdp_kit.cli export` on it and
+reads the child's peak RSS from `os.wait4` (this process never holds the model: a child's peak counts its parent's
+size at the fork). A PYTHONPATH set by the caller reaches the child: that is how an older export is measured on the
+same checkpoint. Writes benchmarks/results/<device>/export_memory_<model>_<label>.json. """
 
 from __future__ import annotations
 
@@ -25,8 +24,8 @@ from common import compose_job, device_slug, provenance, write_json
 
 
 class ModelOnly:
-    """What ``Manager.save`` saves, without the optimizer: torch's get_state_dict would give AdamW its states (and
-    the model gradients) first, four times the memory, for keys that export never reads."""
+    """What ``CheckpointManager.save`` saves, without the optimizer: torch's get_state_dict would give AdamW its
+    states (and the model gradients) first, four times the memory, for keys that export never reads."""
 
     def __init__(self, model) -> None:
         self.model, self.step, self.samples_seen = model, 1, 0
@@ -39,17 +38,20 @@ class ModelOnly:
 
 def make_checkpoint(run_dir: Path, overrides: list[str]) -> None:
     """Save the model ``overrides`` name as ``run_dir/checkpoints/step_1`` (a committed fsdp_kit checkpoint)."""
-    from fsdp_kit import distributed, models
-    from fsdp_kit.checkpoint import Manager, RunIdentity
+    from fsdp_kit import distributed
+    from fsdp_kit.checkpoint.manager import CheckpointManager, RunIdentity
+    from fsdp_kit.models.build import build as build_model
+    from fsdp_kit.models.build import hf_config
     from fsdp_kit.train import shard_and_materialize
 
     job = compose_job([*overrides, f"run_dir={run_dir}", "checkpoint.resume=never"])
-    config = models.hf_config(job.model)
-    model = models.build(job.model, config=config)
+    config = hf_config(job.model)
+    model = build_model(job.model, config=config)
     identity = RunIdentity.of(model, config, job.model.name, job.data.tokenizer)
     with distributed.session(distributed.detect(), job.dist, job.sharding) as env:
         shard_and_materialize(model, job, env)
-        Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity).save(ModelOnly(model), reason="benchmark")
+        manager = CheckpointManager(job.checkpoint, run_dir, env.rank, env.world_size, identity)
+        manager.save(ModelOnly(model), reason="benchmark")
 
 
 def measure_export(checkpoint: Path, max_shard_size: str | None) -> dict[str, float]:

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 from common import compose_job, device_slug, provenance, write_json
 
-from fsdp_kit import models
-from fsdp_kit.optim import AnyPrecisionAdamW
-from fsdp_kit.optim.anyprecision import CHUNK_NUMEL
+from fsdp_kit.models.build import build as build_model
+from fsdp_kit.optim.anyprecision import CHUNK_NUMEL, AnyPrecisionAdamW
 
 
 def _time_steps(optimizer: torch.optim.Optimizer, device: torch.device, warmup: int, steps: int) -> float:
@@ -55,7 +54,7 @@ def main() -> None:
     runs = [("anyprecision_kahan_bf16" if i == 0 else f"anyprecision_kahan_bf16_chunk{chunk}", chunk)
             for i, chunk in enumerate(args.chunk_elements)] + [("torch_adamw", None)]
     for name, chunk in runs:
-        model = models.build(cfg, device=device, dtype=torch.bfloat16)
+        model = build_model(cfg, device=device, dtype=torch.bfloat16)
         params = [p for p in model.parameters()]
         generator = torch.Generator(device=device).manual_seed(0)
         for p in params:
@@ -75,7 +74,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     ratio = results["anyprecision_kahan_bf16"] / results["torch_adamw"]
-    record = {"model": args.model, "params": sum(p.numel() for p in models.build(cfg).parameters()),
+    record = {"model": args.model, "params": sum(p.numel() for p in build_model(cfg).parameters()),
               "chunk_elements": args.chunk_elements,
               "step_s": results, "ratio_anyprecision_vs_adamw": ratio, "target_ratio": 1.3,
               "provenance": provenance()}

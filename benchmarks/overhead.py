@@ -55,17 +55,18 @@ def _plain(args: argparse.Namespace) -> list[float]:
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForSeq2SeqLM
 
-    from fsdp_kit import data, models
+    from fsdp_kit.data.loader import build as build_data
+    from fsdp_kit.models.build import hf_config
 
     job = compose_job(_job_overrides(args, tempfile.mkdtemp()))
-    config = models.hf_config(job.model)
+    config = hf_config(job.model)
     torch.manual_seed(0)
     model = AutoModelForSeq2SeqLM.from_config(config)
     for block in [*model.encoder.block, *model.decoder.block]:
         fully_shard(block)
     fully_shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.optim.lr, weight_decay=job.optim.weight_decay)
-    loader = data.build(job.data, config).train_loader(args.batch, dist.get_rank(), dist.get_world_size())
+    loader = build_data(job.data, config).train_loader(args.batch, dist.get_rank(), dist.get_world_size())
     batches = iter(loader)
     model.train()
     stamps = []

@@ -8,27 +8,33 @@ Hydra overrides too, composed against the same configs. ``--config-dir DIR`` add
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fsdp_kit.bench.levers import LEVERS
 from fsdp_kit.errors import ConfigError, FsdpKitError, one_line_warnings, report_error
+
+if TYPE_CHECKING:
+    from fsdp_kit.config import TrainConfig
 
 _OVERRIDES_HELP = "Hydra overrides, e.g. model=t5_3b precision=bf16 cluster=p4d cluster.nodes=3"
 _CONFIG_DIR_HELP = "a folder of your own configs, searched beside the shipped ones (e.g. DIR/cluster/mine.yaml)"
 
 
 def _with_config_dir(args: argparse.Namespace) -> list[str]:
-    from fsdp_kit.config import search_path_override
+    from fsdp_kit.config import search_path_override  # late: `fsdp-kit --help` stays instant
 
     return ([search_path_override(args.config_dir)] if args.config_dir else []) + list(args.overrides)
 
 
-def _compose(args: argparse.Namespace):
+def _compose(args: argparse.Namespace) -> tuple[TrainConfig, list[str], dict[str, str]]:
     """The job, the overrides it was composed from and the file each config group came from."""
-    from fsdp_kit.config import compose_with_origins
+    from fsdp_kit.config import compose_with_origins  # late: Hydra only for the commands that compose
 
     overrides = _with_config_dir(args)
     job, found = compose_with_origins(overrides)
@@ -36,10 +42,9 @@ def _compose(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fsdp_kit import train
-    from fsdp_kit.config import check_spelling, search_path_override
+    from fsdp_kit import train  # late: each command imports only what it runs
+    from fsdp_kit.config import search_path_override  # late: `fsdp-kit --help` stays instant
 
-    check_spelling(args.overrides)
     if args.config_dir:
         search_path_override(args.config_dir)  # a missing folder: the one line the other commands print
     extra = ["--config-dir", str(Path(args.config_dir).resolve())] if args.config_dir else []
@@ -49,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # late: only export needs torch
 
     from fsdp_kit.checkpoint.export import export_hf
     from fsdp_kit.checkpoint.hf_shards import DEFAULT_MAX_SHARD_SIZE
@@ -61,7 +66,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _slurm(args: argparse.Namespace) -> int:
-    from fsdp_kit.launch.sbatch import render
+    from fsdp_kit.launch.sbatch import render  # late: each command imports only what it runs
     from fsdp_kit.launch.slurm import check
 
     job, overrides, _ = _compose(args)
@@ -78,7 +83,7 @@ def _slurm(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from fsdp_kit.launch.slurm import run_dir
+    from fsdp_kit.launch.slurm import run_dir  # late: submitit only for submit
     from fsdp_kit.launch.submit import submit
 
     job, cfg = submit(_with_config_dir(args))
@@ -103,6 +108,7 @@ def _rehearse(args: argparse.Namespace) -> int:
 
 
 def _pcluster_check(args: argparse.Namespace) -> int:
+    # late: the [aws] extra
     from fsdp_kit.launch.pcluster import check_cluster_yaml, fill_placeholders, read_cluster_file
 
     bad = [item for item in args.set if "=" not in item]
@@ -133,10 +139,10 @@ def _plan_lengths(args: argparse.Namespace, overrides: list[str]) -> tuple[int |
     return source, target
 
 
-def _check_default_lengths(job) -> None:
+def _check_default_lengths(job: TrainConfig) -> None:
     """The planner's default lengths, which the user never set, may not fit a model with a position table
     (gpt2_tiny: 256): then the fix is the planner's flags, not data.* settings."""
-    from fsdp_kit.models.build import check_fits, hf_config
+    from fsdp_kit.models.build import check_fits, hf_config  # late: transformers only for plan
 
     config = hf_config(job.model)
     try:
@@ -150,8 +156,6 @@ def _check_default_lengths(job) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    import dataclasses
-
     if args.top <= 0:
         raise ConfigError(f"--top {args.top} must be > 0", "pass e.g. --top 10")
     source, target = _plan_lengths(args, list(args.overrides))
@@ -174,7 +178,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fsdp_kit.compare import compare
+    from fsdp_kit.compare import compare  # late: each command imports only what it runs
 
     try:
         table, png = compare(args.runs, None if args.no_plot else args.plot)
@@ -194,15 +198,13 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import os
-
-    from fsdp_kit.bench import levers, probe_factors, run_bench
+    from fsdp_kit.bench import levers, probe_factors, run_bench  # late: each command imports only what it runs
 
     chosen = levers.select([name.strip() for name in args.levers.split(",")] if args.levers else None)
     if args.steps < 2:
         raise ConfigError(f"--steps {args.steps} leaves no step to measure after the first", "pass --steps 2 or more")
     reference = Path(args.reference) if args.reference else _probe_record()
-    if args.reference and not reference.is_file():
+    if args.reference and reference is not None and not reference.is_file():
         raise ConfigError(f"--reference {args.reference} does not exist",
                           "pass a gpu_probe_*.json file or leave it out")
     probe_factors(reference)  # a malformed record: refused now, not after the runs
@@ -229,7 +231,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _check_bench_out(out: Path) -> None:
     """bench.json, bench.md and bench.png can be written in ``out``: checked before minutes of measuring."""
-    from fsdp_kit.bench import OUTPUT_FILES
+    from fsdp_kit.bench import OUTPUT_FILES  # late: each command imports only what it runs
     from fsdp_kit.outputs import check_writable_folder
 
     check_writable_folder(out, "--out")
@@ -248,9 +250,9 @@ def _probe_record() -> Path | None:
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line naming the command, exit code 2 (argparse's own convention)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.commands: dict[str, argparse.ArgumentParser] = {}
+        self.commands: Mapping[str, argparse.ArgumentParser] = {}
         """The subcommands' parsers, by name (the top-level parser's)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]

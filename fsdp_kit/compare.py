@@ -222,7 +222,7 @@ def markdown_table(runs: list[Run]) -> str:
 
 def plot(runs: list[Run], out: Path) -> Path:
     """Loss (train solid, eval dashed) and tokens/s over steps, one color per run."""
-    import matplotlib
+    import matplotlib  # matplotlib takes a second to import, only plots need it
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -250,7 +250,7 @@ def plot(runs: list[Run], out: Path) -> Path:
 
 def check_plot_path(plot_path: str | Path) -> None:
     """A file name whose extension matplotlib can write (checked before any run is read)."""
-    from matplotlib.backend_bases import FigureCanvasBase
+    from matplotlib.backend_bases import FigureCanvasBase  # matplotlib only when a plot is asked for
 
     formats = FigureCanvasBase.get_supported_filetypes()
     suffix = Path(plot_path).suffix.lstrip(".").lower()

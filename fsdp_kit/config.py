@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import cast
 
+from hydra import compose
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_config_search_path
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, ValidationError
+from hydra.errors import HydraException, OverrideParseException
+from hydra.initialize import get_gh_backup, restore_gh_from_backup
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, ValidationError, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from fsdp_kit.checkpoint.config import CheckpointConfig
-from fsdp_kit.config_dir import check_folder, checked_folder, origins
+from fsdp_kit.checks import check_finite
+from fsdp_kit.config_dir import SEARCHPATH_KEY, check_folder, checked_folder, origins, user_folders
 from fsdp_kit.data.config import DataConfig
 from fsdp_kit.distributed import DistConfig
 from fsdp_kit.env_values import keep_env_text, written
@@ -32,6 +37,7 @@ from fsdp_kit.models.config import ModelConfig
 from fsdp_kit.optim.config import OptimConfig
 from fsdp_kit.policies.config import ActivationCheckpointConfig, PrecisionConfig, ShardingConfig, WrapConfig
 from fsdp_kit.policies.sharding import check_shard_group
+from fsdp_kit.run_dir import register_resolvers
 from fsdp_kit.training.config import TrainerConfig
 
 CONFIG_MODULE = "fsdp_kit.configs"
@@ -73,7 +79,7 @@ class TrainConfig:
     def from_hydra(cls, cfg: DictConfig) -> TrainConfig:
         """Turn a composed Hydra config into typed dataclasses (resolving interpolations)."""
         try:
-            typed = OmegaConf.merge(OmegaConf.structured(cls), cfg)
+            typed = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(cls), cfg))
             _refuse_unknown_keys(typed, "")
             # values read from the environment keep their config text, so that no file gets them resolved
             return keep_env_text(typed, OmegaConf.to_object(typed))
@@ -100,7 +106,7 @@ def _refuse_unknown_keys(node: DictConfig, prefix: str) -> None:
         return
     fields = [item.name for item in dataclasses.fields(schema)]
     for key in node:
-        name = f"{prefix}{key}"
+        name = f"{prefix}{key!s}"
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean {prefix}{close[0]}?" if close else f"{prefix.rstrip('.') or 'the config'} has " \
@@ -111,97 +117,20 @@ def _refuse_unknown_keys(node: DictConfig, prefix: str) -> None:
             _refuse_unknown_keys(child, f"{name}.")
 
 
-# One rule per numeric setting: (dotted key, rule name). ``None`` values (optional settings left unset) pass.
-# Every float anywhere in the config must also be finite (nan/inf are refused whatever the rule).
-_RULES: tuple[tuple[str, str], ...] = (
-    ("trainer.batch_size", ">0"), ("trainer.grad_accum", ">0"), ("trainer.max_steps", ">0"),
-    ("trainer.log_every", ">0"), ("trainer.eval_batches", ">0"), ("trainer.warmup_steps", ">=0"),
-    ("trainer.eval_every", ">=0"), ("trainer.min_lr_ratio", "[0,1]"), ("trainer.clip_grad_norm", ">0"),
-    ("trainer.max_new_tokens", ">0"), ("trainer.profile_wait", ">=0"), ("trainer.profile_warmup", ">=0"),
-    ("trainer.profile_active", ">0"), ("trainer.hang_timeout_s", ">=0"), ("trainer.hang_factor", ">=1"),
-    ("trainer.max_nonfinite_steps", ">=0"), ("trainer.auto_batch_max", ">0"),
-    ("data.max_source_len", ">0"), ("data.max_target_len", ">0"), ("data.num_examples", ">0"),
-    ("data.eval_examples", ">0"), ("data.num_workers", ">=0"), ("data.max_skipped_fraction", "[0,1]"),
-    ("wrap.min_num_params", ">0"), ("ac.every_n", ">0"), ("ac.budget_gb", ">0"), ("sharding.prefetch", ">=0"),
-    ("checkpoint.keep", ">0"), ("checkpoint.every", ">=0"),
-    ("optim.lr", ">0"), ("optim.eps", ">0"), ("optim.weight_decay", ">=0"), ("optim.chunk_elements", ">0"),
-    ("model.dropout", "[0,1)"), ("metrics.peak_tflops", ">0"), ("dist.timeout_s", ">0"),
-    ("cluster.nodes", ">0"), ("cluster.gpus_per_node", ">=0"), ("cluster.gpu_memory_gb", ">0"),
-    ("cluster.peak_tflops", ">0"), ("cluster.intra_node_gbps", ">0"), ("cluster.inter_node_gbps", ">0"),
-    ("cluster.cpus_per_node", ">0"), ("cluster.peak_tflops_fp32", ">0"), ("cluster.memory_bandwidth_gb_s", ">0"),
-    ("slurm.signal_before_s", ">=0"), ("slurm.max_requeues", ">=0"), ("slurm.max_restarts", ">=0"),
-    ("slurm.procs_per_node", ">0"), ("slurm.cpus_per_task", ">0"), ("slurm.rdzv_port", "port"),
-)
-
-# rule -> (test, what the value must be)
-_TESTS: dict[str, tuple[Callable[[float], bool], str]] = {
-    ">0": (lambda v: v > 0, "> 0"),
-    ">=0": (lambda v: v >= 0, ">= 0"),
-    ">=1": (lambda v: v >= 1, ">= 1"),
-    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "port": (lambda v: 1 <= v <= 65535, "a port number in 1-65535"),
-}
-
-# What turns a setting off, where a user might try 0 for that.
-_OFF_HINTS = {
-    "trainer.clip_grad_norm": " (null turns clipping off)",
-    "trainer.max_new_tokens": " (null uses data.max_target_len)",
-}
-
-
-def _lookup(job: TrainConfig, key: str) -> Any:
-    value: Any = job
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _check_finite(node: Any, prefix: str) -> None:
-    """nan/inf in any float setting (lists included): comparisons with nan are always False, so a range rule
-    alone lets it through."""
-    if dataclasses.is_dataclass(node):
-        for item in dataclasses.fields(node):
-            _check_finite(getattr(node, item.name), f"{prefix}{item.name}")
-    elif isinstance(node, dict):
-        for name, value in node.items():
-            _check_finite(value, f"{prefix}.{name}")
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{prefix}={list(node)} holds {value}, not a finite number",
-                                  f"pass {prefix}=[<finite numbers>]")
-            _check_finite(value, prefix)
-    elif isinstance(node, float) and not math.isfinite(node):
-        raise ConfigError(f"{prefix}={node} is not a finite number", f"pass {prefix}=<a finite number>")
-
-
 def check_ranges(job: TrainConfig) -> None:
-    """Every numeric setting finite and in its range (the table ``_RULES``)."""
+    """Every setting finite and in its range: each component's config checks its own fields (their ``check``)."""
     for item in dataclasses.fields(job):
-        _check_finite(getattr(job, item.name), f"{item.name}.")
-    for key, rule in _RULES:
-        value = _lookup(job, key)
-        if value is None:
-            continue
-        test, bound = _TESTS[rule]
-        if not test(value):
-            raise ConfigError(f"{key}={value} must be {bound}{_OFF_HINTS.get(key, '')}",
-                              f"pass {key}=<a number {bound}>" if rule != "port" else f"pass {key}=<1-65535>")
+        value = getattr(job, item.name)
+        if hasattr(value, "check"):
+            value.check(f"{item.name}.")
+        else:
+            check_finite(value, f"{item.name}.")
 
 
 def check_values(job: TrainConfig, world_size: int, for_training: bool = True) -> None:
     """Ranges and cross-component rules, before any process group, model or job exists (``for_training=False``:
     only those that also matter when planning)."""
     check_ranges(job)
-    if job.optim.name == "anyprecision" and job.optim.variance_dtype == "float16":
-        raise ConfigError("optim.variance_dtype=float16: the second moment (~gradient^2) underflows float16 "
-                          "(gradients below about 5e-3 give 0) and the update m/eps blows up",
-                          "use optim.variance_dtype=bfloat16 (same size, float32's range) or float32")
-    if len(job.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in job.optim.betas):
-        raise ConfigError(f"optim.betas={job.optim.betas} must be two numbers in [0, 1)",
-                          "pass e.g. optim.betas=[0.9,0.999]")
-    _check_profile_window_and_wandb(job)
     if job.trainer.warmup_steps >= job.trainer.max_steps:
         warnings.warn(f"trainer.warmup_steps={job.trainer.warmup_steps} >= trainer.max_steps={job.trainer.max_steps}: "
                       "the learning rate never reaches its peak", stacklevel=3)
@@ -211,24 +140,11 @@ def check_values(job: TrainConfig, world_size: int, for_training: bool = True) -
             f"(trainer.batch_size={job.trainer.batch_size} x {world_size} ranks)",
             "raise data.eval_examples or lower trainer.batch_size")
     if not job.model.pretrained:  # a pretrained model's config is a file: preflight/train check it
-        from fsdp_kit.models.build import check_fits, hf_config
+        from fsdp_kit.models.build import check_fits, hf_config  # late: transformers, for a preset's positions
 
         check_fits(hf_config(job.model), job.data, job.trainer.max_new_tokens)
     check_shard_group(job.sharding, world_size)
     _warn_precision(job)
-
-
-def _check_profile_window_and_wandb(job: TrainConfig) -> None:
-    trainer = job.trainer
-    window = trainer.profile_wait + trainer.profile_warmup + trainer.profile_active
-    if trainer.profile and window > trainer.max_steps:
-        raise ConfigError(
-            f"trainer.profile: the window (profile_wait={trainer.profile_wait} + profile_warmup="
-            f"{trainer.profile_warmup} + profile_active={trainer.profile_active} = {window} steps) is longer than "
-            f"trainer.max_steps={trainer.max_steps}, so no trace would be written",
-            "lower trainer.profile_wait/profile_active or raise trainer.max_steps")
-    if not job.metrics.wandb_project.strip():
-        raise ConfigError("metrics.wandb_project is empty", "pass metrics.wandb_project=<your project>")
 
 
 def _warn_precision(job: TrainConfig) -> None:
@@ -268,17 +184,6 @@ def compose_with_origins(overrides: list[str]) -> tuple[TrainConfig, dict[str, s
 
     The folders of ``hydra.searchpath=[file://DIR]`` overrides (what ``--config-dir`` becomes) are searched before
     the shipped presets, as Hydra's own ``--config-dir`` is: a user's ``DIR/model/t5_tiny.yaml`` wins."""
-    from hydra import compose
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.errors import HydraException, OverrideParseException
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-    from omegaconf import open_dict
-    from omegaconf.errors import OmegaConfBaseException
-
-    from fsdp_kit.config_dir import SEARCHPATH_KEY, user_folders
-    from fsdp_kit.run_dir import register_resolvers
-
     check_spelling(overrides)
     folders = user_folders(overrides)
     for folder in folders:

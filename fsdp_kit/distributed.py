@@ -9,8 +9,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fsdp_kit.checks import check_fields
+
 if TYPE_CHECKING:  # torch is imported where it is used: the config (DistConfig) must not import it
-    import torch
+    import torch  # late: config.py imports DistConfig from here, and must not import torch
     from torch.distributed.device_mesh import DeviceMesh
 
     from fsdp_kit.policies.config import ShardingConfig
@@ -22,6 +24,10 @@ class DistConfig:
     """null picks nccl on GPU, gloo on CPU."""
     timeout_s: int = 600
     """Collective timeout."""
+
+    def check(self, prefix: str = "dist.") -> None:
+        """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
+        check_fields(self, prefix, {"timeout_s": ">0"})
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class DistEnv(Runtime):
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            import torch.distributed as dist
+            import torch.distributed as dist  # late: config.py imports DistConfig from here
 
             dist.barrier()
 
@@ -59,11 +65,11 @@ class DistEnv(Runtime):
 def detect() -> Runtime:
     """Read the launcher's environment: RANK/WORLD_SIZE/LOCAL_RANK from torchrun, or submitit's job environment
     (one task per GPU, as `fsdp-kit submit` and Hydra's submitit launcher start them)."""
-    import torch
+    import torch  # late: config.py imports DistConfig from here, and must not import torch
 
     env = os.environ
     if "RANK" not in env and (env.get("SUBMITIT_EXECUTOR") == "slurm" or "SUBMITIT_LOCAL_JOB_ID" in env):
-        import submitit
+        import submitit  # late: only a submitit job needs it
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world_size = int(env.get("WORLD_SIZE", "1"))
@@ -80,11 +86,11 @@ def detect() -> Runtime:
 @contextmanager
 def session(runtime: Runtime, cfg: DistConfig, sharding: ShardingConfig) -> Iterator[DistEnv]:
     """Start the process group and mesh; tear the group down on exit, also on errors."""
-    import torch
-    import torch.distributed as dist
+    import torch  # late: config.py imports DistConfig from here, and must not import torch
+    import torch.distributed as dist  # late: config.py imports DistConfig from here
     from torch.distributed.device_mesh import init_device_mesh
 
-    from fsdp_kit.policies.sharding import mesh_layout
+    from fsdp_kit.policies.sharding import mesh_layout  # late: it imports torch (see above)
 
     backend = cfg.backend or ("nccl" if runtime.device_type == "cuda" else "gloo")
     timeout = datetime.timedelta(seconds=cfg.timeout_s)

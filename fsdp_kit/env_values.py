@@ -96,10 +96,10 @@ def shell_text(value: str, key: str) -> str:
         return f'"${{{name}}}"' if default is None else f'"${{{name}-{default}}}"'
 
     text = _ENV_REFERENCE.sub(reference, value.raw)
-    leftover = re.search(r"\$\{(?!\w+(?:-[^}]*)?\})[^}]*\}", text)
-    if leftover or READS_ENV.search(text):
+    leftover = re.search(r"\$\{(?!\w+(?:-[^}]*)?\})[^}]*\}", text) or READS_ENV.search(text)
+    if leftover:
         raise ConfigError(f"{key}: {value.raw!r} reads the environment in a way a shell line cannot repeat "
-                          f"({(leftover or READS_ENV.search(text)).group(0)})",
+                          f"({leftover.group(0)})",
                           f"use plain ${{oc.env:NAME}} references in {key}, or export the variable in the "
                           "job's environment")
     return text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 
 class FsdpKitError(Exception):
@@ -48,6 +49,5 @@ def report_error(err: FsdpKitError) -> int:
 
 def one_line_warnings() -> None:
     """Show warnings as ``warning: <message>`` lines, without Python's source-line echo."""
-    import warnings
 
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"

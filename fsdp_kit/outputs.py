@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from fsdp_kit.errors import ConfigError
+from fsdp_kit.errors import ConfigError, FsdpKitError
 
 
 def nearest_existing(path: Path) -> Path:
@@ -16,7 +16,7 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_writable_folder(folder: Path, flag: str, error: type[ConfigError] = ConfigError) -> None:
+def check_writable_folder(folder: Path, flag: str, error: type[FsdpKitError] = ConfigError) -> None:
     """``folder`` is, or can be created as, a folder this process can write into; nothing is left behind.
 
     ``flag`` names the option the path came from, for the message."""

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 from fsdp_kit.checkpoint.compat import check_layout, check_trained, trained_settings, training_settings
+from fsdp_kit.checkpoint.marker import read_marker
+from fsdp_kit.checkpoint.timeline import complete_checkpoints, resume_source
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.data.sources import check_source
 from fsdp_kit.errors import ConfigError
@@ -36,7 +38,7 @@ def preflight(job: TrainConfig, world_size: int | None = None, device_type: str 
     if check_files:
         check_source(job.data)
         if job.model.pretrained:
-            from fsdp_kit.models.build import check_pretrained
+            from fsdp_kit.models.build import check_pretrained  # late: transformers, only for a pretrained model
 
             check_pretrained(job.model.pretrained)
         check_run_dir(Path(job.run_dir))
@@ -45,7 +47,7 @@ def preflight(job: TrainConfig, world_size: int | None = None, device_type: str 
 
 
 def _this_device_type() -> str:
-    import torch
+    import torch  # late: preflight runs before torch is imported
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -54,7 +56,7 @@ def check_device(job: TrainConfig, device_type: str) -> None:
     name = job.precision.name
     if name not in (Precision.bf16, Precision.bf16_pure) or device_type != "cuda":
         return
-    import torch
+    import torch  # late: preflight runs before torch is imported
 
     if not torch.cuda.is_bf16_supported():
         raise ConfigError(f"precision={name} needs bf16, which {torch.cuda.get_device_name()} does not support",
@@ -78,9 +80,6 @@ def check_packages(job: TrainConfig) -> None:
 
 
 def check_resume(job: TrainConfig, world_size: int = 1) -> None:
-    from fsdp_kit.checkpoint.marker import read_marker
-    from fsdp_kit.checkpoint.timeline import complete_checkpoints, resume_source
-
     resume = job.checkpoint.resume
     root = Path(job.run_dir) / "checkpoints"
     existing = complete_checkpoints(root)

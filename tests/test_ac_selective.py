@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import job
 
-from fsdp_kit import models
-from fsdp_kit.models.build import layers
+from fsdp_kit.models.build import build as build_model
+from fsdp_kit.models.build import layer_classes, layers
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.plan import choose_checkpointing, model_shape, traced
 from fsdp_kit.plan.memory import breakdown
@@ -29,9 +29,9 @@ def _loss_and_grads(model, batch):
 def test_checkpointed_layers_give_the_same_loss_and_gradients_as_none(mode, tmp_path):
     cfg = job(tmp_path, "model.dropout=0.0")
     torch.manual_seed(0)
-    plain = models.build(cfg.model, device="cpu")  # random init on CPU
+    plain = build_model(cfg.model, device="cpu")  # random init on CPU
     wrapped = copy.deepcopy(plain)
-    layer_cls = models.layer_classes(wrapped, None)
+    layer_cls = layer_classes(wrapped, None)
     assert apply_checkpointing(wrapped, ActivationCheckpointConfig(mode=mode), layer_cls) == len(
         layers(plain, layer_cls))
     assert "CheckpointWrapper" in {type(m).__name__ for m in wrapped.modules()}

@@ -148,7 +148,7 @@ import json  # noqa: E402
 from helpers import job  # noqa: E402
 from transformers import T5Config  # noqa: E402
 
-from fsdp_kit.data import build as build_data  # noqa: E402
+from fsdp_kit.data.loader import build as build_data  # noqa: E402
 from fsdp_kit.errors import ConfigError  # noqa: E402
 from fsdp_kit.preflight import preflight  # noqa: E402
 
@@ -351,7 +351,7 @@ class _Recall(torch.nn.Module):
 @pytest.mark.parametrize(("wrong", "expected"), [(False, 1.0), (True, 0.0)], ids=["learned", "wrong"])
 def test_exact_match_compares_with_the_target_as_trained(wrong, expected, tmp_path):
     from fsdp_kit.distributed import DistEnv
-    from fsdp_kit.metrics import Reporter
+    from fsdp_kit.metrics.report import Reporter
     from fsdp_kit.training.evaluator import Evaluator
 
     path = tmp_path / "long.csv"

@@ -9,8 +9,7 @@ import torch
 from helpers import job, run_ranks, train
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fsdp_kit.optim import AnyPrecisionAdamW
-from fsdp_kit.optim.anyprecision import CHUNK_NUMEL
+from fsdp_kit.optim.anyprecision import CHUNK_NUMEL, AnyPrecisionAdamW
 
 
 def _params(dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
@@ -134,7 +133,7 @@ def test_anyprecision_preset_turns_kahan_on_and_every_argument_is_overridable(tm
     cfg = job(tmp_path, "optim=anyprecision", "optim.use_kahan_summation=false", "optim.momentum_dtype=float32",
               "optim.variance_dtype=float32", "optim.compensation_buffer_dtype=float32", "optim.eps=1e-6",
               "optim.betas=[0.8,0.9]", "optim.weight_decay=0.1", "optim.lr=3e-4")
-    from fsdp_kit.optim import build_optimizer
+    from fsdp_kit.optim.build import build_optimizer
 
     optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg.optim)
     assert isinstance(optimizer, AnyPrecisionAdamW)
@@ -229,7 +228,7 @@ class _HostReads(TorchDispatchMode):
 
 def test_chunk_elements_comes_from_the_config_and_must_be_positive(tmp_path):
     from fsdp_kit.errors import ConfigError
-    from fsdp_kit.optim import build_optimizer
+    from fsdp_kit.optim.build import build_optimizer
 
     cfg = job(tmp_path, "optim=anyprecision", "optim.chunk_elements=1000")
     assert build_optimizer(torch.nn.Linear(2, 2), cfg.optim).chunk_elements == 1000

@@ -13,10 +13,13 @@ from helpers import job, run_ranks, train
 from torch import nn
 
 import fsdp_kit.train as train_module
-from fsdp_kit import data, distributed, models
+from fsdp_kit import distributed
 from fsdp_kit.config import TrainConfig
+from fsdp_kit.data.loader import build as build_data
+from fsdp_kit.models.build import build as build_model
+from fsdp_kit.models.build import hf_config
 from fsdp_kit.models.objective import token_loss
-from fsdp_kit.optim import build_optimizer
+from fsdp_kit.optim.build import build_optimizer
 from fsdp_kit.policies.precision import param_dtype
 from fsdp_kit.training.batch_size import search_batch_size, upper_bound
 
@@ -52,9 +55,9 @@ def _local_state(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
 def _search_in_the_middle_of_training(job_cfg: TrainConfig, limit: int):
     """Rank body: a real step, then the search, then compare weights, optimizer state, RNG and data position."""
     runtime = distributed.detect()
-    config = models.hf_config(job_cfg.model)
-    model = models.build(job_cfg.model, device="meta", dtype=param_dtype(job_cfg.precision), config=config)
-    bundle = data.build(job_cfg.data, config)
+    config = hf_config(job_cfg.model)
+    model = build_model(job_cfg.model, device="meta", dtype=param_dtype(job_cfg.precision), config=config)
+    bundle = build_data(job_cfg.data, config)
     with distributed.session(runtime, job_cfg.dist, job_cfg.sharding) as env:
         train_module.shard_and_materialize(model, job_cfg, env)
         optimizer = build_optimizer(model, job_cfg.optim)
@@ -151,4 +154,5 @@ def test_auto_batch_trains_exactly_like_the_batch_it_found_and_records_it(tmp_pa
     records = [json.loads(line) for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
     event = next(r for r in records if r.get("event") == "auto_batch")
     assert event["batch_size"] == 5 and event["start"] == 2 and [5, True] in event["probes"]
+    assert searched.batch_size == 5 and searched.batch_search == event  # returned, not written into the job
     assert "batch_size: 5" in (tmp_path / "auto" / "resolved_config.yaml").read_text()

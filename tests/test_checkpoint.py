@@ -17,7 +17,8 @@ import pytest
 import torch
 from helpers import Outcome, exit_codes, job, run_cli, run_ranks, signal_after_first_log, train
 
-from fsdp_kit.checkpoint import EXIT_REQUEUE, complete_checkpoints
+from fsdp_kit.checkpoint.manager import complete_checkpoints
+from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE
 from fsdp_kit.errors import CheckpointError, ConfigError
 from fsdp_kit.preflight import preflight
 
@@ -135,14 +136,14 @@ def _killed_mid_save(run_dir: str) -> None:
     from fsdp_kit.checkpoint import manager
     from fsdp_kit.train import run
 
-    commit = manager.Manager._commit
+    commit = manager.CheckpointManager._commit
 
     def commit_or_die(self, partial, final, meta):
         if final.name == "step_4":
             os.kill(os.getpid(), signal.SIGKILL)
         commit(self, partial, final, meta)
 
-    manager.Manager._commit = commit_or_die  # this forked process's own copy of the class
+    manager.CheckpointManager._commit = commit_or_die  # this forked process's own copy of the class
     run(job(run_dir, "trainer.max_steps=6", "checkpoint.every=2"))
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from helpers import CONFIG_DIR, Outcome, compose_cfg, job, run_cli
 
-from fsdp_kit import models
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.errors import ConfigError
-from fsdp_kit.policies import Policies, check_policies
+from fsdp_kit.models.build import build as build_model
+from fsdp_kit.models.build import hf_config
+from fsdp_kit.policies.apply import Policies, check_policies
 from fsdp_kit.preflight import preflight
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
@@ -46,7 +47,7 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
     except ConfigError as err:  # data=hf needs the optional datasets package; anything else must validate
         assert group == "data" and option == "hf" and "datasets" in str(err)
     if group == "model":
-        meta = models.build(cfg.model)  # on meta: no memory, even for T5-11B
+        meta = build_model(cfg.model)  # on meta: no memory, even for T5-11B
         check_policies(meta, Policies.of(cfg))
         assert sum(p.numel() for p in meta.parameters()) > 0
 
@@ -57,7 +58,7 @@ def test_experiment_presets_compose_validate_and_have_the_blog_shape(experiment,
     preflight(cfg, world_size=8, device_type="cpu")
     assert (cfg.precision.name, cfg.wrap.policy, cfg.ac.mode) == ("bf16", "transformer", "full")
     assert (cfg.data.max_source_len, cfg.data.max_target_len) == (512, 128)
-    meta = models.build(cfg.model)
+    meta = build_model(cfg.model)
     expected = {"t5_3b_a100_1node": 2_851_598_336, "t5_11b_a100_3nodes": 11_307_321_344}[experiment]
     assert sum(p.numel() for p in meta.parameters()) == expected
 
@@ -66,7 +67,7 @@ def test_preset_shapes_match_public_t5_parameter_counts(tmp_path):
     # Public counts (tied embeddings): t5-small 60.5M, t5-base 222.9M, t5-large 737.7M.
     expected = {"t5_small": 60_506_624, "t5_base": 222_903_552, "t5_large": 737_668_096}
     for name, count in expected.items():
-        meta = models.build(job(tmp_path, f"model={name}", fast=False).model)
+        meta = build_model(job(tmp_path, f"model={name}", fast=False).model)
         assert sum(p.numel() for p in meta.parameters()) == count
 
 
@@ -95,7 +96,7 @@ def test_bad_config_is_rejected_with_a_fix(overrides, world, message, tmp_path):
     with pytest.raises(Exception) as info:
         cfg = job(tmp_path, *overrides)
         preflight(cfg, world_size=world, device_type="cpu")
-        check_policies(models.build(cfg.model), Policies.of(cfg))
+        check_policies(build_model(cfg.model), Policies.of(cfg))
     assert message in str(info.value)
     assert "Fix:" in str(info.value)
 
@@ -119,12 +120,12 @@ def test_pure_bf16_with_plain_adamw_warns_about_stagnation(tmp_path):
 
 def test_unknown_hf_model_type_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.arch='not_a_model' is not a transformers model type"):
-        models.hf_config(job(tmp_path, "model.arch=not_a_model").model)
+        hf_config(job(tmp_path, "model.arch=not_a_model").model)
 
 
 def test_missing_pretrained_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="the folder does not exist"):
-        models.hf_config(job(tmp_path, f"model.pretrained={tmp_path / 'nothing-here'}").model)
+        hf_config(job(tmp_path, f"model.pretrained={tmp_path / 'nothing-here'}").model)
 
 
 def test_csv_path_is_required(tmp_path):
@@ -184,14 +185,14 @@ CONFIG_ONLY = textwrap.dedent("""
 
 def test_config_only_paths_import_neither_torch_nor_transformers(tmp_path):
     """Composing and checking a config (and the CLI's parser) import no torch, and a training command line with a
-    bad value is refused after importing torch alone: transformers, torch.distributed.checkpoint and torch._dynamo
-    take seconds to import, which every refused command line would otherwise cost (package __init__ files export
-    lazily, fsdp_kit/_lazy.py)."""
+    bad value is refused before importing torch: torch, transformers, torch.distributed.checkpoint and torch._dynamo
+    take seconds to import, which every refused command line would otherwise cost (package __init__ files import
+    nothing, and the config modules import no heavy module)."""
     result = subprocess.run([sys.executable, "-c", CONFIG_ONLY, str(tmp_path / "run")], capture_output=True, text=True,
                             timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "config: []" in result.stdout and "exit: 2" in result.stdout, result.stdout + result.stderr
-    assert "train: ['torch']" in result.stdout, result.stdout
+    assert "train: []" in result.stdout, result.stdout
     assert "error: trainer.max_steps=-1 must be > 0" in result.stderr
 
 
@@ -229,3 +230,18 @@ def test_environment_values_keep_their_config_text_in_what_is_written(tmp_path, 
     assert "s3cr3t" not in text
     with pytest.raises(ConfigError, match=r"slurm.partition reads the environment \(\$\{oc.env:TOKEN_X\}\)"):
         directives(compose_job(["slurm.partition=${oc.env:TOKEN_X}"]))
+
+
+def test_each_component_config_checks_its_own_fields():
+    from fsdp_kit.launch.config import SlurmConfig
+    from fsdp_kit.optim.config import OptimConfig
+    from fsdp_kit.training.config import TrainerConfig
+
+    with pytest.raises(ConfigError, match=r"^trainer\.clip_grad_norm=0\.0 must be > 0 \(null turns clipping off\)"):
+        TrainerConfig(clip_grad_norm=0.0).check()
+    with pytest.raises(ConfigError, match=r"^slurm\.rdzv_port=70000 must be a port number in 1-65535\. Fix: pass "
+                                          r"slurm\.rdzv_port=<1-65535>"):
+        SlurmConfig(rdzv_port=70000).check()
+    with pytest.raises(ConfigError, match=r"^optim\.betas=\[0\.9, 1\.0\] must be two numbers in \[0, 1\)"):
+        OptimConfig(betas=[0.9, 1.0]).check()
+    OptimConfig().check()  # the defaults pass

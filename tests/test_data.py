@@ -8,7 +8,8 @@ import pytest
 from helpers import job
 from transformers import GPT2Config, T5Config
 
-from fsdp_kit.data import GlobalBatchSampler, build, builtin
+from fsdp_kit.data import builtin
+from fsdp_kit.data.loader import GlobalBatchSampler, build
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.models.objective import IGNORE_INDEX
 

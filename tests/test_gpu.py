@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from helpers import job
 
-from fsdp_kit import data, models
+from fsdp_kit.data.loader import build as build_data
+from fsdp_kit.models.build import hf_config
 from fsdp_kit.train import run
 
 pytestmark = pytest.mark.gpu
@@ -68,7 +69,7 @@ def test_cuda_memory_figures_reach_the_metrics(tmp_path):
 
 def test_batches_are_loaded_into_pinned_memory_for_the_gpu(tmp_path):
     cfg = job(tmp_path)
-    bundle = data.build(cfg.data, models.hf_config(cfg.model))
+    bundle = build_data(cfg.data, hf_config(cfg.model))
     batch = next(iter(bundle.train_loader(4, 0, 1, pin_memory=True)))
     assert all(tensor.is_pinned() for tensor in batch.values())
     moved = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}

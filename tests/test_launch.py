@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from helpers import free_port, run_cli, signal_after_first_log
 
-from fsdp_kit.checkpoint import EXIT_REQUEUE, PREEMPTED_MARKER, complete_checkpoints
+from fsdp_kit.checkpoint.manager import complete_checkpoints
+from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER
 from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.launch import sbatch

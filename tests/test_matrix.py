@@ -16,9 +16,11 @@ from helpers import job, run_ranks, train
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fsdp_kit.metrics.flops as flops_module
-from fsdp_kit import models
 from fsdp_kit.checkpoint.export import export_hf
-from fsdp_kit.metrics import FlopCounter, closed_form_flops
+from fsdp_kit.metrics.closed_form import closed_form_flops
+from fsdp_kit.metrics.flops import FlopCounter
+from fsdp_kit.models.build import build as build_model
+from fsdp_kit.models.build import hf_config, layer_classes
 from fsdp_kit.plan import traced
 from fsdp_kit.policies.config import WrapConfig, WrapPolicy
 from fsdp_kit.policies.wrapping import fsdp_units
@@ -68,7 +70,7 @@ def assert_close(got: list[float], want: list[float], tol: float = FP32_TOL) -> 
 
 
 def _meta_model(name: str, tmp_path: Path):
-    return models.build(job(tmp_path, f"model={name}").model)
+    return build_model(job(tmp_path, f"model={name}").model)
 
 
 def _blocks(model) -> list[torch.nn.Module]:
@@ -83,7 +85,7 @@ def test_sharded_training_equals_one_process_on_the_same_global_batch(trained):
 @pytest.mark.parametrize("name", BUILT)
 def test_wrap_policies_find_the_block_classes_the_model_declares(name, tmp_path):
     model = _meta_model(name, tmp_path)
-    classes = models.layer_classes(model, None)
+    classes = layer_classes(model, None)
     assert {cls.__name__ for cls in classes} == BLOCKS[name]
     blocks = [module for module in model.modules() if isinstance(module, classes)]
     assert len(blocks) >= 2
@@ -127,7 +129,7 @@ def test_a_compiled_block_keeps_the_loss_and_gradients(name, tmp_path):
     from fsdp_kit.models.objective import token_loss
 
     cfg = job(tmp_path, f"model={name}", *ONE_LAYER[name]).model
-    model = models.build(cfg, device="cpu")
+    model = build_model(cfg, device="cpu")
     batch = _batch(model.config, 2, 16, 8)
 
     def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -171,7 +173,7 @@ def test_export_reloads_through_model_pretrained_with_the_trained_loss(trained, 
 def test_flop_counter_and_planner_equal_the_closed_form(name, tmp_path, monkeypatch):
     monkeypatch.setattr(flops_module, "COUNTED", {})  # the counter under test counts
     cfg = job(tmp_path, f"model={name}").model
-    config = models.hf_config(cfg)
+    config = hf_config(cfg)
     batch, source, target = 2, 24, 8
     shapes = {key: tuple(value.shape) for key, value in _batch(config, batch, source, target, "meta").items()}
     assert FlopCounter(cfg, config).flops_for_shapes(shapes) == closed_form_flops(config, batch, source, target)

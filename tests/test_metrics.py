@@ -10,8 +10,9 @@ import torch
 from helpers import job, run_ranks, train
 
 import fsdp_kit.metrics.flops as flops_module
-from fsdp_kit import models
-from fsdp_kit.metrics import FlopCounter, peak_tflops, t5_closed_form_flops
+from fsdp_kit.metrics.flops import FlopCounter, t5_closed_form_flops
+from fsdp_kit.metrics.peak import peak_tflops
+from fsdp_kit.models.build import hf_config
 
 
 @pytest.fixture()
@@ -29,20 +30,20 @@ def _batch(b: int, s: int, t: int) -> dict[str, torch.Tensor]:
                                                ("t5_3b", (1, 512, 128))])
 def test_flop_counter_equals_the_t5_closed_form(preset, shape, tmp_path, uncounted):
     cfg = job(tmp_path, f"model={preset}").model
-    config = models.hf_config(cfg)
+    config = hf_config(cfg)
     counted = FlopCounter(cfg, config).flops(_batch(*shape))
     assert counted == t5_closed_form_flops(config, *shape)
 
 
 def test_t5_3b_model_flops_per_sample_match_design(tmp_path):
     cfg = job(tmp_path, "model=t5_3b").model
-    flops = t5_closed_form_flops(models.hf_config(cfg), 1, 512, 128)
+    flops = t5_closed_form_flops(hf_config(cfg), 1, 512, 128)
     assert 5.8e12 < flops < 5.9e12  # DESIGN.md: 5.86e12 per sample at 512/128
 
 
 def test_flop_counter_caches_per_shape(tmp_path, uncounted):
     cfg = job(tmp_path).model
-    counter = FlopCounter(cfg, models.hf_config(cfg))
+    counter = FlopCounter(cfg, hf_config(cfg))
     small, big = counter.flops(_batch(2, 16, 8)), counter.flops(_batch(2, 32, 8))
     assert big > small and counter.flops(_batch(2, 16, 8)) == small and len(counter._cache) == 2
 
@@ -79,7 +80,7 @@ def _train_with_a_slow_rank(cfg, slow_rank: int, delay_s: float):
     """Rank body: train, ``slow_rank`` taking ``delay_s`` longer to fetch each batch (a slow disk or data worker)."""
     import time
 
-    from fsdp_kit.data import DataBundle
+    from fsdp_kit.data.loader import DataBundle
 
     if int(os.environ["RANK"]) == slow_rank:
         loader = DataBundle.train_loader

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from helpers import job, run_ranks
 
 from fsdp_kit.checkpoint.state import TrainState
-from fsdp_kit.optim import AnyPrecisionAdamW
+from fsdp_kit.optim.anyprecision import AnyPrecisionAdamW
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
               pytest.mark.filterwarnings("ignore:AnyPrecisionAdamW variance_dtype=float16")]
@@ -67,7 +67,7 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> list[dict[str, torch.T
                          ids=[n if d is None else f"{n}-{'-'.join(d)}" for n, d in _STATE_DTYPE_CASES])
 def test_dcp_resume_keeps_state_dtypes_and_values(param_dtype, name, dtypes, tmp_path):
     """The checkpoint path in one process: TrainState.state_dict -> dcp.save -> fresh objects ->
-    dcp.load into their state dict -> TrainState.load_state_dict (what checkpoint.Manager does)."""
+    dcp.load into their state dict -> TrainState.load_state_dict (what checkpoint.CheckpointManager does)."""
     reference = _train_state(param_dtype, name, dtypes)
     _steps(reference, range(3))
 

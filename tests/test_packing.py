@@ -11,9 +11,12 @@ import pytest
 import torch
 from helpers import job, run_ranks, train
 
-from fsdp_kit import data, models
+from fsdp_kit.data.loader import GlobalBatchSampler
+from fsdp_kit.data.loader import build as build_data
 from fsdp_kit.data.packing import take_stream_pairs
 from fsdp_kit.errors import ConfigError
+from fsdp_kit.models.build import build as build_model
+from fsdp_kit.models.build import hf_config
 from fsdp_kit.models.objective import token_loss
 
 # Long enough that rows hold several built-in pairs; tiny-model relative-position distances reach past the
@@ -36,8 +39,8 @@ def _loss_and_grads(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_packed_batch_has_the_loss_and_gradients_of_its_pairs_unpacked(attention, tmp_path):
     cfg = job(tmp_path, *PACKED, f"model.attn_implementation={attention}")
-    config = models.hf_config(cfg.model)
-    bundle = data.build(cfg.data, config)
+    config = hf_config(cfg.model)
+    bundle = build_data(cfg.data, config)
     batch = next(iter(bundle.train_loader(4, rank=0, world_size=1)))
     pairs = take_stream_pairs(batch)
     assert pairs >= 8 and int(batch["segment_ids"].max()) >= 2, "rows must hold several pairs for this check"
@@ -45,7 +48,7 @@ def test_a_packed_batch_has_the_loss_and_gradients_of_its_pairs_unpacked(attenti
     first_of_each = (segments > 0) & (segments != torch.nn.functional.pad(segments, (1, 0))[:, :-1])
     assert (batch["decoder_input_ids"][first_of_each] == config.decoder_start_token_id).all()
     torch.manual_seed(0)
-    model = models.build(cfg.model, device="cpu", config=config).float()
+    model = build_model(cfg.model, device="cpu", config=config).float()
     unpacked = bundle.collate([bundle.train[i] for i in _stream(bundle, pairs)])
     assert unpacked["input_ids"].numel() > batch["input_ids"].numel(), "packing saved no padding"
     loss, grads = _loss_and_grads(model, [batch])
@@ -57,7 +60,7 @@ def test_a_packed_batch_has_the_loss_and_gradients_of_its_pairs_unpacked(attenti
 
 def _stream(bundle, count: int) -> list[int]:
     """The first ``count`` pair indices of the training stream."""
-    return next(iter(data.GlobalBatchSampler(len(bundle.train), count, 0, 1, bundle.cfg.seed)))
+    return next(iter(GlobalBatchSampler(len(bundle.train), count, 0, 1, bundle.cfg.seed)))
 
 
 def _equal_length_pairs(path, count: int = 600) -> None:

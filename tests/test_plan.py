@@ -25,13 +25,13 @@ def _memory(*overrides: str, world: int = 8, gpus: int = 8):
     ("full_shard", 24, 8, 24), ("shard_grad_op", 24, 8, 24), ("hybrid_shard", 24, 8, 8),
     ("hybrid_shard_zero2", 24, 8, 8), ("no_shard", 24, 8, 1)])
 def test_sharding_factors(strategy, world, gpus, factor):
-    assert shard_factor(compose_job([f"sharding={strategy}"]), world, gpus) == factor
+    assert shard_factor(compose_job([f"sharding={strategy}"]).sharding, world, gpus) == factor
     memory = _memory(f"sharding={strategy}", world=world, gpus=gpus)
     assert memory.params == pytest.approx(SHAPE.params * 4 / factor)
 
 
 def test_hybrid_shard_group_size_overrides_the_node():
-    assert shard_factor(compose_job(["sharding=hybrid_shard", "sharding.shard_group_size=4"]), 24, 8) == 4
+    assert shard_factor(compose_job(["sharding=hybrid_shard", "sharding.shard_group_size=4"]).sharding, 24, 8) == 4
 
 
 @pytest.mark.parametrize(("precision", "optim", "param", "optimizer"), [
@@ -45,7 +45,7 @@ def test_precision_bytes(precision, optim, param, optimizer):
 
 def test_anyprecision_bytes_follow_its_dtypes():
     cfg = compose_job(["optim=anyprecision", "optim.momentum_dtype=float32", "optim.use_kahan_summation=false"])
-    assert optimizer_bytes_per_param(cfg) == 4 + 2
+    assert optimizer_bytes_per_param(cfg.optim, cfg.precision) == 4 + 2
 
 
 def test_resharding_keeps_two_units_and_zero2_keeps_all():
@@ -117,12 +117,13 @@ def test_step_time_uses_nvlink_inside_a_node_and_the_network_across_nodes():
 
 def _state_bytes_per_rank(cfg):
     """Rank body: bytes of this rank's parameter, gradient and optimizer-state shards after one step."""
-    from fsdp_kit import distributed, models
-    from fsdp_kit.optim import build_optimizer
+    from fsdp_kit import distributed
+    from fsdp_kit.models.build import build as build_model
+    from fsdp_kit.optim.build import build_optimizer
     from fsdp_kit.policies.precision import param_dtype
     from fsdp_kit.train import shard_and_materialize
 
-    model = models.build(cfg.model, dtype=param_dtype(cfg.precision))
+    model = build_model(cfg.model, dtype=param_dtype(cfg.precision))
     with distributed.session(distributed.detect(), cfg.dist, cfg.sharding) as env:
         shard_and_materialize(model, cfg, env)
         optimizer = build_optimizer(model, cfg.optim)
@@ -147,9 +148,9 @@ def _state_bytes_per_rank(cfg):
 def test_predicted_sharded_state_matches_every_rank(world, overrides, tmp_path):
     cfg = job(tmp_path, *overrides)
     measured = run_ranks(_state_bytes_per_rank, world, cfg)
-    from fsdp_kit import models
+    from fsdp_kit.models.build import build as build_model
 
-    meta = models.build(cfg.model)
+    meta = build_model(cfg.model)
     shape = ModelShape(sum(p.numel() for p in meta.parameters()), 1, 1)
     predicted = breakdown(cfg, shape, NO_ACTS, 1, world, gpus_per_node=cfg.sharding.shard_group_size or world)
     for params, grads, states in measured:
@@ -233,3 +234,12 @@ def test_search_command_is_the_recipe_it_priced(tmp_path):
     assert planned.code == 0, planned.stderr
     assert re.search(rf"batch {batch} fits in 2 GB; largest batch that fits: {batch}\b", planned.stdout), \
         planned.stdout
+
+
+def test_model_shape_is_cached_per_reshard_last_unit():
+    """What is all-gathered again for backward depends on sharding.reshard_last_unit, so its cached shape does too."""
+    from fsdp_kit.plan import model_shape
+
+    kept, resharded = (compose_job(["model=t5_tiny", f"sharding.reshard_last_unit={flag}"])
+                       for flag in ("false", "true"))
+    assert model_shape(resharded).regathered > model_shape(kept).regathered

@@ -21,17 +21,17 @@ def _fresh_trace(job, batch: int):
 
     from fsdp_kit.plan import activations
 
-    model, layer_cls = _meta_model(job)
+    model, layer_cls = _meta_model(model=job.model, precision=job.precision, wrap=job.wrap)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode, activations._gpu_like_attention():
         activations._fake_parameters(model, mode)
-        return _trace(model, layer_cls, _batch_shapes(job, True, batch))
+        return _trace(model, layer_cls, _batch_shapes(job.data, True, batch))
 
 
 def test_work_interpolated_from_batches_2_and_3_equals_a_trace_at_batch_5():
     job = compose_job(TINY)
-    model, layer_cls = _meta_model(job)
-    work = step_work(model, layer_cls, lambda batch: _batch_shapes(job, True, batch))
+    model, layer_cls = _meta_model(model=job.model, precision=job.precision, wrap=job.wrap)
+    work = step_work(model, layer_cls, lambda batch: _batch_shapes(job.data, True, batch))
     total, per_layer = _fresh_trace(job, 5)
     at_five = work.at(5)
     for name in ("matmul_flops", "attention_flops", "kernels"):

@@ -83,9 +83,10 @@ def _combinations() -> list[OptimConfig]:
 def _first_steps(cfgs: list, optims: list[OptimConfig]) -> list[str]:
     """Rank body: per preset, shard the model once; per optimizer, take a first step (a fresh optimizer creates its
     states at its first step) and compare with the contract."""
-    from fsdp_kit import distributed, models
+    from fsdp_kit import distributed
+    from fsdp_kit.models.build import build as build_model
     from fsdp_kit.models.objective import token_loss
-    from fsdp_kit.optim import build_optimizer
+    from fsdp_kit.optim.build import build_optimizer
     from fsdp_kit.policies.contract import PrecisionProbe, compare, keep_fp32_names
     from fsdp_kit.policies.precision import param_dtype
     from fsdp_kit.train import shard_and_materialize
@@ -99,7 +100,7 @@ def _first_steps(cfgs: list, optims: list[OptimConfig]) -> list[str]:
     with distributed.session(distributed.detect(), cfgs[0].dist, cfgs[0].sharding) as env:
         assert env.world_size == 2
         for cfg in cfgs:
-            model = models.build(cfg.model, dtype=param_dtype(cfg.precision))
+            model = build_model(cfg.model, dtype=param_dtype(cfg.precision))
             shard_and_materialize(model, cfg, env)
             for optim in optims:
                 optimizer = build_optimizer(model, optim)

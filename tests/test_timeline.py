@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import Outcome, job, run_cli, run_ranks, train
 
-from fsdp_kit.checkpoint import complete_checkpoints, read_marker
+from fsdp_kit.checkpoint.manager import complete_checkpoints, read_marker
 from fsdp_kit.checkpoint.marker import LEGACY_KEYS
 from fsdp_kit.checkpoint.timeline import resume_source
 from fsdp_kit.errors import CheckpointError

@@ -86,10 +86,11 @@ def test_generation_is_synchronized_across_ranks(tmp_path):
 def _materialized_state(cfg):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from fsdp_kit import distributed, models
+    from fsdp_kit import distributed
+    from fsdp_kit.models.build import build as build_model
     from fsdp_kit.train import shard_and_materialize
 
-    model = models.build(cfg.model)
+    model = build_model(cfg.model)
     with distributed.session(distributed.detect(), cfg.dist, cfg.sharding) as env:
         shard_and_materialize(model, cfg, env)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from fsdp_kit.bench.levers import BASE, Lever
 from fsdp_kit.config import TrainConfig, compose_job, to_yaml
 from fsdp_kit.errors import ConfigError, first_line
@@ -90,7 +92,7 @@ def probe_factors(reference: Path | None) -> dict[str, float]:
 
 def run_bench(levers: list[Lever], overrides: list[str], steps: int, reference: Path | None = None,
               log: Callable[[str], None] = print,
-              done: Callable[[list[LeverResult]], None] | None = None) -> list[LeverResult]:
+              done: Callable[[list[LeverResult]], object] | None = None) -> list[LeverResult]:
     """Measure each lever off and on; ``overrides`` apply to every run (model=..., data lengths, ...).
     ``done`` gets the results so far after each lever."""
     sides = {(lever.name, side): [*bench_overrides(steps), *overrides, *getattr(lever, side)]
@@ -99,7 +101,7 @@ def run_bench(levers: list[Lever], overrides: list[str], steps: int, reference: 
     for job in jobs.values():
         job.validated()
     probe = probe_factors(reference)
-    identities = {key: _identity(job) for key, job in jobs.items()}  # before the runs set their batch
+    identities = {key: _identity(job) for key, job in jobs.items()}
     measured: dict[str, BenchRun] = {}
     results: list[LeverResult] = []
     with tempfile.TemporaryDirectory(prefix="fsdp_kit_bench_") as scratch:
@@ -108,8 +110,7 @@ def run_bench(levers: list[Lever], overrides: list[str], steps: int, reference: 
                 key = (lever.name, side)
                 if identities[key] in measured:
                     continue
-                job = jobs[key]
-                job.run_dir = str(Path(scratch) / f"{lever.name}_{side}")
+                job = dataclasses.replace(jobs[key], run_dir=str(Path(scratch) / f"{lever.name}_{side}"))
                 log(f"bench: {lever.name} {side}: {' '.join(getattr(lever, side))}")
                 measured[identities[key]] = _measure(job, sides[key])
                 numbers = measured[identities[key]].numbers
@@ -130,17 +131,15 @@ def run_bench(levers: list[Lever], overrides: list[str], steps: int, reference: 
 
 
 def _measure(job: TrainConfig, overrides: list[str]) -> BenchRun:
-    from fsdp_kit.train import run
+    from fsdp_kit.train import run  # late: the CLI imports this package for its parser, Hydra not yet needed
 
     try:
         result = run(job, console=_quiet_console())
     except Exception as err:  # one failing recipe (a CUDA error, a compile failure) must not cost the others
         return BenchRun(overrides, dict.fromkeys(_MEASURED), error=f"{type(err).__name__}: {first_line(err)}")
-    search = next((json.loads(line) for line in (Path(job.run_dir) / "metrics.jsonl").read_text().splitlines()
-                   if '"auto_batch"' in line), {})
     numbers = {name: result.summary.get(name) for name in _MEASURED if name != "batch_size"}
-    numbers["batch_size"] = job.trainer.batch_size  # the batch the search found
-    return BenchRun(overrides, numbers, search)
+    numbers["batch_size"] = result.batch_size  # the batch the search found
+    return BenchRun(overrides, numbers, result.batch_search or {})
 
 
 def _identity(job: TrainConfig) -> str:
@@ -148,9 +147,7 @@ def _identity(job: TrainConfig) -> str:
     return to_yaml(dataclasses.replace(job, run_dir=""))
 
 
-def _quiet_console():
-    from rich.console import Console
-
+def _quiet_console() -> Console:
     return Console(file=io.StringIO())  # the bench prints its own lines; the runs' consoles would bury them
 
 
@@ -162,7 +159,7 @@ def _release() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    torch._dynamo.reset()  # compiled blocks of the previous model
+    torch.compiler.reset()  # compiled blocks of the previous model
 
 
 def _fmt(value: float | None) -> str:

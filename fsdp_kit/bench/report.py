@@ -63,7 +63,7 @@ def markdown(results: list[LeverResult], about: dict[str, Any]) -> str:
 
 
 def chart(results: list[LeverResult], about: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # optional to a run: matplotlib takes a second to import, only charts need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

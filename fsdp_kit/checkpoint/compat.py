@@ -141,7 +141,9 @@ def apply_settings(optimizer: Optimizer, schedule: LRScheduler, ours: dict[str, 
     if lambdas is not None:  # LambdaLR (every schedule built by fsdp_kit.optim.build_schedule)
         for group, base, fn in zip(optimizer.param_groups, schedule.base_lrs, lambdas, strict=True):
             group["lr"] = base * fn(schedule.last_epoch)
-        schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+        from fsdp_kit.torch_private import set_reported_lr  # late: preflight imports this module without torch
+
+        set_reported_lr(schedule, [group["lr"] for group in optimizer.param_groups])
     if not all(math.isfinite(group["lr"]) for group in optimizer.param_groups):
         raise CheckpointError(f"the resumed learning rate is not finite ({schedule.get_last_lr()})",
                               "check optim.lr and the trainer.* schedule settings")

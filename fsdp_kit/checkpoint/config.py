@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fsdp_kit.checks import check_fields
+
 
 @dataclass
 class CheckpointConfig:
@@ -21,3 +23,7 @@ class CheckpointConfig:
     every changed key, since the run dir would no longer say what its earlier steps trained on."""
     async_save: bool = False
     """Overlap saving with training (torch.distributed.checkpoint.async_save)."""
+
+    def check(self, prefix: str = "checkpoint.") -> None:
+        """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
+        check_fields(self, prefix, {"keep": ">0", "every": ">=0"})

@@ -45,8 +45,9 @@ from fsdp_kit.checkpoint.preemption import PreemptionFlag
 from fsdp_kit.checkpoint.state import TrainState, load_rng, save_rng
 from fsdp_kit.checkpoint.timeline import complete_checkpoints, move_aside, next_seq, prune_plan, resume_source
 from fsdp_kit.errors import CheckpointError, first_line
+from fsdp_kit.torch_private import CHECKPOINT_WRAPPER_PREFIX
 
-__all__ = ["MARKER", "Manager", "RunIdentity", "complete_checkpoints", "read_marker", "verify"]
+__all__ = ["MARKER", "CheckpointManager", "RunIdentity", "complete_checkpoints", "read_marker", "verify"]
 # the files one rank writes (DCP's FileSystemWriter names its shards __<rank>_<n>.distcp); the rest is rank 0's
 _RANK_FILE = re.compile(r"^(?:__(\d+)_\d+\.distcp|rng/rank_(\d+)\.pt)$")
 
@@ -69,7 +70,7 @@ class RunIdentity:
     @classmethod
     def of(cls, model: torch.nn.Module, config: PretrainedConfig, model_name: str, tokenizer: str,
            training: dict[str, Any] | None = None) -> RunIdentity:
-        shapes = {name.replace("_checkpoint_wrapped_module.", ""): list(param.shape)
+        shapes = {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): list(param.shape)
                   for name, param in model.named_parameters()}
         return cls(model_name, config.to_dict(), tokenizer, shapes, training or {})
 
@@ -104,7 +105,7 @@ def corrupt_error(source: Path, bad: list[str]) -> CheckpointError:
     return CheckpointError(f"{source} is corrupt: {bad[0]}{more}", fix)
 
 
-class Manager:
+class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, run_dir: str | Path, rank: int, world_size: int,
                  identity: RunIdentity, log: Callable[[str], None] | None = None) -> None:
         self.cfg, self.rank, self.world_size, self.identity = cfg, rank, world_size, identity

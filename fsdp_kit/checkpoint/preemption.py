@@ -16,8 +16,8 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: the launchers read the constants below without torch
-    import torch
-    import torch.distributed as dist
+    import torch  # late: launch/ imports this module's exit codes without torch
+    import torch.distributed as dist  # late: launch/ imports this module's exit codes without torch
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 # The contract with launchers (the sbatch template is rendered from these, never spells them itself):
@@ -34,7 +34,7 @@ class PreemptionFlag:
         self._group = None
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
         if world_size > 1:
-            import torch.distributed as dist
+            import torch.distributed as dist  # late: launch/ imports this module's exit codes without torch
 
             # Its own gloo group: agreeing on the flag must not wait on (or sync) the GPU stream, nor queue
             # behind (or ahead of) training's collectives.
@@ -59,8 +59,8 @@ class PreemptionFlag:
         one; the host never waits for a reduction in flight."""
         if self._group is None:
             return self.received is not None
-        import torch
-        import torch.distributed as dist
+        import torch  # late: launch/ imports this module's exit codes without torch
+        import torch.distributed as dist  # late: launch/ imports this module's exit codes without torch
 
         agreed = False
         if self._pending is not None:

@@ -58,7 +58,8 @@ def scan(root: Path) -> tuple[list[Save], list[CheckpointError]]:
         except CheckpointError as err:
             unreadable.append(err)
             continue
-        step = int(meta.get("step", _STEP_DIR.match(path.name).group(1)))
+        named = _STEP_DIR.match(path.name)  # complete_checkpoints lists only step_<N> folders
+        step = int(meta["step"]) if "step" in meta else int(named.group(1) if named else -1)
         if isinstance(meta.get("seq"), int):
             parent = meta.get("parent")
             saves.append(Save(path, step, (1, meta["seq"]), root / parent if parent and "/" not in parent

@@ -1,13 +1,6 @@
-"""Data: the built-in offline task, CSV/JSONL (wikihow layout), HF datasets, tokenizers, collation."""
+"""Data: the built-in offline task, CSV/JSONL (wikihow layout), HF datasets, tokenizers, collation.
 
-from typing import TYPE_CHECKING
-
-from fsdp_kit._lazy import export_lazily
-
-__all__ = ["DataBundle", "GlobalBatchSampler", "build"]
-
-# Imported on first use (fsdp_kit/_lazy.py): data.config alone must not import transformers.
-export_lazily(__name__, {"DataBundle": "loader", "GlobalBatchSampler": "loader", "build": "loader"})
-
-if TYPE_CHECKING:
-    from fsdp_kit.data.loader import DataBundle, GlobalBatchSampler, build
+This file imports nothing: importing ``fsdp_kit.data.config`` (what composing a config does) must not import torch
+or transformers. Import from the modules: loader (build, DataBundle, GlobalBatchSampler), sources, tokenizer,
+builtin; config is light.
+"""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fsdp_kit.checks import check_fields
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.options import Option
 
@@ -60,6 +61,11 @@ class DataConfig:
     max_skipped_fraction: float = 0.01
     """csv/jsonl/hf: the largest share of rows that may be skipped (empty or non-text source/target) before
     the run refuses to start; every skip is counted and reported either way. 0 allows none, 1 any."""
+
+    def check(self, prefix: str = "data.") -> None:
+        """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
+        check_fields(self, prefix, {"max_source_len": ">0", "max_target_len": ">0", "num_examples": ">0",
+                                     "eval_examples": ">0", "num_workers": ">=0", "max_skipped_fraction": "[0,1]"})
 
 
 PACKABLE_MODEL_TYPES = ("t5", "mt5")

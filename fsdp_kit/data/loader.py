@@ -83,7 +83,7 @@ class Collator:
         input_ids = pad_rows([e["source"] for e in examples], src_len, self.pad_id)
         labels = pad_rows([e["target"] for e in examples], tgt_len, IGNORE_INDEX)
         decoder_input_ids = torch.full_like(labels, self.pad_id)
-        decoder_input_ids[:, 0] = self.decoder_start_id
+        decoder_input_ids[:, 0] = self.decoder_start_id  # type: ignore[assignment]  # only seq2seq models get here
         decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, self.pad_id)
         return {"input_ids": input_ids, "attention_mask": _mask([e["source"] for e in examples], src_len),
                 "decoder_input_ids": decoder_input_ids, "labels": labels}
@@ -152,7 +152,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.start_sample = seed, start_sample
         self.global_batch = batch_size * world_size
-        self._epoch, self._order = -1, []  # a list: reading a tensor element per sample costs a dispatch
+        self._epoch, self._order = -1, list[int]()  # a list: reading a tensor element per sample costs a dispatch
 
     def __iter__(self) -> Iterator[list[int]]:
         position = self.start_sample + self.rank * self.batch_size
@@ -187,8 +187,8 @@ class EvalBatchSampler(Sampler[list[int]]):
 class DataBundle:
     """What the trainer needs from the data layer."""
 
-    train: Dataset
-    eval: Dataset
+    train: TextPairs | SyntheticTokens
+    eval: TextPairs | SyntheticTokens
     eval_pairs: list[Pair] | None
     collate: Collator
     tokenizer: PreTrainedTokenizerBase

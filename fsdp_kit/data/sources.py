@@ -154,9 +154,9 @@ def load_pairs(cfg: DataConfig) -> Loaded:
         train = builtin.pairs(cfg.seed, 0, cfg.num_examples)
         return Loaded(train, builtin.pairs(cfg.seed, cfg.num_examples, cfg.eval_examples))
     if cfg.source == "csv":
-        rows = _read_csv(Path(cfg.path), cfg)
+        rows = _read_csv(Path(str(cfg.path)), cfg)  # check_source refused a missing path
     elif cfg.source == "jsonl":
-        rows = _read_jsonl(Path(cfg.path), cfg)
+        rows = _read_jsonl(Path(str(cfg.path)), cfg)
     else:
         rows = _read_hf(cfg)
     if rows.read == 0:
@@ -288,7 +288,7 @@ def _read_jsonl(path: Path, cfg: DataConfig) -> Rows:
 
 
 def _read_hf(cfg: DataConfig) -> Rows:
-    import datasets
+    import datasets  # the [hf] extra
 
     try:
         table = datasets.load_dataset(cfg.hf_name, cfg.hf_config_name, split=cfg.hf_split)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fsdp_kit.checks import check_fields
+
 
 @dataclass
 class ClusterConfig:
@@ -36,6 +38,13 @@ class ClusterConfig:
     """The nodes talk over AWS EFA (sets the libfabric/NCCL environment in sbatch files)."""
     cpus_per_node: int | None = None
     """CPU cores (vCPUs) per node."""
+
+    def check(self, prefix: str = "cluster.") -> None:
+        """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
+        check_fields(self, prefix, {
+            "nodes": ">0", "gpus_per_node": ">=0", "gpu_memory_gb": ">0", "peak_tflops": ">0", "intra_node_gbps": ">0",
+            "inter_node_gbps": ">0", "cpus_per_node": ">0", "peak_tflops_fp32": ">0", "memory_bandwidth_gb_s": ">0",
+        })
 
 
 @dataclass
@@ -77,3 +86,10 @@ class SlurmConfig:
     """Port of torchrun's c10d rendezvous on the first compute node."""
     nccl_debug: bool = False
     """Export NCCL_DEBUG=INFO (for debugging hangs)."""
+
+    def check(self, prefix: str = "slurm.") -> None:
+        """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
+        check_fields(self, prefix, {
+            "signal_before_s": ">=0", "max_requeues": ">=0", "max_restarts": ">=0", "procs_per_node": ">0",
+            "cpus_per_task": ">0", "rdzv_port": "port",
+        })

@@ -34,7 +34,7 @@ def read_cluster_file(path: Path) -> str:
 def _check_yaml(text: str, name: str) -> str:
     """``text`` parses as a YAML mapping without duplicate keys (ParallelCluster's own loader); else one
     ConfigError naming the line, where ``parse_config`` would log and chain three tracebacks."""
-    import yaml
+    import yaml  # late: with the [aws] extra's loader below
     from pcluster.utils import yaml_load
 
     try:
@@ -58,20 +58,20 @@ def check_cluster_yaml(text: str, cluster_name: str = "fsdp-kit", name: str = "t
         raise ConfigError(f"unreplaced placeholder(s) {', '.join('${' + name + '}' for name in left)}",
                           "fill them in (envsubst < cluster.yaml > my-cluster.yaml) or pass --set NAME=value")
     try:
-        from marshmallow import ValidationError
+        from marshmallow import ValidationError  # the [aws] extra (aws-parallelcluster, ~184 MB)
         from pcluster.models.common import parse_config
         from pcluster.validators.cluster_validators import (
             ComputeResourceSizeValidator,
             EfaPlacementGroupValidator,
             NameValidator,
         )
-        from pcluster.validators.common import FailureLevel
+        from pcluster.validators.common import FailureLevel  # the [aws] extra
     except ImportError as err:
         raise ConfigError("checking a ParallelCluster file needs aws-parallelcluster",
                           "pip install -e '.[aws]'") from err
     config_dict = parse_config(_check_yaml(text, name))
     os.environ.setdefault("AWS_DEFAULT_REGION", str(config_dict.get("Region") or "us-east-1"))
-    from pcluster.schemas.cluster_schema import ClusterSchema
+    from pcluster.schemas.cluster_schema import ClusterSchema  # the [aws] extra
 
     try:
         config = ClusterSchema(cluster_name=cluster_name).load(config_dict)

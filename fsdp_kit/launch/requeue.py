@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from fsdp_kit.checkpoint import EXIT_REQUEUE, PREEMPTED_MARKER
+from fsdp_kit.checkpoint.preemption import EXIT_REQUEUE, PREEMPTED_MARKER
 
 
 def request_requeue() -> str:

@@ -23,7 +23,7 @@ class TrainJob:
     overrides: list[str]
 
     def __call__(self) -> dict[str, Any] | None:
-        from fsdp_kit.train import run
+        from fsdp_kit.train import run  # late: runs on the node, not where the job is submitted
 
         job, origins = compose_with_origins(self.overrides)  # a --config-dir folder first, as on the login node
         job.run_dir = str(run_dir(job, os.environ["SLURM_JOB_ID"]))

@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # Before torch loads: c10d's C++ warnings (a store connection closed when another node's agent stopped) come with
 # 30 lines of native stack frames each; the Agent's one line per failure says what happened.
@@ -96,7 +97,7 @@ def is_preemption(codes: list[int], causes: list[str], marker_left: bool = False
 class Agent(LocalElasticAgent):
     """torchrun's agent, with a line per failure and no restart in place after a preemption save."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._attempt_started = time.time()
         self._reported = False
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     # default), the workers of a restart read the previous attempt's keys (no per-attempt prefix) and gloo fails
     # connecting to ranks that are gone ("Connection refused"): rank 0's worker hosts a new store each attempt.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    launcher_api.LocalElasticAgent = Agent  # what torchrun's launch_agent builds
+    launcher_api.LocalElasticAgent = Agent  # type: ignore[misc]  # what torchrun's launch_agent builds
     # The agent's own per-process warnings ("Sending process N closing signal", "failed (exitcode: ...)") say
     # again, in several lines per node, what the Agent's one line per failure says.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)

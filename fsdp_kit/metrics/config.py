@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fsdp_kit.checks import check_fields
+from fsdp_kit.errors import ConfigError
+
 
 @dataclass
 class MetricsConfig:
@@ -21,3 +24,10 @@ class MetricsConfig:
     wandb_name: str | None = None
     """wandb: the run's display name; null uses the run dir's path. The run id is derived from the run dir, so a
     requeued job continues the same wandb run."""
+
+    def check(self, prefix: str = "metrics.") -> None:
+        """Each setting finite and in its range, the wandb project named (``prefix``: where this config
+        sits in the job)."""
+        check_fields(self, prefix, {"peak_tflops": ">0"})
+        if not self.wandb_project.strip():
+            raise ConfigError(f"{prefix}wandb_project is empty", f"pass {prefix}wandb_project=<your project>")

@@ -9,13 +9,13 @@ process (``COUNTED``), however many runs it makes (``fsdp-kit bench``, the tests
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PretrainedConfig
 
 from fsdp_kit.models.build import build, traceable
 from fsdp_kit.models.config import ModelConfig
 from fsdp_kit.models.objective import token_loss
+from fsdp_kit.torch_private import fake_mode
 
 COUNTED: dict[tuple, int] = {}
 """FLOPs by (model settings, HF config, batch shapes), for this process and the processes forked from it. The count
@@ -45,7 +45,7 @@ class FlopCounter:
     def _count(self, shapes: dict[str, tuple[int, ...]]) -> int:
         counter = FlopCounterMode(display=False)
         # Fake tensors on meta: no memory, no compute, and HF skips its value-reading checks for them.
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with fake_mode():
             fake_batch = {name: torch.zeros(shape, dtype=torch.long, device="meta") for name, shape in shapes.items()}
             with counter:
                 loss_sum, _ = token_loss(self._model, fake_batch)

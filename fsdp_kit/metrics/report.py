@@ -47,7 +47,7 @@ class Reporter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # the [tensorboard] extra
 
             self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if cfg.wandb:
@@ -146,7 +146,7 @@ def _start_wandb(run_dir: Path, cfg: MetricsConfig, config: dict[str, Any]) -> A
     """A wandb run whose files live in ``run_dir/wandb``. Its id is derived from the run dir, so a requeued job
     (same run dir) continues the same wandb run. The API key stays wandb's business (its login or environment):
     nothing here reads or passes it."""
-    import wandb
+    import wandb  # the [wandb] extra
 
     run_id = "fsdp-kit-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
     (run_dir / "wandb").mkdir(parents=True, exist_ok=True)

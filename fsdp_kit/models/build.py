@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
@@ -21,6 +21,7 @@ from transformers import (
 
 from fsdp_kit.errors import ConfigError, first_line
 from fsdp_kit.models.config import ModelConfig
+from fsdp_kit.torch_private import unwrap_checkpointed
 
 if TYPE_CHECKING:
     from fsdp_kit.data.config import DataConfig
@@ -146,8 +147,6 @@ def check_pretrained(name: str) -> None:
         raise ConfigError(f"model.pretrained={name!r} holds no weights (none of {', '.join(_WEIGHT_FILES)})",
                           "copy the weights beside config.json, or use a model preset (model=t5_small) to "
                           "start from random weights")
-    from safetensors import safe_open
-
     for weights in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(weights), framework="pt") as handle:  # reads the header only
@@ -224,10 +223,10 @@ def layer_classes(model: nn.Module, names: list[str] | None) -> tuple[type[nn.Mo
 
 def layers(model: nn.Module, layer_cls: tuple[type[nn.Module], ...]) -> list[nn.Module]:
     """The transformer layers, each as the module that stands in its parent (its AC wrapper, if any)."""
-    wrapped_inside = {id(m._checkpoint_wrapped_module) for m in model.modules() if isinstance(m, CheckpointWrapper)}
+    wrapped_inside = {id(unwrap_checkpointed(m)) for m in model.modules() if unwrap_checkpointed(m) is not m}
     found = []
     for module in model.modules():
-        inner = module._checkpoint_wrapped_module if isinstance(module, CheckpointWrapper) else module
+        inner = unwrap_checkpointed(module)
         if isinstance(inner, layer_cls) and id(module) not in wrapped_inside:
             found.append(module)
     return found

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fsdp_kit.checks import check_fields
+
 
 @dataclass
 class ModelConfig:
@@ -24,3 +26,7 @@ class ModelConfig:
     the position bias as a float mask), eager, flex_attention; null lets transformers choose."""
     trust_remote_code: bool = False
     """Allow ``pretrained`` to run code from the hub. Off by default: remote code runs as you."""
+
+    def check(self, prefix: str = "model.") -> None:
+        """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
+        check_fields(self, prefix, {"dropout": "[0,1)"})

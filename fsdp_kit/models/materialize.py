@@ -13,6 +13,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 
 from fsdp_kit.models.build import layers, tie_all_but_the_head
 from fsdp_kit.models.config import ModelConfig
+from fsdp_kit.torch_private import CHECKPOINT_WRAPPER_PREFIX, direct_parameters, set_parameter
 
 
 def materialize(model: PreTrainedModel, cfg: ModelConfig, device: torch.device, rank: int, seed: int) -> None:
@@ -36,8 +38,9 @@ def materialize(model: PreTrainedModel, cfg: ModelConfig, device: torch.device, 
 
 def _load_pretrained(model: PreTrainedModel, cfg: ModelConfig, rank: int) -> None:
     _init_unsaved_buffers(model)
-    full_state: dict[str, torch.Tensor] = {}
+    full_state: dict[str, Any] = {}
     if rank == 0:
+        assert cfg.pretrained is not None  # the caller loads only a pretrained model
         dtype = next(model.parameters()).dtype
         auto = AutoModelForSeq2SeqLM if model.config.is_encoder_decoder else AutoModelForCausalLM
         source = auto.from_pretrained(cfg.pretrained, config=model.config, dtype=dtype,
@@ -60,7 +63,7 @@ def _init_unsaved_buffers(model: PreTrainedModel) -> None:
 
 def _init_random(model: PreTrainedModel, device: torch.device, seed: int) -> None:
     generator_state = torch.random.get_rng_state()
-    names = {id(module): name.replace("_checkpoint_wrapped_module.", "") for name, module in model.named_modules()}
+    names = {id(module): name.replace(CHECKPOINT_WRAPPER_PREFIX, "") for name, module in model.named_modules()}
     groups = [*layers(model, _no_split_classes(model)), model]
     group_ids = {id(group) for group in groups}
     with torch.no_grad():
@@ -97,18 +100,18 @@ def _full_size_parameters(modules: list[nn.Module], device: torch.device) -> Ite
     full: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     for module in modules:
-        for name, param in list(module._parameters.items()):
+        for name, param in direct_parameters(module):
             if param is None:
                 continue
             if id(param) not in full:
                 full[id(param)] = (param, torch.empty(param.shape, dtype=param.dtype, device=device))
-            module._parameters[name] = nn.Parameter(full[id(param)][1], requires_grad=False)
+            set_parameter(module, name, nn.Parameter(full[id(param)][1], requires_grad=False))
             swapped.append((module, name, param))
     try:
         yield list(full.values())
     finally:
         for module, name, param in swapped:
-            module._parameters[name] = param
+            set_parameter(module, name, param)
 
 
 def _copy_into_shard(sharded: nn.Parameter, full_tensor: torch.Tensor) -> None:

@@ -104,7 +104,7 @@ class AnyPrecisionAdamW(Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -117,7 +117,7 @@ class AnyPrecisionAdamW(Optimizer):
             torch._foreach_add_([s["step"] for s in states], 1.0)
             steps = [self._bump_host_step(p, s) for p, s in zip(params, states)]
             for chunk in _chunks(list(zip(params, states, steps)), self.chunk_elements):
-                self._update(group, [_local(p) for p, _, _ in chunk], [_local(p.grad) for p, _, _ in chunk],
+                self._update(group, [_local(p) for p, _, _ in chunk], [_local(_grad(p)) for p, _, _ in chunk],
                              [s for _, s, _ in chunk], [t for _, _, t in chunk])
         return loss
 
@@ -153,7 +153,7 @@ class AnyPrecisionAdamW(Optimizer):
         step_sizes = [-lr / (1.0 - beta1**step) for step in steps]
         denom_dtype = _denominator_dtype(exp_avg_sqs[0].dtype, params[0].dtype, eps)
         if denom_dtype == exp_avg_sqs[0].dtype:
-            denoms = torch._foreach_sqrt(exp_avg_sqs)
+            denoms = list(torch._foreach_sqrt(exp_avg_sqs))
         else:
             denoms = [v.to(denom_dtype) for v in exp_avg_sqs]  # the chunk's one temporary, sqrt in place
             torch._foreach_sqrt_(denoms)
@@ -226,6 +226,12 @@ def _denominator_dtype(variance_dtype: torch.dtype, param_dtype: torch.dtype, ep
 _Item = tuple[torch.Tensor, dict, int]  # parameter, its state, its step count
 
 
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    """The gradient of a parameter that ``step`` selected for having one."""
+    assert param.grad is not None
+    return param.grad
+
+
 def _chunks(items: list[_Item], max_numel: int) -> Iterator[list[_Item]]:
     """Consecutive groups with the same device and dtypes, each of at most ``max_numel`` elements
     (a single larger tensor forms its own group)."""
@@ -234,7 +240,7 @@ def _chunks(items: list[_Item], max_numel: int) -> Iterator[list[_Item]]:
     key = None
     for item in items:
         param, state, _ = item
-        item_key = (param.device, param.dtype, param.grad.dtype, state["exp_avg"].dtype, state["exp_avg_sq"].dtype)
+        item_key = (param.device, param.dtype, _grad(param).dtype, state["exp_avg"].dtype, state["exp_avg_sq"].dtype)
         local_numel = _local(param).numel()
         if chunk and (item_key != key or numel + local_numel > max_numel):
             yield chunk

@@ -19,14 +19,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "anyprecision":
         return AnyPrecisionAdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay,
             use_kahan_summation=cfg.use_kahan_summation,
             momentum_dtype=getattr(torch, cfg.momentum_dtype),
             variance_dtype=getattr(torch, cfg.variance_dtype),
             compensation_buffer_dtype=getattr(torch, cfg.compensation_buffer_dtype),
             chunk_elements=cfg.chunk_elements,
         )
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=cfg.fused)
 
 

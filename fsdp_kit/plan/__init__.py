@@ -10,21 +10,26 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from fsdp_kit import models
 from fsdp_kit.config import TrainConfig
+from fsdp_kit.data.config import DataConfig
 from fsdp_kit.errors import ConfigError
+from fsdp_kit.launch.config import ClusterConfig
 from fsdp_kit.metrics.flops import FlopCounter
-from fsdp_kit.models.build import traceable
+from fsdp_kit.models.build import build as build_model
+from fsdp_kit.models.build import hf_config, layer_classes, traceable
+from fsdp_kit.models.config import ModelConfig
 from fsdp_kit.plan.activations import ActivationProfile, profile
 from fsdp_kit.plan.memory import GB, MemoryBreakdown, ModelShape, breakdown
 from fsdp_kit.plan.speed import SpeedEstimate, estimate_speed
 from fsdp_kit.plan.work import StepWork, step_work
-from fsdp_kit.policies.config import ActivationCheckpointConfig, CheckpointMode
+from fsdp_kit.policies.config import ActivationCheckpointConfig, CheckpointMode, PrecisionConfig, WrapConfig
 from fsdp_kit.policies.precision import compute_dtype
 
 __all__ = ["Plan", "Traced", "choose_checkpointing", "make_plan", "resolve_auto_checkpointing", "traced",
@@ -62,37 +67,38 @@ _SHAPES: dict[tuple, ModelShape] = {}
 _WORK: dict[tuple, StepWork] = {}
 
 
-def _batch_shapes(job: TrainConfig, encoder_decoder: bool, batch: int) -> dict[str, tuple[int, ...]]:
-    src, tgt = job.data.max_source_len, job.data.max_target_len
+def _batch_shapes(data: DataConfig, encoder_decoder: bool, batch: int) -> dict[str, tuple[int, ...]]:
+    src, tgt = data.max_source_len, data.max_target_len
     if encoder_decoder:
         shapes = {"input_ids": (batch, src), "attention_mask": (batch, src), "decoder_input_ids": (batch, tgt),
                   "labels": (batch, tgt)}
-        if job.data.packing:  # a packed row is full: max_source_len tokens of text, and its 4-D masks are traced
+        if data.packing:  # a packed row is full: max_source_len tokens of text, and its 4-D masks are traced
             shapes.update(segment_ids=(batch, src), decoder_segment_ids=(batch, tgt))
         return shapes
     return {"input_ids": (batch, src + tgt), "attention_mask": (batch, src + tgt), "labels": (batch, src + tgt)}
 
 
-def _meta_model(job: TrainConfig) -> tuple[nn.Module, tuple[type[nn.Module], ...]]:
-    config = models.hf_config(job.model)
-    model = traceable(models.build(job.model, device="meta", dtype=compute_dtype(job.precision), config=config))
-    return model, models.layer_classes(model, job.wrap.layer_cls)
+def _meta_model(*, model: ModelConfig, precision: PrecisionConfig,
+                wrap: WrapConfig) -> tuple[PreTrainedModel, tuple[type[nn.Module], ...]]:
+    hf = hf_config(model)
+    built = traceable(build_model(model, device="meta", dtype=compute_dtype(precision), config=hf))
+    return built, layer_classes(built, wrap.layer_cls)
 
 
-def _trace_key(job: TrainConfig) -> tuple:
+def _trace_key(*, model: ModelConfig, wrap: WrapConfig, data: DataConfig, precision: PrecisionConfig) -> tuple:
     """What a trace depends on: the model, its layer classes, the lengths and the compute dtype."""
-    return (repr(job.model), repr(job.wrap.layer_cls), job.data.max_source_len, job.data.max_target_len,
-            compute_dtype(job.precision), job.data.packing)
+    return (repr(model), repr(wrap.layer_cls), data.max_source_len, data.max_target_len, compute_dtype(precision),
+            data.packing)
 
 
 def traced(job: TrainConfig) -> Traced:
     """The activation profile and FLOPs of ``job``'s model at ``job.data``'s lengths (cached)."""
-    key = _trace_key(job)
+    key = _trace_key(model=job.model, wrap=job.wrap, data=job.data, precision=job.precision)
     if key not in _TRACED:
-        model, layer_cls = _meta_model(job)
+        model, layer_cls = _meta_model(model=job.model, precision=job.precision, wrap=job.wrap)
         enc_dec = bool(model.config.is_encoder_decoder)
-        acts = profile(model, layer_cls, _batch_shapes(job, enc_dec, 2), samples=2)
-        flops = FlopCounter(job.model, model.config).flops_for_shapes(_batch_shapes(job, enc_dec, 1))
+        acts = profile(model, layer_cls, _batch_shapes(job.data, enc_dec, 2), samples=2)
+        flops = FlopCounter(job.model, model.config).flops_for_shapes(_batch_shapes(job.data, enc_dec, 1))
         _TRACED[key] = Traced(acts, flops, enc_dec)
     return _TRACED[key]
 
@@ -100,24 +106,25 @@ def traced(job: TrainConfig) -> Traced:
 def traced_work(job: TrainConfig) -> StepWork:
     """The GPU work of ``job``'s forward + backward at ``job.data``'s lengths, for the step time (cached; only
     the planner's speed needs it, so training-time planning (ac=auto, the batch search) never traces it)."""
-    key = _trace_key(job)
+    key = _trace_key(model=job.model, wrap=job.wrap, data=job.data, precision=job.precision)
     if key not in _WORK:
-        model, layer_cls = _meta_model(job)
+        model, layer_cls = _meta_model(model=job.model, precision=job.precision, wrap=job.wrap)
         enc_dec = bool(model.config.is_encoder_decoder)
-        _WORK[key] = step_work(model, layer_cls, lambda batch: _batch_shapes(job, enc_dec, batch))
+        _WORK[key] = step_work(model, layer_cls, lambda batch: _batch_shapes(job.data, enc_dec, batch))
     return _WORK[key]
 
 
 def model_shape(job: TrainConfig) -> ModelShape:
     """Parameter count and FSDP unit sizes of ``job``'s model under its wrap policy (cached)."""
-    key = (repr(job.model), repr(job.wrap))
+    key = (repr(job.model), repr(job.wrap), job.sharding.reshard_last_unit)
     if key not in _SHAPES:
-        model, layer_cls = _meta_model(job)
-        _SHAPES[key] = ModelShape.of(model, job, layer_cls)
+        model, layer_cls = _meta_model(model=job.model, precision=job.precision, wrap=job.wrap)
+        _SHAPES[key] = ModelShape.of(model, wrap=job.wrap, reshard_last_unit=job.sharding.reshard_last_unit,
+                                     layer_cls=layer_cls)
     return _SHAPES[key]
 
 
-def largest_batch(memory_at, capacity: float) -> int:
+def largest_batch(memory_at: Callable[[int], MemoryBreakdown], capacity: float) -> int:
     """The largest batch whose planned peak fits ``capacity`` bytes (memory grows with the batch)."""
     if memory_at(1).total > capacity:
         return 0
@@ -131,13 +138,13 @@ def largest_batch(memory_at, capacity: float) -> int:
     return low
 
 
-def _world(job: TrainConfig) -> int:
-    cluster = job.cluster
+def _world(cluster: ClusterConfig) -> tuple[int, float]:
+    """The GPUs of ``cluster`` and the memory of one, in GB."""
     if not cluster.gpus_per_node or not cluster.gpu_memory_gb:
         raise ConfigError(f"cluster={cluster.name} describes no GPUs to plan for",
                           "pick a GPU preset: cluster=p4d|p4de|p5|h100|h200, or set cluster.gpus_per_node and "
                           "cluster.gpu_memory_gb")
-    return cluster.nodes * cluster.gpus_per_node
+    return cluster.nodes * cluster.gpus_per_node, cluster.gpu_memory_gb
 
 
 def choose_checkpointing(job: TrainConfig, world_size: int, gpus_per_node: int,
@@ -185,10 +192,10 @@ def resolve_auto_checkpointing(job: TrainConfig, world_size: int, gpus_per_node:
 def make_plan(job: TrainConfig, with_speed: bool = True) -> Plan:
     """Plan ``job`` on ``job.cluster`` (cluster.nodes x cluster.gpus_per_node GPUs, one process each) at
     ``job.data``'s sequence lengths; ``with_speed=False`` plans memory only (no trace of the step's work)."""
-    world = _world(job)
+    world, gpu_memory_gb = _world(job.cluster)
     job.validated(world, for_training=False)
     cluster = job.cluster
-    capacity = cluster.gpu_memory_gb * GB
+    capacity = gpu_memory_gb * GB
     job = resolve_auto_checkpointing(job, world, cluster.gpus_per_node, torch.device("cpu"))
     trace, shape = traced(job), model_shape(job)
 
@@ -197,5 +204,5 @@ def make_plan(job: TrainConfig, with_speed: bool = True) -> Plan:
 
     speed = (estimate_speed(job, shape, trace.flops_per_sample, job.trainer.batch_size, world, traced_work(job))
              if cluster.peak_tflops and with_speed else None)
-    return Plan(job, world, cluster.gpu_memory_gb, shape, memory(job.trainer.batch_size),
+    return Plan(job, world, gpu_memory_gb, shape, memory(job.trainer.batch_size),
                 largest_batch(memory, capacity), speed)

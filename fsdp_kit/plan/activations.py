@@ -19,13 +19,12 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fsdp_kit.models.build import layers
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.policies.activation import SAVED_OPS
+from fsdp_kit.torch_private import FakeTensorMode, TorchDispatchMode, direct_parameters, fake_mode, set_parameter
 
 
 @dataclass(frozen=True)
@@ -36,17 +35,17 @@ class ActivationProfile:
     """Saved outside the transformer layers (embeddings, final norms, logits and loss)."""
     per_layer: tuple[float, ...]
     """Saved inside each layer, in execution order."""
-    layer_inputs: tuple[dict[int, int], ...]
+    layer_inputs: tuple[dict[int, float], ...]
     """Each layer's tensor inputs as {storage id: bytes per sample} (what activation checkpointing keeps;
     tensors every layer receives, like T5's position bias, share one storage and count once)."""
-    selective_outputs: tuple[dict[int, int], ...] = ()
+    selective_outputs: tuple[dict[int, float], ...] = ()
     """Per layer, the outputs of the ops ac=selective keeps (matmuls, attention) as {storage id: bytes per
     sample}."""
 
     def saved(self, checkpointed: set[int], selective: bool = False) -> float:
         """Bytes alive at the end of forward when the layers at these indices are checkpointed (``selective``:
         checkpointed layers also keep their matmul and attention outputs)."""
-        kept: dict[int, int] = {}
+        kept: dict[int, float] = {}
         for index in checkpointed:
             kept.update(self.layer_inputs[index])
             if selective:
@@ -87,7 +86,7 @@ stand-in runs (plan/work.py prices them)."""
 
 class _SavedLikeEfficientAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, bias):  # type: ignore[override]
+    def forward(ctx, query, key, value, bias):
         output = torch.empty_like(query)
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
         for recorder in _Recorder.active:  # the fused kernels' outputs, which ac=selective keeps
@@ -98,7 +97,7 @@ class _SavedLikeEfficientAttention(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         saved = ctx.saved_tensors  # read once: a checkpointed layer's saved tensors unpack once
         query, key, value = saved[:3]
         bias = saved[5] if len(saved) > 5 else None
@@ -117,8 +116,8 @@ def _gpu_like_attention() -> Iterator[None]:
         bias = attn_mask if attn_mask is not None and attn_mask.is_floating_point() else None
         return _SavedLikeEfficientAttention.apply(query, key, value, bias)
 
-    F.scaled_dot_product_attention = attention
-    torch.nn.functional.scaled_dot_product_attention = attention
+    F.scaled_dot_product_attention = attention  # type: ignore[assignment]  # a stand-in, restored below
+    torch.nn.functional.scaled_dot_product_attention = attention  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -146,7 +145,7 @@ class _Recorder(TorchDispatchMode):
                 self.alive.append(tensor)  # a freed storage's address would be reused: keys must stay unique
                 found[hash(StorageWeakRef(tensor.untyped_storage()))] = tensor.untyped_storage().nbytes()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in SAVED_OPS:
             self.record(out)
@@ -165,9 +164,9 @@ def _fake_parameters(model: nn.Module, mode: FakeTensorMode) -> None:
     """Make the parameters fake once, so every use (and every view, like a transposed weight) shares one fake
     storage that can be told apart from activations."""
     for module in model.modules():
-        for name, param in list(module._parameters.items()):
+        for name, param in direct_parameters(module):
             if param is not None:
-                module._parameters[name] = nn.Parameter(mode.from_tensor(param), requires_grad=param.requires_grad)
+                set_parameter(module, name, nn.Parameter(mode.from_tensor(param), requires_grad=param.requires_grad))
 
 
 def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes: dict[str, tuple[int, ...]],
@@ -183,10 +182,10 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
     order = {id(layer): index for index, layer in enumerate(found)}
 
     def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        running[0] = order[id(module)]
+        index = running[0] = order[id(module)]
         tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.is_floating_point()]
         alive.extend(tensors)  # storages are told apart by address: none may be freed and reused during the trace
-        inputs[running[0]] = {hash(StorageWeakRef(t.untyped_storage())): t.untyped_storage().nbytes()
+        inputs[index] = {hash(StorageWeakRef(t.untyped_storage())): t.untyped_storage().nbytes()
                               for t in tensors}
 
     def leave(*_: object) -> None:
@@ -194,11 +193,10 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
 
     hooks = [layer.register_forward_pre_hook(enter, with_kwargs=True) for layer in found]
     hooks += [layer.register_forward_hook(leave) for layer in found]
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
     # The fake-tensor dispatch cache is shared by every FakeTensorMode in the process: an output it serves may
     # not share the storage its inputs do, which hides a tensor that several layers receive (the count then
     # depends on what was traced before). Storage identity is what this profile counts, so no cache.
-    mode.cache_enabled = False
+    mode = fake_mode(cache=False)
     recorder = _Recorder(running)
     try:
         with mode, _gpu_like_attention():

@@ -20,9 +20,16 @@ from torch import nn
 
 from fsdp_kit.config import TrainConfig
 from fsdp_kit.optim.anyprecision import CHUNK_NUMEL
+from fsdp_kit.optim.config import OptimConfig
 from fsdp_kit.plan.activations import ActivationProfile
 from fsdp_kit.policies.activation import checkpointed_indices
-from fsdp_kit.policies.config import CheckpointMode
+from fsdp_kit.policies.config import (
+    ActivationCheckpointConfig,
+    CheckpointMode,
+    PrecisionConfig,
+    ShardingConfig,
+    WrapConfig,
+)
 from fsdp_kit.policies.precision import compute_dtype, mixed_precision_policy, param_dtype
 from fsdp_kit.policies.sharding import reshard_after_forward, shard_group_size
 from fsdp_kit.policies.wrapping import fsdp_units
@@ -46,12 +53,13 @@ class ModelShape:
     sharding.reshard_last_unit, the last one: policies/apply.py keeps those unsharded); None: all of them."""
 
     @classmethod
-    def of(cls, model: nn.Module, job: TrainConfig, layer_cls: tuple[type[nn.Module], ...]) -> ModelShape:
-        units = fsdp_units(model, job.wrap, layer_cls)
+    def of(cls, model: nn.Module, *, wrap: WrapConfig, reshard_last_unit: bool,
+           layer_cls: tuple[type[nn.Module], ...]) -> ModelShape:
+        units = fsdp_units(model, wrap, layer_cls)
         unit_params = [sum(p.numel() for p in unit.parameters()) for unit in units]
         total = sum(p.numel() for p in model.parameters())
         root = total - sum(unit_params)
-        regathered = sum(unit_params) - (unit_params[-1] if unit_params and not job.sharding.reshard_last_unit else 0)
+        regathered = sum(unit_params) - (unit_params[-1] if unit_params and not reshard_last_unit else 0)
         return cls(total, max([root, *unit_params]), len(units) + 1, regathered)
 
 
@@ -79,30 +87,30 @@ class MemoryBreakdown:
         return {**{k: v / GB for k, v in asdict(self).items()}, "total": self.total / GB}
 
 
-def shard_factor(job: TrainConfig, world_size: int, gpus_per_node: int) -> int:
+def shard_factor(sharding: ShardingConfig, world_size: int, gpus_per_node: int) -> int:
     """Over how many ranks parameters, gradients and optimizer states are divided (the mesh's shard dim)."""
-    return shard_group_size(job.sharding, world_size, gpus_per_node or world_size)
+    return shard_group_size(sharding, world_size, gpus_per_node or world_size)
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def precision_bytes(job: TrainConfig) -> tuple[int, int, int]:
+def precision_bytes(precision: PrecisionConfig) -> tuple[int, int, int]:
     """Bytes per element of (master parameters and gradients, compute copies, gradient reductions)."""
-    compute = dtype_bytes(compute_dtype(job.precision))
-    reduce_dtype = mixed_precision_policy(job.precision).reduce_dtype
-    return (dtype_bytes(param_dtype(job.precision)), compute,
+    compute = dtype_bytes(compute_dtype(precision))
+    reduce_dtype = mixed_precision_policy(precision).reduce_dtype
+    return (dtype_bytes(param_dtype(precision)), compute,
             dtype_bytes(reduce_dtype) if reduce_dtype is not None else compute)
 
 
-def optimizer_bytes_per_param(job: TrainConfig) -> int:
-    if job.optim.name == "anyprecision":
-        states = [job.optim.momentum_dtype, job.optim.variance_dtype]
-        if job.optim.use_kahan_summation:
-            states.append(job.optim.compensation_buffer_dtype)
+def optimizer_bytes_per_param(optim: OptimConfig, precision: PrecisionConfig) -> int:
+    if optim.name == "anyprecision":
+        states = [optim.momentum_dtype, optim.variance_dtype]
+        if optim.use_kahan_summation:
+            states.append(optim.compensation_buffer_dtype)
         return sum(_OPTIM_STATE_BYTES[s] for s in states)
-    return 2 * dtype_bytes(param_dtype(job.precision))  # torch AdamW keeps both moments in the parameter dtype
+    return 2 * dtype_bytes(param_dtype(precision))  # torch AdamW keeps both moments in the parameter dtype
 
 
 def optimizer_temporaries(job: TrainConfig, shard_params: float) -> float:
@@ -120,27 +128,27 @@ def optimizer_temporaries(job: TrainConfig, shard_params: float) -> float:
     return shard_params * dtype_bytes(param_dtype(job.precision))  # foreach: sqrt(exp_avg_sq) for all at once
 
 
-def checkpointed_layers(job: TrainConfig, layer_count: int) -> set[int]:
-    return set(checkpointed_indices(job.ac, layer_count))
+def checkpointed_layers(ac: ActivationCheckpointConfig, layer_count: int) -> set[int]:
+    return set(checkpointed_indices(ac, layer_count))
 
 
 def breakdown(job: TrainConfig, shape: ModelShape, activations: ActivationProfile, batch: int, world_size: int,
               gpus_per_node: int) -> MemoryBreakdown:
-    factor = shard_factor(job, world_size, gpus_per_node)
-    pbytes, cbytes, rbytes = precision_bytes(job)
+    factor = shard_factor(job.sharding, world_size, gpus_per_node)
+    pbytes, cbytes, rbytes = precision_bytes(job.precision)
     on_gpu = 0.0 if job.sharding.cpu_offload else 1.0
     params = on_gpu * shape.params * pbytes / factor
     grads = on_gpu * shape.params * pbytes / factor
     if job.trainer.grad_accum_no_sync and job.trainer.grad_accum > 1 and factor > 1:
         grads += shape.params * cbytes  # every rank accumulates the whole, unsharded gradient between syncs
-    optimizer = on_gpu * shape.params * optimizer_bytes_per_param(job) / factor
+    optimizer = on_gpu * shape.params * optimizer_bytes_per_param(job.optim, job.precision) / factor
     if factor == 1 and cbytes == pbytes and not job.sharding.cpu_offload:
         unsharded = 0.0  # nothing to gather: the "unsharded" parameters are the parameters themselves
     elif reshard_after_forward(job.sharding):
         unsharded = (min(2, shape.units) * cbytes + rbytes) * shape.largest_unit
     else:
         unsharded = shape.params * cbytes + shape.largest_unit * rbytes
-    checkpointed = checkpointed_layers(job, len(activations.per_layer))
+    checkpointed = checkpointed_layers(job.ac, len(activations.per_layer))
     selective = job.ac.mode == CheckpointMode.selective
     act = batch * (activations.saved(checkpointed, selective)
                    + activations.backward_working_set(checkpointed, selective))

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fsdp_kit.config import TrainConfig
 from fsdp_kit.config_dir import describe
 from fsdp_kit.plan import MAX_BATCH, Plan
 from fsdp_kit.plan.search import Candidate, launch_command
@@ -59,7 +60,7 @@ def show(plan: Plan, console: Console | None = None, origins: dict[str, str] | N
         console.print(f"[dim]{line}[/]", highlight=False)
 
 
-def show_search(found: list[Candidate], priced: int, job, user_overrides: list[str], top: int = 10,
+def show_search(found: list[Candidate], priced: int, job: TrainConfig, user_overrides: list[str], top: int = 10,
                 console: Console | None = None, origins: dict[str, str] | None = None,
                 config_dir: str | None = None) -> None:
     """The ``top`` fastest recipes that fit, and the command that runs the best."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import shlex
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.errors import ConfigError
-from fsdp_kit.plan import GB, _world, largest_batch, model_shape, traced, traced_work
-from fsdp_kit.plan.memory import MemoryBreakdown, breakdown
+from fsdp_kit.plan import GB, Traced, _world, largest_batch, model_shape, traced, traced_work
+from fsdp_kit.plan.memory import MemoryBreakdown, ModelShape, breakdown
 from fsdp_kit.plan.records import load_records
 from fsdp_kit.plan.speed import SpeedEstimate, estimate_speed
 from fsdp_kit.policies.config import CheckpointMode, Precision, ShardingStrategy, WrapPolicy
@@ -68,7 +70,7 @@ VARIED = ("precision", "sharding", "sharding.strategy", "sharding.cpu_offload", 
 way to the recipe's, in what is priced and in the printed command alike."""
 
 
-def kept(user_overrides: list[str], recipe_keys: set[str] = frozenset()) -> list[str]:
+def kept(user_overrides: list[str], recipe_keys: AbstractSet[str] = frozenset()) -> list[str]:
     """The user's overrides that a recipe leaves standing: all but those of the settings it decides."""
     def key(item: str) -> str:
         return item.split("=", 1)[0].lstrip("+~").strip()
@@ -77,15 +79,15 @@ def kept(user_overrides: list[str], recipe_keys: set[str] = frozenset()) -> list
             and not key(item).startswith("precision.")]
 
 
-def search(job: TrainConfig, overrides: list[str] = ()) -> tuple[list[Candidate], int]:
+def search(job: TrainConfig, overrides: Sequence[str] = ()) -> tuple[list[Candidate], int]:
     """Every recipe that fits ``job.cluster`` at ``job.data``'s lengths, fastest first, and how many were
     priced. The model, data lengths, optimizer settings and cluster come from ``job`` (composed from
     ``overrides``); bf16_pure recipes use the anyprecision optimizer preset (Kahan summation) with the user's
     ``optim.*`` overrides on top, exactly what the printed command composes, the others ``job.optim``."""
-    world = _world(job)
+    world, gpu_memory_gb = _world(job.cluster)
     job.validated(world, for_training=False)
     cluster = job.cluster
-    capacity = cluster.gpu_memory_gb * GB
+    capacity = gpu_memory_gb * GB
     pure_optim = compose_job([*kept(list(overrides), {"optim"}), "optim=anyprecision"]).optim
     records = load_records()
     found: list[Candidate] = []
@@ -107,7 +109,8 @@ def search(job: TrainConfig, overrides: list[str] = ()) -> tuple[list[Candidate]
         priced += 1
         trace, shape = traced(recipe), model_shape(recipe)
 
-        def memory(batch: int, recipe: TrainConfig = recipe, shape=shape, trace=trace) -> MemoryBreakdown:
+        def memory(batch: int, recipe: TrainConfig = recipe, shape: ModelShape = shape,
+                   trace: Traced = trace) -> MemoryBreakdown:
             return breakdown(recipe, shape, trace.activations, batch, world, cluster.gpus_per_node)
 
         batch = largest_batch(memory, capacity)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fsdp_kit.config import TrainConfig
+from fsdp_kit.optim.build import build_optimizer
 from fsdp_kit.plan import calibration as calibration_file
 from fsdp_kit.plan.calibration import Calibration, Observation, predict
 from fsdp_kit.plan.memory import ModelShape, dtype_bytes, precision_bytes, shard_factor
@@ -86,15 +87,13 @@ def optimizer_traffic(job: TrainConfig) -> tuple[float, int]:
     if key not in _OPTIMIZER_TRAFFIC:
         optim = job.optim
         if optim.name == "anyprecision":
-            from fsdp_kit.optim.build import build_optimizer
-
             traffic = optimizer_bytes_per_element(lambda params: build_optimizer(_Holder(params), optim), dtype)
         elif optim.fused:  # one kernel: reads parameter, gradient and both moments, writes all but the gradient
             traffic = (7.0 * dtype_bytes(dtype), 1)
         else:  # torch's multi-tensor AdamW, its default on GPU
             traffic = optimizer_bytes_per_element(
-                lambda params: torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                                 weight_decay=optim.weight_decay, foreach=True), dtype)
+                lambda params: torch.optim.AdamW(params, lr=optim.lr, betas=(optim.betas[0], optim.betas[1]),
+                                                 eps=optim.eps, weight_decay=optim.weight_decay, foreach=True), dtype)
         _OPTIMIZER_TRAFFIC[key] = traffic
     return _OPTIMIZER_TRAFFIC[key]
 
@@ -117,7 +116,7 @@ def _regathered(job: TrainConfig, shape: ModelShape) -> int:
 def _fsdp_copies(job: TrainConfig, shape: ModelShape, factor: int) -> Work:
     """FSDP2's local traffic around its collectives: the copy into the all-gather buffer (with the cast to the
     compute dtype) and out of it into the unsharded parameters, and the same for the gradients' reduce-scatter."""
-    pbytes, cbytes, rbytes = precision_bytes(job)
+    pbytes, cbytes, rbytes = precision_bytes(job.precision)
     gathered = shape.params + _regathered(job, shape)
     all_gather = gathered * ((pbytes + cbytes) / factor + 3 * cbytes)
     reduce_scatter = shape.params * (cbytes + 2 * rbytes + (rbytes + pbytes) / factor)
@@ -148,7 +147,7 @@ def observation(job: TrainConfig, shape: ModelShape, work: StepWork, batch: int,
                 measured_s: float = 0.0, label: str = "") -> Observation:
     """The step's work as the terms of plan/calibration.py's time model."""
     cluster = job.cluster
-    total = step_work(job, shape, work, batch, shard_factor(job, world, cluster.gpus_per_node))
+    total = step_work(job, shape, work, batch, shard_factor(job.sharding, world, cluster.gpus_per_node))
     flops = total.matmul_flops + total.attention_flops
     bandwidth, _ = _memory_bandwidth(job)
     if job.precision.name == Precision.fp32:
@@ -193,9 +192,9 @@ def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, b
     source = f"calibrated: {calibration.describe()}" + (f", {speedup_text}" if speedup_text else "") + bandwidth_text
     tflops = flops_per_sample * batch / compute_s / 1e12
 
-    factor = shard_factor(job, world, cluster.gpus_per_node)
+    factor = shard_factor(job.sharding, world, cluster.gpus_per_node)
     replicas = world // factor
-    _, cbytes, rbytes = precision_bytes(job)
+    _, cbytes, rbytes = precision_bytes(job.precision)
     shard_traffic = ((shape.params + _regathered(job, shape)) * cbytes + shape.params * rbytes) * (factor - 1) / factor
     replica_traffic = 2 * shape.params / factor * rbytes * (replicas - 1) / replicas if replicas > 1 else 0.0
     shard_spans_nodes = factor > cluster.gpus_per_node

@@ -14,20 +14,27 @@ The optimizer's traffic per parameter element is traced the same way, on the con
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.optim import Optimizer
 from torch.utils.flop_counter import flop_registry
 
 from fsdp_kit.models.build import layers
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.plan import activations
+from fsdp_kit.torch_private import (
+    OpOverload,
+    TorchDispatchMode,
+    fake_mode,
+    op_packet,
+    op_schema_arguments,
+    tree_flatten,
+)
 
 _aten = torch.ops.aten
 _MATMULS = frozenset({_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm})
@@ -62,7 +69,7 @@ class Work:
 
 
 @dataclass(frozen=True)
-class Linear:
+class FixedPlusPerSample:
     """``at_zero + per_sample * batch``."""
 
     at_zero: Work
@@ -76,12 +83,12 @@ class Linear:
 class StepWork:
     """The work of one forward + backward, as a function of the batch."""
 
-    total: Linear
+    total: FixedPlusPerSample
     """Forward and backward, nothing recomputed."""
-    layer_forward: tuple[Linear, ...]
+    layer_forward: tuple[FixedPlusPerSample, ...]
     """Each transformer layer's forward (what full checkpointing runs again in backward)."""
 
-    def at(self, batch: int, checkpointed: set[int] = frozenset(), selective: bool = False) -> Work:
+    def at(self, batch: int, checkpointed: AbstractSet[int] = frozenset(), selective: bool = False) -> Work:
         work = self.total.at(batch)
         for index in checkpointed:
             forward = self.layer_forward[index].at(batch)
@@ -98,14 +105,14 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return min(tensor.numel() * tensor.element_size(), tensor.untyped_storage().nbytes())
 
 
-def op_bytes(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> int:
+def op_bytes(func: OpOverload, args: tuple, kwargs: dict, out: object) -> int:
     """Bytes ``func`` reads and writes: its tensor inputs and its outputs (for in-place ops, the tensors it
     mutates); 0 for views and allocations."""
-    if func._overloadpacket in _ALLOCATIONS or func.is_view:
+    if op_packet(func) in _ALLOCATIONS or func.is_view:
         return 0
     outputs = _tensors(out)
     written, read = list(outputs), []
-    schema_args = func._schema.arguments
+    schema_args = op_schema_arguments(func)
     values = [*args, *(kwargs.get(arg.name) for arg in schema_args[len(args):])]
     for arg, value in zip(schema_args, values, strict=False):
         tensors = _tensors(value)
@@ -114,7 +121,7 @@ def op_bytes(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object
             written += tensors  # in-place or out=: the mutated tensors are written
     if not written:
         return 0  # metadata queries
-    if func._overloadpacket in _WRITE_ONLY:
+    if op_packet(func) in _WRITE_ONLY:
         read = []
     return sum(map(_nbytes, written)) + sum(map(_nbytes, read))
 
@@ -136,11 +143,11 @@ class _Pricer(TorchDispatchMode):
         bias_bytes = 0 if bias is None else _nbytes(bias) * (2 if backward else 1)  # backward writes its gradient
         self.add(Work(attention_flops=flops, memory_bytes=bias_bytes, kernels=1))
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func._overloadpacket in _MATMULS:
-            flops = flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        if op_packet(func) in _MATMULS:
+            flops = flop_registry[op_packet(func)](*args, **kwargs, out_val=out)
             self.add(Work(matmul_flops=flops, kernels=1))
         else:
             moved = op_bytes(func, args, kwargs, out)
@@ -163,7 +170,7 @@ def _trace(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
     found = layers(model, layer_cls)
     pricer = _Pricer()
 
-    def enter(index: int):
+    def enter(index: int) -> Callable[..., None]:
         return lambda *_: setattr(pricer, "current", index)
 
     def leave(*_: object) -> None:
@@ -185,29 +192,30 @@ def _trace(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
     return sum(pricer.work.values(), Work()), [pricer.work.get(i, Work()) for i in range(len(found))]
 
 
-def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes) -> StepWork:
+def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
+              batch_shapes: Callable[[int], dict[str, tuple[int, ...]]]) -> StepWork:
     """Trace ``model`` (a throwaway meta model in the compute dtype) at batch 2 and 3; ``batch_shapes(batch)``
     gives the input shapes."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = fake_mode()
     with mode, activations._gpu_like_attention():
         activations._fake_parameters(model, mode)
         # 2 and 3, not 1: at batch 1 some reshapes are free views that cost a copy at any larger batch
         two_total, two_layers = _trace(model, layer_cls, batch_shapes(2))
         three_total, three_layers = _trace(model, layer_cls, batch_shapes(3))
 
-    def linear(two: Work, three: Work) -> Linear:
+    def through(two: Work, three: Work) -> FixedPlusPerSample:
         per_sample = three - two
-        return Linear(two - per_sample.scaled(2), per_sample)
+        return FixedPlusPerSample(two - per_sample.scaled(2), per_sample)
 
-    return StepWork(linear(two_total, three_total),
-                    tuple(linear(a, b) for a, b in zip(two_layers, three_layers, strict=True)))
+    return StepWork(through(two_total, three_total),
+                    tuple(through(a, b) for a, b in zip(two_layers, three_layers, strict=True)))
 
 
-def optimizer_bytes_per_element(make_optimizer, dtype: torch.dtype, elements: int = 1 << 16,
-                                tensors: int = 4) -> tuple[float, int]:
+def optimizer_bytes_per_element(make_optimizer: Callable[[list[nn.Parameter]], Optimizer], dtype: torch.dtype,
+                                elements: int = 1 << 16, tensors: int = 4) -> tuple[float, int]:
     """(bytes read and written per parameter element, multi-tensor kernels per call) of one optimizer step,
     traced on fake parameters of ``dtype`` (the step after the first, when the state exists)."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = fake_mode()
     pricer = _Pricer()
     with mode:
         params = [nn.Parameter(torch.zeros(elements, dtype=dtype, device="meta")) for _ in range(tensors)]

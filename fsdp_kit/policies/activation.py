@@ -8,18 +8,15 @@ recomputes only the cheap elementwise ops between them.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointImpl,
-    apply_activation_checkpointing,
-    checkpoint_wrapper,
-)
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.policies.config import ActivationCheckpointConfig, CheckpointMode
+from fsdp_kit.torch_private import CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper
 
 _aten = torch.ops.aten
 SAVED_OPS: frozenset = frozenset(
@@ -61,7 +58,7 @@ def apply_checkpointing(model: nn.Module, cfg: ActivationCheckpointConfig,
         return 0
     # Selective checkpointing exists only for the non-reentrant implementation; HF T5 needs use_cache=False
     # with it (models.build sets that).
-    extra = {"context_fn": selective_context} if cfg.mode == CheckpointMode.selective else {}
+    extra: dict[str, Any] = {"context_fn": selective_context} if cfg.mode == CheckpointMode.selective else {}
     apply_activation_checkpointing(
         model,
         checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT,

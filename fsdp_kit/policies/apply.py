@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fsdp_kit.models.build import layer_classes, layers
 from fsdp_kit.policies.activation import apply_checkpointing
@@ -52,9 +52,10 @@ def set_prefetch(units: list[nn.Module], depth: int) -> None:
     """All-gather the next ``depth`` units while one computes, in forward order and, in backward, in reverse."""
     if depth <= 0 or len(units) < 2:
         return
-    for index, unit in enumerate(units):
-        unit.set_modules_to_forward_prefetch(units[index + 1:index + 1 + depth])
-        unit.set_modules_to_backward_prefetch(units[max(0, index - depth):index][::-1])
+    sharded = [cast(FSDPModule, unit) for unit in units]
+    for index, unit in enumerate(sharded):
+        unit.set_modules_to_forward_prefetch(sharded[index + 1:index + 1 + depth])
+        unit.set_modules_to_backward_prefetch(sharded[max(0, index - depth):index][::-1])
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def check_policies(model: nn.Module, policies: Policies) -> None:
         layer_classes(model, policies.wrap.layer_cls)
 
 
-def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Applied:
+def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh | None) -> Applied:
     layer_cls = layer_classes(model, policies.wrap.layer_cls) if policies.needs_layer_classes else ()
 
     checkpointed = apply_checkpointing(model, policies.ac, layer_cls)
@@ -83,11 +84,12 @@ def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Ap
     for layer in compiled:
         layer.compile()
 
-    fsdp_kwargs = {
-        "mesh": mesh,
-        "mp_policy": mixed_precision_policy(policies.precision),
-        "offload_policy": offload_policy(policies.sharding),
-    }
+    offload = offload_policy(policies.sharding)
+
+    def shard(module: nn.Module, mp_policy: MixedPrecisionPolicy, reshard: bool) -> None:
+        fully_shard(module, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
+
+    mixed = mixed_precision_policy(policies.precision)
     # HF layers return views of their inputs (T5Block's output tuple); FSDP2 warns that an in-place op on
     # such a view would skip its pre-backward hook. HF layers do not do that, and the tests check gradients
     # against a single process, so the warning is noise for users.
@@ -95,18 +97,19 @@ def apply_policies(model: nn.Module, policies: Policies, mesh: DeviceMesh) -> Ap
     reshard = reshard_after_forward(policies.sharding)
     # The modules HF keeps in fp32 (T5's wo, which overflows in bf16/fp16) compute in fp32 under the mixed
     # presets: each is its own unit with an fp32 policy, sharded before the layer that holds it.
-    kept = keep_fp32_modules(model) if (fp32 := keep_fp32_policy(policies.precision)) else []
+    fp32 = keep_fp32_policy(policies.precision)
+    kept = keep_fp32_modules(model) if fp32 is not None else []
     for module in kept:
-        fully_shard(module, **{**fsdp_kwargs, "mp_policy": fp32}, reshard_after_forward=reshard)
+        shard(module, cast(MixedPrecisionPolicy, fp32), reshard)
     units = fsdp_units(model, policies.wrap, layer_cls)
     for index, unit in enumerate(units):
         if isinstance(unit, FSDPModule):  # a size unit that is exactly a kept-fp32 module: sharded already
             continue
         keep_last = index == len(units) - 1 and not policies.sharding.reshard_last_unit
-        fully_shard(unit, **fsdp_kwargs, reshard_after_forward=reshard and not keep_last)
+        shard(unit, mixed, reshard and not keep_last)
     # The root's parameters are needed again as soon as backward starts: resharding them after forward would
     # only add an all-gather per step (FSDP2's own default keeps the root unsharded, as FSDP1 did).
-    fully_shard(model, **fsdp_kwargs, reshard_after_forward=False)
+    shard(model, mixed, False)
     if policies.wrap.policy == WrapPolicy.transformer:  # only layers come in the order they run
         set_prefetch(units, policies.sharding.prefetch)
     return Applied(checkpointed, len(compiled), len(units) + len(kept) + 1, len(kept))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fsdp_kit.checks import check_fields
 from fsdp_kit.options import Option
 
 
@@ -67,6 +68,10 @@ class ShardingConfig:
     """Transformer units to all-gather ahead explicitly, in forward and backward (FSDP2's
     set_modules_to_forward/backward_prefetch); 0 leaves FSDP2's implicit prefetching. Not yet measured on GPU."""
 
+    def check(self, prefix: str = "sharding.") -> None:
+        """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
+        check_fields(self, prefix, {"prefetch": ">=0"})
+
 
 @dataclass
 class WrapConfig:
@@ -77,6 +82,10 @@ class WrapConfig:
     """Class names of the layers to wrap, e.g. [T5Block]; null takes the model's ``_no_split_modules``."""
     min_num_params: int = 100_000_000
     """Size policy: smallest parameter count of a unit."""
+
+    def check(self, prefix: str = "wrap.") -> None:
+        """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
+        check_fields(self, prefix, {"min_num_params": ">0"})
 
 
 @dataclass
@@ -90,3 +99,7 @@ class ActivationCheckpointConfig:
     budget_gb: float | None = None
     """With mode=auto: per-device memory (GB) the planned peak must fit in; null takes cluster.gpu_memory_gb,
     else the device's memory (CUDA total memory, or host RAM on CPU)."""
+
+    def check(self, prefix: str = "ac.") -> None:
+        """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
+        check_fields(self, prefix, {"every_n": ">0", "budget_gb": ">0"})

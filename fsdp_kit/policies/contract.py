@@ -21,7 +21,7 @@ only when loading in float16): pure bf16 means every weight is bf16.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from fsdp_kit.optim.config import OptimConfig, OptimizerName, StateDtype
 from fsdp_kit.policies.config import Precision
+from fsdp_kit.torch_private import CHECKPOINT_WRAPPER_PREFIX, direct_parameters, fsdp_params
 
 ROLES = ("stored", "compute", "reduce", "grad", "master")
 """The roles a run shows after its first step (checkpoint and export come from files, see ``FILE_ROLES``)."""
@@ -112,7 +113,7 @@ def keep_fp32_names(model: nn.Module) -> set[str]:
 
 def clean_name(name: str) -> str:
     """A module's name as the user's model spells it (without the AC and compile wrappers' parts)."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    return name.replace(CHECKPOINT_WRAPPER_PREFIX, "").replace("_orig_mod.", "")
 
 
 def group_of(name: str, keep: set[str]) -> str:
@@ -141,15 +142,15 @@ class PrecisionProbe:
         self.seen: dict[str, dict[str, set[str]]] = {}
         self.done = False
         self._handles = [module.register_forward_pre_hook(self._compute(name))
-                         for name, module in model.named_modules() if module._parameters]
+                         for name, module in model.named_modules() if any(direct_parameters(module))]
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
 
     def _add(self, name: str, role: str, dtype: str) -> None:
         self.seen.setdefault(group_of(name, self.keep), {}).setdefault(role, set()).add(dtype)
 
-    def _compute(self, module_name: str):
+    def _compute(self, module_name: str) -> Callable[[nn.Module, Any], None]:
         def hook(module: nn.Module, _args: Any) -> None:
-            for name, param in module._parameters.items():
+            for name, param in direct_parameters(module):
                 if param is not None and param.is_floating_point():
                     self._add(f"{module_name}.{name}", "compute", _dtype(param))
         return hook
@@ -191,8 +192,7 @@ def reduce_dtypes(model: nn.Module) -> dict[int, str]:
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
-        group = module._get_fsdp_state()._fsdp_param_group
-        for fsdp_param in group.fsdp_params if group is not None else ():
+        for fsdp_param in fsdp_params(module):
             dtype = fsdp_param.reduce_dtype or fsdp_param.param_dtype or fsdp_param.orig_dtype
             found[id(fsdp_param.sharded_param)] = str(dtype).removeprefix("torch.")
     return found

@@ -65,7 +65,7 @@ def reshard_after_forward(cfg: ShardingConfig) -> bool:
 
 
 def offload_policy(cfg: ShardingConfig) -> OffloadPolicy:
-    import torch
+    import torch  # late: config.py imports check_shard_group from here, without torch
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
     # Pinned host memory speeds up host<->GPU copies; it needs a GPU to exist.

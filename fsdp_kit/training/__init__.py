@@ -1,15 +1,6 @@
-"""The training loop (``Trainer``) and held-out evaluation (``Evaluator``)."""
+"""The training loop (``Trainer``) and held-out evaluation (``Evaluator``).
 
-from typing import TYPE_CHECKING
-
-from fsdp_kit._lazy import export_lazily
-
-__all__ = ["Evaluator", "FitResult", "TrainParts", "Trainer"]
-
-# Imported on first use (fsdp_kit/_lazy.py): training.config alone must not import torch.
-export_lazily(__name__, {"Evaluator": "evaluator", "FitResult": "trainer", "TrainParts": "trainer",
-                         "Trainer": "trainer"})
-
-if TYPE_CHECKING:
-    from fsdp_kit.training.evaluator import Evaluator
-    from fsdp_kit.training.trainer import FitResult, Trainer, TrainParts
+This file imports nothing: importing ``fsdp_kit.training.config`` (what composing a config does) must not import
+torch or transformers. Import from the modules: trainer (Trainer, TrainParts, FitResult), evaluator, batch_size,
+profiler, watchdog, nonfinite; config is light.
+"""

@@ -27,18 +27,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from fsdp_kit.config import TrainConfig
-from fsdp_kit.data import DataBundle
+from fsdp_kit.data.loader import DataBundle
 from fsdp_kit.data.packing import as_packed
 from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.optim.anyprecision import AnyPrecisionAdamW
+from fsdp_kit.plan import make_plan
+from fsdp_kit.plan.memory import GB
 from fsdp_kit.policies.apply import reshard_all
+from fsdp_kit.torch_private import finish_fsdp_iteration
 
 __all__ = ["BatchSearch", "find_batch_size", "planner_start", "search_batch_size", "upper_bound"]
 
@@ -154,12 +156,8 @@ def _reset_fsdp(model: nn.Module) -> None:
     """Finish the FSDP iteration an out-of-memory error interrupted. FSDP2 closes each iteration in a callback at
     the end of backward; without it the next backward never queues that callback again, its groups stay in their
     backward states and every later step computes wrong gradients (the test of this module catches that). The
-    callback is private API (torch 2.11 to 2.13): it reduces any gradients computed, reshards and resets."""
-    root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
-    if root is None:
-        return
-    state = root._get_fsdp_state()
-    state._root_post_backward_final_callback()
+    callback is private API (fsdp_kit.torch_private): it reduces any gradients computed, reshards and resets."""
+    finish_fsdp_iteration(model)
 
 
 def _free(model: nn.Module, device: torch.device) -> None:
@@ -248,9 +246,6 @@ def planner_start(job: TrainConfig, env: DistEnv) -> tuple[int, str]:
     planner has nothing to plan for (CPU)."""
     if env.device_type != "cuda":
         return job.trainer.batch_size, "trainer.batch_size (no GPU memory to plan for)"
-    from fsdp_kit.plan import make_plan
-    from fsdp_kit.plan.memory import GB
-
     memory_gb = torch.cuda.get_device_properties(env.device).total_memory / GB
     cluster = dataclasses.replace(job.cluster, nodes=max(env.world_size // env.local_world_size, 1),
                                   gpus_per_node=env.local_world_size, gpu_memory_gb=memory_gb)
@@ -260,14 +255,13 @@ def planner_start(job: TrainConfig, env: DistEnv) -> tuple[int, str]:
 
 def find_batch_size(job: TrainConfig, model: nn.Module, optimizer: Optimizer, data: DataBundle,
                     env: DistEnv) -> BatchSearch:
-    """Run the search for ``job`` (trainer.auto_batch=true) on this rank and set job.trainer.batch_size to the
-    batch found."""
+    """Run the search for ``job`` (trainer.auto_batch=true) on this rank; the batch found is the result's
+    ``batch_size`` (``job`` is not changed)."""
     start, source = planner_start(job, env)
     bound = upper_bound(job.trainer.auto_batch_max, job.data.eval_examples, env.world_size)
     found = search_batch_size(model, optimizer, data, env.device, env.world_size, start, bound, source)
-    job.trainer.batch_size = found.batch_size
     if job.trainer.compile:
         # The probes' several batch sizes made dynamo compile shape-generic kernels; training runs one shape,
         # so compile afresh for it (what a run at a fixed batch would have).
-        torch._dynamo.reset()
+        torch.compiler.reset()
     return found

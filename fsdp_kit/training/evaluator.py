@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import register_fsdp_forward_method
 
-from fsdp_kit.data import DataBundle
+from fsdp_kit.data.loader import DataBundle
 from fsdp_kit.distributed import DistEnv
-from fsdp_kit.metrics import Reporter
+from fsdp_kit.metrics.report import Reporter
 from fsdp_kit.models.objective import token_loss
 from fsdp_kit.policies.apply import reshard_all
 from fsdp_kit.training.config import TrainerConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class Evaluator:
@@ -50,7 +53,7 @@ class Evaluator:
         if not self._generate_registered:
             register_fsdp_forward_method(self.model, "generate")  # generate() must unshard like forward()
             self._generate_registered = True
-        pairs, size = self.data.eval_pairs, self.cfg.batch_size
+        pairs, size = self.data.eval_pairs or [], self.cfg.batch_size
         max_new_tokens = self.cfg.max_new_tokens or self.data.cfg.max_target_len
         per_round = size * self.env.world_size
         hits = torch.zeros(2, dtype=torch.float64, device=self.env.device)
@@ -58,9 +61,10 @@ class Evaluator:
             mine = list(range(start + self.env.rank * size, min(start + (self.env.rank + 1) * size, len(pairs))))
             indices = mine or [0]  # keep collectives in step; the stand-in is not counted
             prompts = self.data.collate.prompts([self.data.eval[i] for i in indices], self.env.device)
-            output = self.model.generate(**prompts, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                         synced_gpus=self.env.world_size > 1)
-            if not self.model.config.is_encoder_decoder:
+            output: torch.Tensor = cast(Any, self.model).generate(  # HF's generate: loosely typed
+                **prompts, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                synced_gpus=self.env.world_size > 1)
+            if not cast("PreTrainedModel", self.model).config.is_encoder_decoder:
                 output = output[:, prompts["input_ids"].shape[1]:]
             texts = self.data.tokenizer.batch_decode(output, skip_special_tokens=True)
             for i, text in zip(mine, texts):
@@ -75,4 +79,4 @@ class Evaluator:
         then decoded. Comparing with the full text would score a perfectly learned task 0 whenever targets are
         longer than the limit."""
         ids = self.data.eval[index]["target"]
-        return self.data.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return str(self.data.tokenizer.decode(ids, skip_special_tokens=True)).strip()

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from fsdp_kit.policies.contract import clean_name
+from fsdp_kit.torch_private import tree_leaves
 
 _NONE = 2**62  # "found nothing" in the ranks' all-reduce of the earliest position
 

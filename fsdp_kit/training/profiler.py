@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from fsdp_kit.torch_private import dump_cuda_memory_history, start_cuda_memory_history
 from fsdp_kit.training.config import TrainerConfig
 
 PROFILE_DIR = "profile"
@@ -107,13 +107,12 @@ class StepProfiler:
         self._info(f"profile: wrote {path} (open it in https://ui.perfetto.dev)")
 
     def _start_memory_history(self) -> None:
-        torch.cuda.memory._record_memory_history(max_entries=_MEMORY_HISTORY_ENTRIES)
+        start_cuda_memory_history(_MEMORY_HISTORY_ENTRIES)
         self._recording_memory = True
 
     def _dump_memory(self) -> None:
         path = self.out / f"memory_rank{self.rank}.pickle"
-        torch.cuda.memory._dump_snapshot(str(path))
-        torch.cuda.memory._record_memory_history(enabled=None)
+        dump_cuda_memory_history(path)
         self._recording_memory = False
         self.memory_snapshot = path
         self._info(f"profile: wrote {path} (drop it on https://pytorch.org/memory_viz)")

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from fsdp_kit.checkpoint import Manager, TrainState
-from fsdp_kit.data import DataBundle
-from fsdp_kit.data.loader import token_counts
+from fsdp_kit.checkpoint.manager import CheckpointManager
+from fsdp_kit.checkpoint.state import TrainState
+from fsdp_kit.data.loader import DataBundle, token_counts
 from fsdp_kit.data.packing import take_stream_pairs
 from fsdp_kit.distributed import DistEnv
 from fsdp_kit.errors import TrainingDivergedError
-from fsdp_kit.metrics import FlopCounter, Reporter, Tracker
+from fsdp_kit.launch.requeue import request_requeue
+from fsdp_kit.metrics.flops import FlopCounter
+from fsdp_kit.metrics.report import Reporter
+from fsdp_kit.metrics.tracker import Tracker
 from fsdp_kit.models.objective import IGNORE_INDEX, token_loss
 from fsdp_kit.policies.config import Precision
 from fsdp_kit.policies.contract import PrecisionProbe, compare, write_report
@@ -41,15 +46,19 @@ class FitResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     preempted: bool = False
+    batch_size: int = 0
+    """The per-rank batch the run trained at (the one trainer.auto_batch found, where it searched)."""
+    batch_search: dict[str, Any] | None = None
+    """trainer.auto_batch's search (its metrics.jsonl record), if it ran."""
 
     @property
     def losses(self) -> dict[int, float]:
         return {record["step"]: record["loss"] for record in self.history}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainParts:
-    """What the loop works with, built by ``fsdp_kit.train`` (or a test) and handed over as one bundle."""
+    """What the loop works with, built by ``fsdp_kit.train`` (or a test) and handed over as one bundle, by name."""
 
     model: nn.Module
     optimizer: Optimizer
@@ -58,8 +67,9 @@ class TrainParts:
     flops: FlopCounter
     tracker: Tracker
     reporter: Reporter
-    checkpoints: Manager
-    grad_scaler: torch.amp.GradScaler | None = None
+    checkpoints: CheckpointManager
+    grad_scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler(enabled=False))
+    """Enabled for fp16 only; a disabled one passes the loss and the step through unchanged."""
     precision: PrecisionCheck | None = None
 
 
@@ -91,7 +101,7 @@ class Trainer:
         self._probe: PrecisionProbe | None = None
 
     def fit(self) -> FitResult:
-        result = FitResult()
+        result = FitResult(batch_size=self.cfg.batch_size)
         self.checkpoints.restore(self.state)
         if self.state.step >= self.cfg.max_steps:
             self.reporter.info(f"already trained to step {self.state.step} (trainer.max_steps={self.cfg.max_steps}): "
@@ -161,35 +171,33 @@ class Trainer:
         defer_sync = self.cfg.grad_accum_no_sync and len(batches) > 1
         for index, (micro, batch) in enumerate(zip(micro_batches, batches)):
             if defer_sync:  # reduce-scatter only after the last micro-batch's backward
-                self.model.set_requires_gradient_sync(index == len(batches) - 1)
+                cast(FSDPModule, self.model).set_requires_gradient_sync(index == len(batches) - 1)
             step_flops += self.flops.flops(micro)
             loss_sum, _ = token_loss(self.model, batch)
             if reduced is not None:
                 reduced.wait()
                 reduced = None
             loss = loss_sum * self.env.world_size / global_tokens
-            (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
+            self.grad_scaler.scale(loss).backward()
             loss_total += loss_sum.detach()
-        if self.grad_scaler:
-            self.grad_scaler.unscale_(self.optimizer)
+        self.grad_scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad_norm is not None:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
         elif self.cfg.max_nonfinite_steps:  # the guard needs the norm even without clipping
             self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
                                                              if p.grad is not None])
-        finite = self._finite(loss_total, self._grad_norm) if self.cfg.max_nonfinite_steps else (True, True)
+        loss_finite, norm_finite = (self._finite(loss_total, self._grad_norm)
+                                    if self.cfg.max_nonfinite_steps and self._grad_norm is not None else (True, True))
+        # An enabled scaler already skips steps whose scaled gradients overflowed (and lowers its scale): that is
+        # its normal work, not a blow-up. Then only a non-finite loss counts.
+        norm_finite = norm_finite or self.grad_scaler.is_enabled()
         self.tracker.collectives_done()  # the update that follows is this rank's own work
-        if self.grad_scaler:
-            # The scaler already skips steps whose scaled gradients overflowed (and lowers its scale): that is
-            # its normal work, not a blow-up. Only a non-finite loss counts.
+        if loss_finite and norm_finite:
             self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-            self.nonfinite_streak = 0 if finite[0] else self.nonfinite_streak + 1
-        elif all(finite):
-            self.optimizer.step()
             self.nonfinite_streak = 0
         else:
             self.nonfinite_streak += 1  # the update is skipped: the weights stay the last finite ones
+        self.grad_scaler.update()  # after a skipped step too: it lowers the scale when it found an overflow
         self.tracker.local_work_ended()
         self.optimizer.zero_grad(set_to_none=True)
         if self.nonfinite_streak == 1:  # the first step of a blow-up: find where it started (all ranks)
@@ -228,7 +236,7 @@ class Trainer:
                 "lower optim.lr or raise trainer.warmup_steps (with trainer.clip_grad_norm set), then resume from "
                 "the last checkpoint")
 
-    def _micro_loss(self, global_tokens: torch.Tensor):
+    def _micro_loss(self, global_tokens: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
         """The loss one micro-batch backpropagates in ``_train_step`` (for the non-finite locator)."""
         def loss_of(batch: Batch) -> torch.Tensor:
             loss_sum, _ = token_loss(self.model, batch)
@@ -249,10 +257,10 @@ class Trainer:
                                   f"(see precision.json): {'; '.join(problems)}")
 
     def _log(self, step: int) -> dict[str, Any]:
-        record = self.tracker.record(step, lr=self.schedule.get_last_lr()[0])
+        record = self.tracker.record(step, lr=float(self.schedule.get_last_lr()[0]))
         if self._grad_norm is not None:
             record["grad_norm"] = float(_full(self._grad_norm))
-        if not math.isfinite(record["loss"]):
+        if not math.isfinite(cast(float, record["loss"])):
             self.reporter.warning(f"non-finite loss at step {step}")
         self.reporter.log(record)
         return record
@@ -265,6 +273,4 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 def _requeue() -> None:
     """The hang watchdog's last act on rank 0: under submitit the exit code alone does not requeue the job."""
-    from fsdp_kit.launch.requeue import request_requeue
-
     print(f"fsdp_kit hang watchdog: {request_requeue()}", flush=True)
