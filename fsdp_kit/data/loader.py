@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -198,8 +199,9 @@ class DataBundle:
 
     def train_loader(self, batch_size: int, rank: int, world_size: int, start_sample: int = 0,
                      pin_memory: bool = False) -> DataLoader:
-        dataset, collate = self.train, self.collate
-        sampler = GlobalBatchSampler(len(self.train), batch_size, rank, world_size, self.cfg.seed,
+        dataset: Dataset[Any] = self.train
+        collate: Callable[[list[Any]], dict[str, torch.Tensor]] = self.collate
+        sampler: Sampler[Any] = GlobalBatchSampler(len(self.train), batch_size, rank, world_size, self.cfg.seed,
                                      start_sample=start_sample)
         if self.cfg.packing:
             from fsdp_kit.data import packing  # it builds on this module's sampler and collator

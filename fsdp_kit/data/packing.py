@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from fsdp_kit.data.loader import Collator, Example, GlobalBatchSampler, pad_rows, padded_length
+from fsdp_kit.data.loader import (
+    Collator,
+    Example,
+    GlobalBatchSampler,
+    SyntheticTokens,
+    TextPairs,
+    pad_rows,
+    padded_length,
+)
 from fsdp_kit.models.objective import IGNORE_INDEX
 
 PAIRS_KEY = "stream_pairs"
@@ -41,7 +49,7 @@ class PackedBatchSampler(GlobalBatchSampler):
         super().__init__(size, batch_size, rank, world_size, seed, start_sample)
         self.lengths, self.limits = lengths, limits
 
-    def __iter__(self) -> Iterator[list[PackedRow]]:
+    def __iter__(self) -> Iterator[list[PackedRow]]:  # type: ignore[override]  # rows of pairs, for PackedPairs
         position = self.start_sample
         while True:
             rows, position_after = self._rows(position, self.global_batch)
@@ -72,7 +80,7 @@ class PackedBatchSampler(GlobalBatchSampler):
 class PackedPairs(Dataset):
     """Reads a ``PackedRow``: the tokenized pairs it names, from the unpacked dataset."""
 
-    def __init__(self, pairs: Dataset) -> None:
+    def __init__(self, pairs: TextPairs | SyntheticTokens) -> None:
         self.pairs = pairs
 
     def __len__(self) -> int:
@@ -93,7 +101,9 @@ class PackedCollator:
         fixed_source, fixed_target = self.collate.fixed_lengths or (None, None)
         sources = [[t for e in examples for t in e["source"]] for examples, _ in rows]
         targets = [[t for e in examples for t in e["target"]] for examples, _ in rows]
-        starts = [[t for e in examples for t in [self.collate.decoder_start_id, *e["target"][:-1]]]
+        start_id = self.collate.decoder_start_id
+        assert start_id is not None  # packing is refused for models without a decoder start token
+        starts = [[t for e in examples for t in [start_id, *e["target"][:-1]]]
                   for examples, _ in rows]
         source_len = padded_length(max(map(len, sources)), fixed_source)
         target_len = padded_length(max(map(len, targets)), fixed_target)

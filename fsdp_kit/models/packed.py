@@ -12,10 +12,12 @@ NaN and poison the backward pass through 0 x NaN); its outputs are never in the 
 from __future__ import annotations
 
 import types
+from typing import cast
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import register_fsdp_forward_method
+from transformers import PreTrainedModel
 
 _METHOD = "fsdp_kit_packed_forward"
 """The packed forward as a method of the model: under FSDP2 it runs with the root's forward hooks (the root's
@@ -31,8 +33,8 @@ def packed_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
                                    batch["decoder_segment_ids"])
 
 
-def _forward(model: nn.Module, input_ids: torch.Tensor, segment_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
-             decoder_segment_ids: torch.Tensor) -> torch.Tensor:
+def _forward(model: PreTrainedModel, input_ids: torch.Tensor, segment_ids: torch.Tensor,
+             decoder_input_ids: torch.Tensor, decoder_segment_ids: torch.Tensor) -> torch.Tensor:
     encoder, decoder = model.get_encoder(), model.get_decoder()
     source_embeds = encoder.embed_tokens(input_ids)
     dtype = source_embeds.dtype  # the compute dtype (FSDP's param_dtype under mixed precision)
@@ -47,8 +49,8 @@ def _forward(model: nn.Module, input_ids: torch.Tensor, segment_ids: torch.Tenso
                      use_cache=False).last_hidden_state
     # What T5ForConditionalGeneration.forward does after its decoder: a tied head sees rescaled outputs.
     if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
-        hidden = hidden * (model.model_dim ** -0.5)
-    return model.lm_head(hidden)
+        hidden = hidden * (cast(int, model.model_dim) ** -0.5)
+    return cast(nn.Module, model.lm_head)(hidden)
 
 
 def _same_segment(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,8 @@ _WORK: dict[tuple, StepWork] = {}
 def _batch_shapes(data: DataConfig, encoder_decoder: bool, batch: int) -> dict[str, tuple[int, ...]]:
     src, tgt = data.max_source_len, data.max_target_len
     if encoder_decoder:
-        shapes = {"input_ids": (batch, src), "attention_mask": (batch, src), "decoder_input_ids": (batch, tgt),
-                  "labels": (batch, tgt)}
+        shapes: dict[str, tuple[int, ...]] = {"input_ids": (batch, src), "attention_mask": (batch, src),
+                                              "decoder_input_ids": (batch, tgt), "labels": (batch, tgt)}
         if data.packing:  # a packed row is full: max_source_len tokens of text, and its 4-D masks are traced
             shapes.update(segment_ids=(batch, src), decoder_segment_ids=(batch, tgt))
         return shapes

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fsdp_kit.rehearse.network import NodeNetwork, NoNetwork, add_hosts_lines, remove_hosts_lines, why_not
 
@@ -117,7 +118,7 @@ class SlurmClient:
         self.conf = conf
 
     def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
-            **kwargs) -> subprocess.CompletedProcess:
+            **kwargs: Any) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster; ``env`` adds to this process's environment."""
         return subprocess.run(list(args), capture_output=True, text=True, check=check,
                               env={**os.environ, **(env or {}), "SLURM_CONF": str(self.conf)}, **kwargs)
@@ -181,6 +182,7 @@ class LocalSlurm(SlurmClient):
         self._daemon("slurmctld", ["slurmctld", "-f", str(self.conf), "-c"])
         self._daemon(f"slurmd.{self.host}", ["slurmd", "-f", str(self.conf), "-N", self.host])
         for node in self.nodes:
+            assert self.network is not None  # nodes come from the network
             self._daemon(f"slurmd.{node}", self.network.in_node(node, f"exec slurmd -f {self.conf} -N {node}"))
         self._wait_for_idle_node()
         return self

@@ -58,7 +58,7 @@ def install() -> None:
         write({"kind": "step", "step": self.state.step + 1, "seconds": time.perf_counter() - begin})
         return result
 
-    Trainer._train_step = timed_train_step
+    Trainer._train_step = timed_train_step  # type: ignore[method-assign]  # the probe wraps the step, by design
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -126,7 +126,7 @@ class Trainer:
                 if self._probe is not None and self._probe.done:
                     self._check_precision()
                 self.state.step += 1
-                self.state.samples_seen += (sum(packed) if packed[0] is not None
+                self.state.samples_seen += (sum(pairs or 0 for pairs in packed) if packed[0] is not None
                                             else self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size)
                 step = self.state.step
                 if self.nonfinite_streak:
