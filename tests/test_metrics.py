@@ -10,7 +10,8 @@ import torch
 from helpers import job, run_ranks, train
 
 import fsdp_kit.metrics.flops as flops_module
-from fsdp_kit.metrics.flops import FlopCounter, t5_closed_form_flops
+from fsdp_kit.metrics.closed_form import t5_closed_form_flops
+from fsdp_kit.metrics.flops import FlopCounter
 from fsdp_kit.metrics.peak import peak_tflops
 from fsdp_kit.models.build import hf_config
 

@@ -53,8 +53,8 @@ def test_a_hybrid_shard_group_keeps_spanning_one_node_and_pretrained_weights_bec
 
 
 def test_a_family_without_a_tiny_preset_is_refused():
-    job = compose_job([*JOB, "model.arch=bart"])
-    with pytest.raises(ConfigError, match=r"model\.arch=.bart. has no tiny preset to rehearse with"):
+    job = compose_job([*JOB, "model.arch=mistral"])
+    with pytest.raises(ConfigError, match=r"model\.arch=.mistral. has no tiny preset to rehearse with"):
         scale_down(job, SMALL)
 
 
