@@ -21,7 +21,9 @@ class DistConfig:
     backend: str | None = None
     """null picks nccl on GPU, gloo on CPU."""
     timeout_s: int = 600
-    """Collective timeout."""
+    """Collective timeout, for every process group of the job (the sharding mesh's, the checkpoint's and the
+    preemption flag's too): a collective whose peer or network stopped answering fails after this long, and
+    under torchrun (--max-restarts) the workers restart from the newest checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,21 @@ def detect() -> Runtime:
     return Runtime(rank, world_size, local_rank, local_world_size, device)
 
 
+def group_timeout(seconds: float | None) -> datetime.timedelta | None:
+    """The timeout to give a new process group: torch gives one made without it 30 minutes (gloo), whatever the
+    default group has."""
+    return datetime.timedelta(seconds=seconds) if seconds is not None else None
+
+
+def _apply_timeout(mesh: DeviceMesh, timeout: datetime.timedelta) -> None:
+    """Give the mesh's own groups (hybrid sharding's shard and replica groups) the job's collective timeout; torch
+    makes them with its default (30 minutes for gloo) and has no public way to pass one for every backend."""
+    from torch.distributed import distributed_c10d
+
+    for group in mesh.get_all_groups():
+        distributed_c10d._set_pg_timeout(timeout, group)
+
+
 @contextmanager
 def session(runtime: Runtime, cfg: DistConfig, sharding: ShardingConfig) -> Iterator[DistEnv]:
     """Start the process group and mesh; tear the group down on exit, also on errors."""
@@ -100,6 +117,8 @@ def session(runtime: Runtime, cfg: DistConfig, sharding: ShardingConfig) -> Iter
     try:
         shape, names = mesh_layout(sharding, runtime.world_size, runtime.local_world_size)
         mesh = init_device_mesh(runtime.device_type, shape, mesh_dim_names=names)
+        if runtime.world_size > 1:
+            _apply_timeout(mesh, timeout)
         yield DistEnv(runtime.rank, runtime.world_size, runtime.local_rank, runtime.local_world_size,
                       runtime.device, mesh)
     finally:

@@ -96,7 +96,8 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
             grad_scaler = torch.amp.GradScaler(env.device_type) if needs_grad_scaler(job.precision) else None
             identity = replace(identity, training={**identity.training,  # the batch the search found, if any
                                                    "trained": trained_settings(job, env.world_size)})
-            checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity, log=reporter.info)
+            checkpoints = Manager(job.checkpoint, run_dir, env.rank, env.world_size, identity, log=reporter.info,
+                                  timeout_s=job.dist.timeout_s)
             resumed = checkpoints.check_resume()  # refused before resolved_config.yaml is written
             if env.is_main:
                 _write_resolved_config(run_dir, to_yaml(job), resumed[1].get("step") if resumed else None)
