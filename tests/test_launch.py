@@ -239,8 +239,8 @@ def test_sbatch_requeues_at_most_max_requeues_and_never_with_requeue_false(tmp_p
 
 
 def _timed_out_groups(cfg) -> list[str]:
-    """On 4 ranks (2 x 2 hybrid): ranks 2 and 3 stay out of one collective on each group besides the default one
-    (hybrid sharding's replica group, the preemption flag's, the checkpoint's); rank 0 says which of them gave up
+    """On 4 ranks (2 x 2 hybrid): ranks 2 and 3 stay out of one collective on each group (hybrid sharding's
+    replica group, the preemption flag's, the checkpoint's, the default group); rank 0 says which of them gave up
     after dist.timeout_s (not when the others left)."""
     import time
 
@@ -255,7 +255,7 @@ def _timed_out_groups(cfg) -> list[str]:
         manager = Manager(cfg.checkpoint, cfg.run_dir, env.rank, env.world_size, RunIdentity("m", {}, "t", {}),
                           timeout_s=cfg.dist.timeout_s)
         groups = {"replica": env.mesh.get_group("replicate"), "preemption": manager.flag._group,
-                  "checkpoint": manager._cpu_group()}
+                  "checkpoint": manager._cpu_group(), "default": dist.group.WORLD}  # formed with a longer timeout
         for name, group in groups.items():
             if env.rank < 2:
                 started = time.monotonic()
@@ -264,7 +264,7 @@ def _timed_out_groups(cfg) -> list[str]:
                 except RuntimeError:
                     failed.append(f"{name} {time.monotonic() - started < cfg.dist.timeout_s + 1.5}")
         if env.rank >= 2:
-            time.sleep(3 * cfg.dist.timeout_s + 3)  # longer than rank 0's three timeouts
+            time.sleep(4 * cfg.dist.timeout_s + 3)  # longer than rank 0's three timeouts
         return failed
 
 
@@ -275,4 +275,4 @@ def test_dist_timeout_s_bounds_every_group_of_the_job(tmp_path):
 
     cfg = job(tmp_path, "sharding=hybrid_shard", "sharding.shard_group_size=2", "dist.timeout_s=1")
     assert run_ranks(_timed_out_groups, 4, cfg, timeout=60)[0] == ["replica True", "preemption True",
-                                                                    "checkpoint True"]
+                                                                    "checkpoint True", "default True"]

@@ -80,7 +80,9 @@ def describe(failure: ProcessFailure, rank: int, run_dir: Path | None, since: fl
         return f"saved for preemption (exit {code})"
     error = _last_error(stderr)
     if re.search(r"timed? ?out|timeout", error, re.IGNORECASE):
-        return f"exited {code}: collective timeout ({error})"
+        # The same words on every rank that waited (the exception differs: a send or a recv), so a node's ranks
+        # make one line; the exception is in the file the line names.
+        return f"exited {code}: collective timeout (a node or the network stopped answering for dist.timeout_s)"
     return f"exited {code}" + (f" ({error})" if error else "")
 
 
@@ -146,10 +148,15 @@ class Agent(LocalElasticAgent):
             after = f"no restarts left (slurm.max_restarts={spec.max_restarts}); the job is requeued"
         else:
             after = f"no restarts left (slurm.max_restarts={spec.max_restarts}); stopping"
+        alike: dict[str, list[tuple[int, ProcessFailure]]] = {}  # one line per cause: a lost network fails them all
         for (rank, failure), cause in zip(failures, causes):
-            log = stderrs.get(failure.local_rank)
-            where = f"; its output: {log}" if log and failure.exitcode != EXIT_REQUEUE else ""
-            _say(f"rank {rank} (local {failure.local_rank}) {cause}; {after}{where}")
+            alike.setdefault(cause, []).append((rank, failure))
+        for cause, ranks in alike.items():
+            logs = [stderrs[f.local_rank] for _, f in ranks if stderrs.get(f.local_rank) and f.exitcode != EXIT_REQUEUE]
+            where = f"; {'its' if len(ranks) == 1 else 'their'} output: {', '.join(logs)}" if logs else ""
+            who = (f"rank{'s' if len(ranks) > 1 else ''} {', '.join(str(rank) for rank, _ in ranks)} "
+                   f"(local {', '.join(str(f.local_rank) for _, f in ranks)})")
+            _say(f"{who} {cause}; {after}{where}")
         self._reported = True
 
 
