@@ -289,8 +289,11 @@ def _render_for_nodes(tmp_path: Path, name: str, layout: tuple[int, int], steps:
 
 
 def _submit(slurm: LocalSlurm, tmp_path: Path, script: Path, env: dict[str, str] | None) -> tuple[str, Path]:
-    """sbatch as a user does; the job id and where its run dir will be."""
-    result = slurm.run("sbatch", "--parsable", str(script), cwd=ROOT, env=env)
+    """sbatch as a user does; the job id and where its run dir will be. The last node is kept for the job that
+    loses its network (the link is the whole node's: other jobs there would lose theirs too)."""
+    spare = slurm.nodes[-1]
+    where = f"--nodelist={spare}" if script.stem == CUT_OFF else f"--exclude={spare}"
+    result = slurm.run("sbatch", "--parsable", where, str(script), cwd=ROOT, env=env)
     job_id = result.stdout.strip().split(";")[0]
     return job_id, tmp_path / "runs" / f"{script.stem}-{job_id}"
 
@@ -353,14 +356,25 @@ def batch(nodes: LocalSlurm, tmp_path_factory) -> Batch:
                                                                   f"sharding={strategy}", *every, *extra, fault=fault)
     rendered["stopped"] = _render_for_nodes(tmp_path, "stopped", (2, 1), FAULT_STEPS, *every, "slurm.max_restarts=0",
                                             fault="kill:1:3")
+    rendered[CUT_OFF] = _render_for_nodes(tmp_path, CUT_OFF, (2, 1), PREEMPT_STEPS, "sharding=hybrid_shard", *every,
+                                          f"dist.timeout_s={CUT_TIMEOUT_S}")
     jobs = {name: _submit(nodes, tmp_path, *args) for name, args in rendered.items()}
 
     def preempt(job_id: str, run_dir: Path, action: tuple[str, ...]) -> None:
         _wait_for_training(run_dir, timeout=240)
         nodes.run(*action, job_id, check=False)
 
+    def cut_off(run_dir: Path, node: str) -> None:
+        _wait_for_training(run_dir, timeout=240)
+        nodes.network.set_link(node, up=False)
+        try:
+            time.sleep(CUT_TIMEOUT_S + 3)
+        finally:
+            nodes.network.set_link(node, up=True)
+
     threads = [threading.Thread(target=preempt, args=(*jobs[_name(*key)], action), daemon=True)
                for key, action in PREEMPTED.items()]
+    threads.append(threading.Thread(target=cut_off, args=(jobs[CUT_OFF][1], nodes.nodes[-1]), daemon=True))
     for thread in threads:
         thread.start()
     yield Batch(tmp_path, jobs)
@@ -437,37 +451,18 @@ def test_preempted_multi_node_jobs_save_on_every_node_requeue_and_match_the_unin
         _assert_same(_losses(run_dir), losses, range(1, PREEMPT_STEPS + 1))
 
 
-@pytest.fixture(scope="module")
-def cut_off(batch: Batch, nodes: LocalSlurm) -> tuple[str, Path, str]:
-    """A 2-node hybrid_shard job (the replica all-reduce crosses nodes) whose second node loses its link for longer
-    than the collective timeout, once training runs. It runs alone, after the batch: the link is the whole node's, and
-    the other jobs' step launches and hang watchdogs would feel it too. The job id, run dir and the node cut off."""
-    for job_id, _ in list(batch.jobs.values()):
-        nodes.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
-    job_id, run_dir = _submit_on_nodes(nodes, batch.tmp_path, "cutoff-2x1", (2, 1), PREEMPT_STEPS,
-                                       "sharding=hybrid_shard", "checkpoint.every=2", "checkpoint.keep=10",
-                                       f"dist.timeout_s={CUT_TIMEOUT_S}")
-    _wait_for_training(run_dir)
-    allocated = nodes.run("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip()
-    node = nodes.run("scontrol", "show", "hostnames", allocated).stdout.split()[-1]
-    nodes.network.set_link(node, up=False)
-    try:
-        time.sleep(CUT_TIMEOUT_S + 3)
-    finally:
-        nodes.network.set_link(node, up=True)
-    return job_id, run_dir, node
-
-
-CUT_TIMEOUT_S = 5  # dist.timeout_s of the job whose node loses its network
+# The 2-node hybrid_shard job (its replica all-reduce crosses nodes) whose node loses its link for longer than its
+# collective timeout, once training runs; it has the cluster's last node to itself.
+CUT_OFF, CUT_TIMEOUT_S = "cutoff-2x1", 5
 
 
 @pytest.mark.slurm
-def test_a_node_that_loses_its_network_mid_step_costs_a_restart_in_place(cut_off, nodes, one_process_losses, batch):
+def test_a_node_that_loses_its_network_mid_step_costs_a_restart_in_place(batch, nodes, one_process_losses):
     """The link of one node of a 2-node job down for longer than dist.timeout_s, mid-step: the collectives time out
     on both nodes, every node restarts its workers in place, they resume from the newest complete checkpoint and end
     with the losses of the uninterrupted run. Each node says so in one line (node, rank, cause, what comes next)."""
-    job_id, run_dir, node = cut_off
-    log = _finished(nodes, batch.tmp_path, job_id, "cutoff-2x1")
+    (job_id, run_dir), node = batch.jobs[CUT_OFF], nodes.nodes[-1]
+    log = _finished(nodes, batch.tmp_path, job_id, CUT_OFF)
     _assert_same(_losses(run_dir), one_process_losses, range(1, PREEMPT_STEPS + 1))
     timed_out = [line for line in log.splitlines() if "collective timeout" in line]
     said = re.compile(rf"fsdp_kit: node {node}: rank [01] \(local 0\) exited 1: collective timeout \(a node or the "
