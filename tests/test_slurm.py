@@ -356,7 +356,7 @@ def batch(nodes: LocalSlurm, tmp_path_factory) -> Batch:
                                                                   f"sharding={strategy}", *every, *extra, fault=fault)
     rendered["stopped"] = _render_for_nodes(tmp_path, "stopped", (2, 1), FAULT_STEPS, *every, "slurm.max_restarts=0",
                                             fault="kill:1:3")
-    rendered[CUT_OFF] = _render_for_nodes(tmp_path, CUT_OFF, (2, 1), PREEMPT_STEPS, "sharding=hybrid_shard", *every,
+    rendered[CUT_OFF] = _render_for_nodes(tmp_path, CUT_OFF, (2, 2), PREEMPT_STEPS, "sharding=hybrid_shard", *every,
                                           f"dist.timeout_s={CUT_TIMEOUT_S}")
     jobs = {name: _submit(nodes, tmp_path, *args) for name, args in rendered.items()}
 
@@ -451,23 +451,25 @@ def test_preempted_multi_node_jobs_save_on_every_node_requeue_and_match_the_unin
         _assert_same(_losses(run_dir), losses, range(1, PREEMPT_STEPS + 1))
 
 
-# The 2-node hybrid_shard job (its replica all-reduce crosses nodes) whose node loses its link for longer than its
-# collective timeout, once training runs; it has the cluster's last node to itself.
-CUT_OFF, CUT_TIMEOUT_S = "cutoff-2x1", 5
+# The 2 x 2 hybrid_shard job (its replica all-reduces cross nodes, on groups of the mesh's own) whose node loses its
+# link for longer than its collective timeout, once training runs; it has the cluster's last node to itself.
+CUT_OFF, CUT_TIMEOUT_S = "cutoff-2x2", 5
 
 
 @pytest.mark.slurm
 def test_a_node_that_loses_its_network_mid_step_costs_a_restart_in_place(batch, nodes, one_process_losses):
-    """The link of one node of a 2-node job down for longer than dist.timeout_s, mid-step: the collectives time out
-    on both nodes, every node restarts its workers in place, they resume from the newest complete checkpoint and end
-    with the losses of the uninterrupted run. Each node says so in one line (node, rank, cause, what comes next)."""
+    """The link of one node of a 2 x 2 job down for longer than dist.timeout_s, mid-step: the collectives time out
+    on both nodes (also on hybrid sharding's own replica groups), every node restarts its workers in place, they
+    resume from the newest complete checkpoint and end with the losses of the uninterrupted run. Each node says so
+    in one line (node, ranks, cause, what comes next)."""
     (job_id, run_dir), node = batch.jobs[CUT_OFF], nodes.nodes[-1]
     log = _finished(nodes, batch.tmp_path, job_id, CUT_OFF)
     _assert_same(_losses(run_dir), one_process_losses, range(1, PREEMPT_STEPS + 1))
     timed_out = [line for line in log.splitlines() if "collective timeout" in line]
-    said = re.compile(rf"fsdp_kit: node {node}: rank [01] \(local 0\) exited 1: collective timeout \(a node or the "
-                      r"network stopped answering for dist.timeout_s\); restarting the workers of every node from the "
-                      r"newest checkpoint \(restart 1 of 3\); its output: \S+/stderr.log$")
+    said = re.compile(rf"fsdp_kit: node {node}: ranks? [0-3](, [0-3])? \(local [01](, 1)?\) exited 1: "
+                      r"collective timeout \(a node or the network stopped answering for dist.timeout_s\); restarting "
+                      r"the workers of every node from the newest checkpoint \(restart 1 of 3\); (its|their) output: "
+                      r"\S+/stderr.log(, \S+)?$")
     assert any(said.match(line) for line in timed_out), log
     assert len(timed_out) <= 2 and "resuming from" in log, log[-4000:]  # one line per node, at most
     assert "Traceback" not in log and "frame #" not in log, log[-4000:]
