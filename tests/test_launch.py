@@ -206,7 +206,11 @@ def test_a_control_character_in_the_slurm_launcher_settings_stops_the_sweep(tmp_
 
 
 def test_torchrun_wrapper_requeues_when_one_trainer_asks_and_the_rest_are_torn_down():
-    from fsdp_kit.launch.torchrun import asks_for_requeue
+    from fsdp_kit.launch.torchrun import asks_for_requeue, torn_down
+
+    # the workers torchrun stopped itself (SIGTERM) after one failed get no line of their own
+    assert torn_down([1, -15]) == [False, True] and torn_down([-9, -15, -15]) == [False, True, True]
+    assert torn_down([-15, -15]) == [False, False] and torn_down([75, 1]) == [False, False]
 
     assert asks_for_requeue([75, 75])
     assert asks_for_requeue([75, -15])  # the watchdog fired on one rank; torchrun stopped the other

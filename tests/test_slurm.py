@@ -431,6 +431,7 @@ def test_a_killed_or_hung_rank_costs_a_restart_in_place_and_a_bounded_job_stops_
     assert "rank 1 (local 0) was killed by SIGKILL; no restarts left (slurm.max_restarts=0); stopping" in log, log
     for text in (killed, hung, log):
         assert "Traceback" not in text and "frame #" not in text, text[-4000:]
+    assert "killed by SIGTERM" not in killed, killed[-4000:]  # its peers, stopped by torchrun, are no failure
 
 
 @pytest.mark.slurm
@@ -472,4 +473,5 @@ def test_a_node_that_loses_its_network_mid_step_costs_a_restart_in_place(batch, 
                       r"\S+/stderr.log(, \S+)?$")
     assert any(said.match(line) for line in timed_out), log
     assert len(timed_out) <= 2 and "resuming from" in log, log[-4000:]  # one line per node, at most
+    assert "killed by SIGTERM" not in log, log[-4000:]  # the ranks torchrun stopped itself are no failure of their own
     assert "Traceback" not in log and "frame #" not in log, log[-4000:]

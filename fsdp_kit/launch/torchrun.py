@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -86,6 +87,15 @@ def describe(failure: ProcessFailure, rank: int, run_dir: Path | None, since: fl
     return f"exited {code}" + (f" ({error})" if error else "")
 
 
+def torn_down(exit_codes: list[int]) -> list[bool]:
+    """Which failures are torchrun's own teardown: once one worker of a node failed, torchrun stops the others with
+    SIGTERM and lists them as failed too. They are no cause of their own (unless SIGTERM is all there is)."""
+    teardown = -signal.SIGTERM
+    if all(code == teardown for code in exit_codes):
+        return [False] * len(exit_codes)
+    return [code == teardown for code in exit_codes]
+
+
 def is_preemption(codes: list[int], causes: list[str], marker_left: bool = False) -> bool:
     """The trainers saved for a preemption: requeue the job, never restart in place. Either every failed trainer
     exited EXIT_REQUEUE after a save, or rank 0 left the run dir's ``preempted`` marker during this attempt (it
@@ -132,6 +142,8 @@ class Agent(LocalElasticAgent):
         run_dir = logs.parent if logs.name == TORCHRUN_LOGS else None  # the sbatch template's --log-dir
         stderrs = getattr(self._pcontext, "stderrs", {}) or {}
         failures = sorted(result.failures.items(), key=lambda item: item[1].timestamp)
+        stopped = torn_down([failure.exitcode for _, failure in failures])
+        failures = [item for item, by_torchrun in zip(failures, stopped) if not by_torchrun]
         causes = [describe(f, rank, run_dir, self._attempt_started, stderrs.get(f.local_rank)) for rank, f in failures]
         spec = worker_group.spec
         marker = run_dir / PREEMPTED_MARKER if run_dir else None
