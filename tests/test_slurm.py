@@ -467,7 +467,7 @@ def test_a_node_that_loses_its_network_mid_step_costs_a_restart_in_place(batch, 
     log = _finished(nodes, batch.tmp_path, job_id, CUT_OFF)
     _assert_same(_losses(run_dir), one_process_losses, range(1, PREEMPT_STEPS + 1))
     timed_out = [line for line in log.splitlines() if "collective timeout" in line]
-    said = re.compile(rf"fsdp_kit: node {node}: ranks? [0-3](, [0-3])? \(local [01](, 1)?\) exited 1: "
+    said = re.compile(rf"fsdp_kit: node {node}: ranks? [0-3](, [0-3])? \(local [01](, [01])?\) exited 1: "
                       r"collective timeout \(a node or the network stopped answering for dist.timeout_s\); restarting "
                       r"the workers of every node from the newest checkpoint \(restart 1 of 3\); (its|their) output: "
                       r"\S+/stderr.log(, \S+)?$")
