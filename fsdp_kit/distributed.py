@@ -23,7 +23,10 @@ class DistConfig:
     backend: str | None = None
     """null picks nccl on GPU, gloo on CPU."""
     timeout_s: int = 600
-    """Collective timeout."""
+    """Collective timeout, for every process group of the job (the sharding mesh's, the checkpoint's and the
+    preemption flag's too): a collective whose peer or network stopped answering fails after this long, and
+    under torchrun (--max-restarts) the workers restart from the newest checkpoint. Joining the group at start-up
+    waits at least JOIN_TIMEOUT_S for the slowest process."""
 
     def check(self, prefix: str = "dist.") -> None:
         """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
@@ -83,6 +86,27 @@ def detect() -> Runtime:
     return Runtime(rank, world_size, local_rank, local_world_size, device)
 
 
+# Forming the group waits for the last process to start (imports, a container, a node booting), which can take far
+# longer than any collective should.
+JOIN_TIMEOUT_S = 600
+
+
+def group_timeout(seconds: float | None) -> datetime.timedelta | None:
+    """The timeout to give a new process group: torch gives one made without it 30 minutes (gloo), whatever the
+    default group has."""
+    return datetime.timedelta(seconds=seconds) if seconds is not None else None
+
+
+def _apply_timeout(groups: list, timeout: datetime.timedelta) -> None:
+    """Give ``groups`` the job's collective timeout: the default group was formed with JOIN_TIMEOUT_S, the mesh's own
+    (hybrid sharding's shard and replica groups) with torch's default (30 minutes for gloo); torch has no public way
+    to pass one for every backend."""
+    from torch.distributed import distributed_c10d
+
+    for group in groups:
+        distributed_c10d._set_pg_timeout(timeout, group)
+
+
 @contextmanager
 def session(runtime: Runtime, cfg: DistConfig, sharding: ShardingConfig) -> Iterator[DistEnv]:
     """Start the process group and mesh; tear the group down on exit, also on errors."""
@@ -94,18 +118,21 @@ def session(runtime: Runtime, cfg: DistConfig, sharding: ShardingConfig) -> Iter
 
     backend = cfg.backend or ("nccl" if runtime.device_type == "cuda" else "gloo")
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    join = datetime.timedelta(seconds=max(cfg.timeout_s, JOIN_TIMEOUT_S))
     if runtime.device_type == "cuda":
         torch.cuda.set_device(runtime.device)
     started_here = not dist.is_initialized()
     if started_here:
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=runtime.rank, world_size=runtime.world_size, timeout=timeout,
+            dist.init_process_group(backend, rank=runtime.rank, world_size=runtime.world_size, timeout=join,
                                     device_id=runtime.device if backend == "nccl" else None)
         else:  # a plain `python -m fsdp_kit.train`: a group of one, no rendezvous needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     try:
         shape, names = mesh_layout(sharding, runtime.world_size, runtime.local_world_size)
         mesh = init_device_mesh(runtime.device_type, shape, mesh_dim_names=names)
+        if runtime.world_size > 1:
+            _apply_timeout([*([dist.group.WORLD] if started_here else []), *mesh.get_all_groups()], timeout)
         yield DistEnv(runtime.rank, runtime.world_size, runtime.local_rank, runtime.local_world_size,
                       runtime.device, mesh)
     finally:

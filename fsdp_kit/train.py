@@ -109,7 +109,7 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
             identity = replace(identity, training={**identity.training,  # the batch the search found, if any
                                                    "trained": trained_settings(job, env.world_size)})
             checkpoints = CheckpointManager(job.checkpoint, run_dir, env.rank, env.world_size, identity,
-                                            log=reporter.info)
+                                            log=reporter.info, timeout_s=job.dist.timeout_s)
             resumed = checkpoints.check_resume()  # refused before resolved_config.yaml is written
             if env.is_main:
                 _write_resolved_config(run_dir, to_yaml(job), resumed[1].get("step") if resumed else None)

@@ -56,8 +56,9 @@ def _slurm_tests_in_one_file_first(config: pytest.Config, items: list[pytest.Ite
         items.sort(key=rank)  # stable: within a file and among the rest, collection order
 
 
-# Namespaced nodes beside this machine's (fsdp_kit/rehearse/network.py): the multi-node tests use up to 3.
-MULTINODE_NODES = 3
+# Namespaced nodes beside this machine's (fsdp_kit/rehearse/network.py): the multi-node tests use up to 3, and a 4th
+# for the job whose node loses its network.
+MULTINODE_NODES = 4
 
 
 @pytest.fixture(scope="session")

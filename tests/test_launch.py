@@ -207,7 +207,11 @@ def test_a_control_character_in_the_slurm_launcher_settings_stops_the_sweep(tmp_
 
 
 def test_torchrun_wrapper_requeues_when_one_trainer_asks_and_the_rest_are_torn_down():
-    from fsdp_kit.launch.torchrun import asks_for_requeue
+    from fsdp_kit.launch.torchrun import asks_for_requeue, torn_down
+
+    # the workers torchrun stopped itself (SIGTERM) after one failed get no line of their own
+    assert torn_down([1, -15]) == [False, True] and torn_down([-9, -15, -15]) == [False, True, True]
+    assert torn_down([-15, -15]) == [False, False] and torn_down([75, 1]) == [False, False]
 
     assert asks_for_requeue([75, 75])
     assert asks_for_requeue([75, -15])  # the watchdog fired on one rank; torchrun stopped the other
@@ -237,3 +241,43 @@ def test_sbatch_requeues_at_most_max_requeues_and_never_with_requeue_false(tmp_p
         assert result.returncode == (0 if requeued else EXIT_REQUEUE), result.stdout
         assert ("requeue\x007\x00" in (tmp_path / "logs" / "scontrol").read_text()) == requeued
         assert "--max-restarts=5" in (tmp_path / "logs" / "srun").read_text().split("\0")
+
+
+def _timed_out_groups(cfg) -> list[str]:
+    """On 4 ranks (2 x 2 hybrid): ranks 2 and 3 stay out of one collective on each group (hybrid sharding's
+    replica group, the preemption flag's, the checkpoint's, the default group); rank 0 says which of them gave up
+    after dist.timeout_s (not when the others left)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from fsdp_kit import distributed
+    from fsdp_kit.checkpoint import Manager, RunIdentity
+
+    failed = []
+    with distributed.session(distributed.detect(), cfg.dist, cfg.sharding) as env:
+        manager = Manager(cfg.checkpoint, cfg.run_dir, env.rank, env.world_size, RunIdentity("m", {}, "t", {}),
+                          timeout_s=cfg.dist.timeout_s)
+        groups = {"replica": env.mesh.get_group("replicate"), "preemption": manager.flag._group,
+                  "checkpoint": manager._cpu_group(), "default": dist.group.WORLD}  # formed with a longer timeout
+        for name, group in groups.items():
+            if env.rank < 2:
+                started = time.monotonic()
+                try:
+                    dist.all_reduce(torch.ones(1), group=group)
+                except RuntimeError:
+                    failed.append(f"{name} {time.monotonic() - started < cfg.dist.timeout_s + 1.5}")
+        if env.rank >= 2:
+            time.sleep(4 * cfg.dist.timeout_s + 3)  # longer than rank 0's three timeouts
+        return failed
+
+
+def test_dist_timeout_s_bounds_every_group_of_the_job(tmp_path):
+    """dist.timeout_s reaches the groups torch makes with its own 30-minute default: a collective whose peer or
+    network stopped answering fails after dist.timeout_s there too (then torchrun restarts the workers)."""
+    from helpers import job, run_ranks
+
+    cfg = job(tmp_path, "sharding=hybrid_shard", "sharding.shard_group_size=2", "dist.timeout_s=1")
+    assert run_ranks(_timed_out_groups, 4, cfg, timeout=60)[0] == ["replica True", "preemption True",
+                                                                    "checkpoint True", "default True"]

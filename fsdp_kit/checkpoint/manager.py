@@ -44,6 +44,7 @@ from fsdp_kit.checkpoint.marker import MARKER, marker_text, read_marker
 from fsdp_kit.checkpoint.preemption import PreemptionFlag
 from fsdp_kit.checkpoint.state import TrainState, load_rng, save_rng
 from fsdp_kit.checkpoint.timeline import complete_checkpoints, move_aside, next_seq, prune_plan, resume_source
+from fsdp_kit.distributed import group_timeout
 from fsdp_kit.errors import CheckpointError, first_line
 from fsdp_kit.torch_private import CHECKPOINT_WRAPPER_PREFIX
 
@@ -107,10 +108,13 @@ def corrupt_error(source: Path, bad: list[str]) -> CheckpointError:
 
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, run_dir: str | Path, rank: int, world_size: int,
-                 identity: RunIdentity, log: Callable[[str], None] | None = None) -> None:
+                 identity: RunIdentity, log: Callable[[str], None] | None = None,
+                 timeout_s: float | None = None) -> None:
+        """``timeout_s``: the job's collective timeout (dist.timeout_s), for the gloo groups made here."""
         self.cfg, self.rank, self.world_size, self.identity = cfg, rank, world_size, identity
         self.root = Path(run_dir) / "checkpoints"
-        self.flag = PreemptionFlag(world_size)
+        self.timeout_s = timeout_s
+        self.flag = PreemptionFlag(world_size, timeout_s)
         self._log = log or (lambda message: None)
         self._async_group = None
         self._restored: Path | None = None
@@ -361,7 +365,7 @@ class CheckpointManager:
     def _cpu_group(self) -> Any:
         """A gloo group of its own: the background save's collectives must never interleave with training's."""
         if self.world_size > 1 and self._async_group is None:
-            self._async_group = dist.new_group(backend="gloo")
+            self._async_group = dist.new_group(backend="gloo", timeout=group_timeout(self.timeout_s))
         return self._async_group
 
     def _barrier(self) -> None:

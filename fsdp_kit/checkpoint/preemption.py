@@ -28,7 +28,8 @@ PREEMPTED_MARKER = "preempted"
 
 
 class PreemptionFlag:
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, timeout_s: float | None = None) -> None:
+        """``timeout_s``: the job's collective timeout (dist.timeout_s); None: torch's default for new groups."""
         self.world_size = world_size
         self.received: int | None = None
         self._group = None
@@ -36,9 +37,11 @@ class PreemptionFlag:
         if world_size > 1:
             import torch.distributed as dist  # late: launch/ imports this module's exit codes without torch
 
+            from fsdp_kit.distributed import group_timeout
+
             # Its own gloo group: agreeing on the flag must not wait on (or sync) the GPU stream, nor queue
             # behind (or ahead of) training's collectives.
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo", timeout=group_timeout(timeout_s))
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
@@ -80,3 +83,4 @@ class PreemptionFlag:
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
+

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -81,8 +82,19 @@ def describe(failure: ProcessFailure, rank: int, run_dir: Path | None, since: fl
         return f"saved for preemption (exit {code})"
     error = _last_error(stderr)
     if re.search(r"timed? ?out|timeout", error, re.IGNORECASE):
-        return f"exited {code}: collective timeout ({error})"
+        # The same words on every rank that waited (the exception differs: a send or a recv), so a node's ranks
+        # make one line; the exception is in the file the line names.
+        return f"exited {code}: collective timeout (a node or the network stopped answering for dist.timeout_s)"
     return f"exited {code}" + (f" ({error})" if error else "")
+
+
+def torn_down(exit_codes: list[int]) -> list[bool]:
+    """Which failures are torchrun's own teardown: once one worker of a node failed, torchrun stops the others with
+    SIGTERM and lists them as failed too. They are no cause of their own (unless SIGTERM is all there is)."""
+    teardown = -signal.SIGTERM
+    if all(code == teardown for code in exit_codes):
+        return [False] * len(exit_codes)
+    return [code == teardown for code in exit_codes]
 
 
 def is_preemption(codes: list[int], causes: list[str], marker_left: bool = False) -> bool:
@@ -131,6 +143,8 @@ class Agent(LocalElasticAgent):
         run_dir = logs.parent if logs.name == TORCHRUN_LOGS else None  # the sbatch template's --log-dir
         stderrs = getattr(self._pcontext, "stderrs", {}) or {}
         failures = sorted(result.failures.items(), key=lambda item: item[1].timestamp)
+        stopped = torn_down([failure.exitcode for _, failure in failures])
+        failures = [item for item, by_torchrun in zip(failures, stopped) if not by_torchrun]
         causes = [describe(f, rank, run_dir, self._attempt_started, stderrs.get(f.local_rank)) for rank, f in failures]
         spec = worker_group.spec
         marker = run_dir / PREEMPTED_MARKER if run_dir else None
@@ -147,10 +161,15 @@ class Agent(LocalElasticAgent):
             after = f"no restarts left (slurm.max_restarts={spec.max_restarts}); the job is requeued"
         else:
             after = f"no restarts left (slurm.max_restarts={spec.max_restarts}); stopping"
+        alike: dict[str, list[tuple[int, ProcessFailure]]] = {}  # one line per cause: a lost network fails them all
         for (rank, failure), cause in zip(failures, causes):
-            log = stderrs.get(failure.local_rank)
-            where = f"; its output: {log}" if log and failure.exitcode != EXIT_REQUEUE else ""
-            _say(f"rank {rank} (local {failure.local_rank}) {cause}; {after}{where}")
+            alike.setdefault(cause, []).append((rank, failure))
+        for cause, ranks in alike.items():
+            logs = [stderrs[f.local_rank] for _, f in ranks if stderrs.get(f.local_rank) and f.exitcode != EXIT_REQUEUE]
+            where = f"; {'its' if len(ranks) == 1 else 'their'} output: {', '.join(logs)}" if logs else ""
+            who = (f"rank{'s' if len(ranks) > 1 else ''} {', '.join(str(rank) for rank, _ in ranks)} "
+                   f"(local {', '.join(str(f.local_rank) for _, f in ranks)})")
+            _say(f"{who} {cause}; {after}{where}")
         self._reported = True
 
 
