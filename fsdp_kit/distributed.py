@@ -101,10 +101,10 @@ def _apply_timeout(groups: list, timeout: datetime.timedelta) -> None:
     """Give ``groups`` the job's collective timeout: the default group was formed with JOIN_TIMEOUT_S, the mesh's own
     (hybrid sharding's shard and replica groups) with torch's default (30 minutes for gloo); torch has no public way
     to pass one for every backend."""
-    from torch.distributed import distributed_c10d
+    from fsdp_kit.torch_private import set_group_timeout  # late: this module stays light for config paths
 
     for group in groups:
-        distributed_c10d._set_pg_timeout(timeout, group)
+        set_group_timeout(group, timeout)
 
 
 @contextmanager

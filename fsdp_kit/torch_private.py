@@ -13,6 +13,7 @@ those methods still exist.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch._ops import OpOverload
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed import distributed_c10d
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     CheckpointWrapper,
@@ -122,3 +124,9 @@ def set_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> N
 def set_reported_lr(schedule: torch.optim.lr_scheduler.LRScheduler, lrs: list[float]) -> None:
     """Make ``schedule.get_last_lr()`` report ``lrs`` (after the learning rates were set by hand)."""
     schedule._last_lr = list(lrs)
+
+
+def set_group_timeout(group: distributed_c10d.ProcessGroup, timeout: datetime.timedelta) -> None:
+    """Give an existing process group ``timeout`` for its collectives (torch has no public way for every backend:
+    a DeviceMesh makes its groups with torch's default, 30 minutes for gloo)."""
+    distributed_c10d._set_pg_timeout(timeout, group)

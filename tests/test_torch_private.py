@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import time
 
 import pytest
 import torch
@@ -146,3 +148,26 @@ def test_cuda_memory_history_is_recorded_and_dumped(tmp_path):
 def test_the_elastic_agent_methods_launch_torchrun_overrides_still_exist():
     for name in ("_start_workers", "_restart_workers", "_monitor_workers"):
         assert callable(getattr(LocalElasticAgent, name)), name
+
+
+def _timed_out_after() -> float | None:
+    """Rank 0 waits in a collective of a group made with torch's default timeout, then given 1 s; rank 1 stays
+    away: how long rank 0 waited before the collective failed (None: it did not fail)."""
+    dist.init_process_group("gloo")
+    group = dist.new_group([0, 1])
+    tp.set_group_timeout(group, datetime.timedelta(seconds=1))
+    waited = None
+    if dist.get_rank() == 0:
+        started = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1), group=group)
+        except RuntimeError:
+            waited = time.monotonic() - started
+    else:
+        time.sleep(8)  # then its exit would end rank 0's wait too: the bound below must come from the timeout
+    return waited
+
+
+def test_set_group_timeout_bounds_a_collective_of_an_existing_group():
+    waited = run_ranks(_timed_out_after, 2, timeout=60)[0]
+    assert waited is not None and waited < 5, waited
