@@ -165,8 +165,9 @@ class Agent(LocalElasticAgent):
         for (rank, failure), cause in zip(failures, causes):
             alike.setdefault(cause, []).append((rank, failure))
         for cause, ranks in alike.items():
-            logs = [stderrs[f.local_rank] for _, f in ranks if stderrs.get(f.local_rank) and f.exitcode != EXIT_REQUEUE]
-            where = f"; {'its' if len(ranks) == 1 else 'their'} output: {', '.join(logs)}" if logs else ""
+            outputs = [str(stderrs[f.local_rank]) for _, f in ranks
+                       if stderrs.get(f.local_rank) and f.exitcode != EXIT_REQUEUE]
+            where = f"; {'its' if len(ranks) == 1 else 'their'} output: {', '.join(outputs)}" if outputs else ""
             who = (f"rank{'s' if len(ranks) > 1 else ''} {', '.join(str(rank) for rank, _ in ranks)} "
                    f"(local {', '.join(str(f.local_rank) for _, f in ranks)})")
             _say(f"{who} {cause}; {after}{where}")
