@@ -37,8 +37,10 @@ def check_fields(cfg: Any, prefix: str, rules: Mapping[str, str], off_hints: Map
         if not test(value):
             key = f"{prefix}{name}"
             hint = (off_hints or {}).get(name, "")
-            raise ConfigError(f"{key}={value} must be {bound}{hint}",
-                              f"pass {key}=<a number {bound}>" if rule != "port" else f"pass {key}=<1-65535>")
+            raise ConfigError(
+                f"{key}={value} must be {bound}{hint}",
+                f"pass {key}=<a number {bound}>" if rule != "port" else f"pass {key}=<1-65535>",
+            )
 
 
 def check_finite(node: Any, prefix: str) -> None:
@@ -53,8 +55,9 @@ def check_finite(node: Any, prefix: str) -> None:
     elif isinstance(node, (list, tuple)):
         for value in node:
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{prefix}={list(node)} holds {value}, not a finite number",
-                                  f"pass {prefix}=[<finite numbers>]")
+                raise ConfigError(
+                    f"{prefix}={list(node)} holds {value}, not a finite number", f"pass {prefix}=[<finite numbers>]"
+                )
             check_finite(value, prefix)
     elif isinstance(node, float) and not math.isfinite(node):
         raise ConfigError(f"{prefix}={node} is not a finite number", f"pass {prefix}=<a finite number>")

@@ -83,11 +83,16 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         path = Path(given)
         if not path.is_dir():
             raise ConfigError(f"{given} is not a folder", "pass run dirs (holding metrics.jsonl) or a multirun folder")
-        found = [path] if (path / METRICS_FILE).is_file() else sorted(
-            (p.parent for p in path.rglob(METRICS_FILE)), key=_natural)
+        found = (
+            [path]
+            if (path / METRICS_FILE).is_file()
+            else sorted((p.parent for p in path.rglob(METRICS_FILE)), key=_natural)
+        )
         if not found:
-            raise ConfigError(f"{given} holds no {METRICS_FILE} (neither a run dir nor a folder of runs)",
-                              "pass the run dir a training wrote, or a Hydra multirun folder")
+            raise ConfigError(
+                f"{given} holds no {METRICS_FILE} (neither a run dir nor a folder of runs)",
+                "pass the run dir a training wrote, or a Hydra multirun folder",
+            )
         runs += [run for run in found if run not in runs]
     return runs
 
@@ -104,8 +109,10 @@ def _read_text(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{file} is not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})",
-                          f"{_NOT_A_RUN_FILE}; this file was damaged or replaced") from err
+        raise ConfigError(
+            f"{file} is not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})",
+            f"{_NOT_A_RUN_FILE}; this file was damaged or replaced",
+        ) from err
     except OSError as err:
         raise ConfigError(f"{file} cannot be read ({err.strerror})", f"{_NOT_A_RUN_FILE} that you can read") from err
 
@@ -118,13 +125,16 @@ def _record(file: Path, number: int, line: str) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{where} is not JSON ({err.msg})",
-                          f"{_NOT_A_RUN_FILE} (a run still writing may end mid-line)") from err
+        raise ConfigError(
+            f"{where} is not JSON ({err.msg})", f"{_NOT_A_RUN_FILE} (a run still writing may end mid-line)"
+        ) from err
     if not isinstance(record, dict):
-        raise ConfigError(f"{where} is JSON but not a record ({type(record).__name__}, not an object)",
-                          _NOT_A_RUN_FILE)
-    if (not record.get("summary") and ("loss" in record or "eval_loss" in record)
-            and not isinstance(record.get("step"), int)):
+        raise ConfigError(f"{where} is JSON but not a record ({type(record).__name__}, not an object)", _NOT_A_RUN_FILE)
+    if (
+        not record.get("summary")
+        and ("loss" in record or "eval_loss" in record)
+        and not isinstance(record.get("step"), int)
+    ):
         raise ConfigError(f"{where} has a loss but no integer step", _NOT_A_RUN_FILE)
     return record
 
@@ -156,13 +166,17 @@ def _load_config(file: Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{file} is not valid YAML{where} ({getattr(err, 'problem', None) or first_line(err)})",
-                          "restore the file the run wrote, or delete it to compare without config keys") from err
+        raise ConfigError(
+            f"{file} is not valid YAML{where} ({getattr(err, 'problem', None) or first_line(err)})",
+            "restore the file the run wrote, or delete it to compare without config keys",
+        ) from err
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{file} holds a {type(tree).__name__}, not a config",
-                          "restore the file the run wrote, or delete it to compare without config keys")
+        raise ConfigError(
+            f"{file} holds a {type(tree).__name__}, not a config",
+            "restore the file the run wrote, or delete it to compare without config keys",
+        )
     return tree
 
 
@@ -205,16 +219,33 @@ def _names(runs: list[Run]) -> list[str]:
 
 def markdown_table(runs: list[Run]) -> str:
     diffs = differing_keys(runs)
-    header = ["run", "status", "final loss", "eval loss", "exact match", "TFLOPS/GPU", "tokens/s", "peak mem GB",
-              *diffs]
+    header = [
+        "run",
+        "status",
+        "final loss",
+        "eval loss",
+        "exact match",
+        "TFLOPS/GPU",
+        "tokens/s",
+        "peak mem GB",
+        *diffs,
+    ]
     rows = []
     for name, run in zip(_names(runs), runs):
         final_loss = run.train[-1]["loss"] if run.train else None
         # rates over the whole run come from its summary only: one log window's are not the run's
         rates = [_cell(run.summary.get(key)) for key in ("tflops_per_gpu", "tokens_per_s", "peak_mem_gb")]
-        rows.append([name, run.status(), _cell(final_loss), _cell(run.latest("eval_loss", run.evals)),
-                     _cell(run.latest("exact_match", run.evals)), *rates,
-                     *(_cell(run.config.get(key)) for key in diffs)])
+        rows.append(
+            [
+                name,
+                run.status(),
+                _cell(final_loss),
+                _cell(run.latest("eval_loss", run.evals)),
+                _cell(run.latest("exact_match", run.evals)),
+                *rates,
+                *(_cell(run.config.get(key)) for key in diffs),
+            ]
+        )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -232,10 +263,18 @@ def plot(runs: list[Run], out: Path) -> Path:
         name = name if run.finished else f"{name} ({run.status()})"
         loss_ax.plot([r["step"] for r in run.train], [r["loss"] for r in run.train], color=color, label=name)
         if run.evals:
-            loss_ax.plot([r["step"] for r in run.evals], [r["eval_loss"] for r in run.evals], color=color,
-                         linestyle="--", marker="o", markersize=3, label=f"{name} (eval)")
-        speed_ax.plot([r["step"] for r in run.train], [r.get("tokens_per_s") for r in run.train], color=color,
-                      label=name)
+            loss_ax.plot(
+                [r["step"] for r in run.evals],
+                [r["eval_loss"] for r in run.evals],
+                color=color,
+                linestyle="--",
+                marker="o",
+                markersize=3,
+                label=f"{name} (eval)",
+            )
+        speed_ax.plot(
+            [r["step"] for r in run.train], [r.get("tokens_per_s") for r in run.train], color=color, label=name
+        )
     loss_ax.set(xlabel="step", ylabel="loss", title="loss (train solid, eval dashed)")
     speed_ax.set(xlabel="step", ylabel="tokens/s", title="throughput (all ranks)")
     for axis in (loss_ax, speed_ax):
@@ -256,8 +295,10 @@ def check_plot_path(plot_path: str | Path) -> None:
     suffix = Path(plot_path).suffix.lstrip(".").lower()
     if suffix not in formats:
         said = f"extension .{suffix}" if suffix else "no extension"
-        raise ConfigError(f"--plot {plot_path} has {said}, which matplotlib cannot write",
-                          f"name the plot e.g. compare.png (one of {', '.join('.' + f for f in sorted(formats))})")
+        raise ConfigError(
+            f"--plot {plot_path} has {said}, which matplotlib cannot write",
+            f"name the plot e.g. compare.png (one of {', '.join('.' + f for f in sorted(formats))})",
+        )
 
 
 def compare(paths: list[str | Path], plot_path: str | Path | None) -> tuple[str, Path | None]:

@@ -109,8 +109,11 @@ def _refuse_unknown_keys(node: DictConfig, prefix: str) -> None:
         name = f"{prefix}{key!s}"
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"did you mean {prefix}{close[0]}?" if close else f"{prefix.rstrip('.') or 'the config'} has " \
-                f"{', '.join(fields)}"
+            hint = (
+                f"did you mean {prefix}{close[0]}?"
+                if close
+                else f"{prefix.rstrip('.') or 'the config'} has {', '.join(fields)}"
+            )
             raise ConfigError(f"{name} is not a setting ({hint})", f"drop +{name} or fix its spelling")
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
@@ -132,13 +135,17 @@ def check_values(job: TrainConfig, world_size: int, for_training: bool = True) -
     only those that also matter when planning)."""
     check_ranges(job)
     if job.trainer.warmup_steps >= job.trainer.max_steps:
-        warnings.warn(f"trainer.warmup_steps={job.trainer.warmup_steps} >= trainer.max_steps={job.trainer.max_steps}: "
-                      "the learning rate never reaches its peak", stacklevel=3)
+        warnings.warn(
+            f"trainer.warmup_steps={job.trainer.warmup_steps} >= trainer.max_steps={job.trainer.max_steps}: "
+            "the learning rate never reaches its peak",
+            stacklevel=3,
+        )
     if for_training and job.data.eval_examples < job.trainer.batch_size * world_size:
         raise ConfigError(
             f"data.eval_examples={job.data.eval_examples} is less than one global batch "
             f"(trainer.batch_size={job.trainer.batch_size} x {world_size} ranks)",
-            "raise data.eval_examples or lower trainer.batch_size")
+            "raise data.eval_examples or lower trainer.batch_size",
+        )
     if not job.model.pretrained:  # a pretrained model's config is a file: preflight/train check it
         from fsdp_kit.models.build import check_fits, hf_config  # late: transformers, for a preset's positions
 
@@ -150,11 +157,17 @@ def check_values(job: TrainConfig, world_size: int, for_training: bool = True) -
 def _warn_precision(job: TrainConfig) -> None:
     name = job.precision.name
     if name == "fp16" and "t5" in (job.model.arch + job.model.name + (job.model.pretrained or "")).lower():
-        warnings.warn("precision=fp16 with T5: T5's activations overflow fp16 (a known upstream issue); "
-                      "expect inf/nan losses. Prefer precision=bf16 on GPUs that support it.", stacklevel=3)
+        warnings.warn(
+            "precision=fp16 with T5: T5's activations overflow fp16 (a known upstream issue); "
+            "expect inf/nan losses. Prefer precision=bf16 on GPUs that support it.",
+            stacklevel=3,
+        )
     if name == "bf16_pure" and job.optim.name == "adamw":
-        warnings.warn("precision=bf16_pure with optim=adamw: updates smaller than a bf16 ulp are lost and "
-                      "training stagnates. Use optim=anyprecision (Kahan summation on).", stacklevel=3)
+        warnings.warn(
+            "precision=bf16_pure with optim=adamw: updates smaller than a bf16 ulp are lost and "
+            "training stagnates. Use optim=anyprecision (Kahan summation on).",
+            stacklevel=3,
+        )
 
 
 def search_path_override(config_dir: str) -> str:
@@ -168,9 +181,11 @@ def check_spelling(overrides: list[str]) -> None:
     for override in overrides:
         key, _, value = override.partition("=")
         if key.lstrip("+~") == "trainer.batch_size" and value.strip().lower() == "auto":
-            raise ConfigError("trainer.batch_size holds a number; the batch search is trainer.auto_batch=true",
-                              "pass trainer.auto_batch=true (trainer.batch_size=N then only sets where a search "
-                              "without a planner estimate starts)")
+            raise ConfigError(
+                "trainer.batch_size holds a number; the batch search is trainer.auto_batch=true",
+                "pass trainer.auto_batch=true (trainer.batch_size=N then only sets where a search "
+                "without a planner estimate starts)",
+            )
 
 
 def compose_job(overrides: list[str]) -> TrainConfig:
@@ -199,11 +214,14 @@ def compose_with_origins(overrides: list[str]) -> tuple[TrainConfig, dict[str, s
         Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
         cfg = compose("train", overrides=["run_dir=outputs/unsubmitted", *rest], return_hydra_config=True)
     except OverrideParseException as err:
-        raise ConfigError(f"cannot parse the override {err.override!r} ({first_line(err)})",
-                          "quote values with spaces, '=' or brackets the Hydra way: key='a value'") from err
+        raise ConfigError(
+            f"cannot parse the override {err.override!r} ({first_line(err)})",
+            "quote values with spaces, '=' or brackets the Hydra way: key='a value'",
+        ) from err
     except (HydraException, OmegaConfBaseException, ValueError) as err:  # unknown keys/options, bad values
-        raise ConfigError(_innermost_message(err),
-                          "check the key and value in the override or the config file it names") from err
+        raise ConfigError(
+            _innermost_message(err), "check the key and value in the override or the config file it names"
+        ) from err
     finally:
         restore_gh_from_backup(backup)
     choices = dict(cfg.hydra.runtime.choices)

@@ -34,26 +34,33 @@ def check_yaml(path: Path) -> None:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x})",
-                          "save it as UTF-8") from err
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x})", "save it as UTF-8"
+        ) from err
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror}", "check the file and its permissions") from err
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             line = event.start_mark.line + 1
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                raise ConfigError(f"{path} line {line}: YAML anchors and aliases (&name, *name) are not accepted in "
-                                  "config files (nested ones expand without bound)",
-                                  "write the values out, or refer to another key with ${key}")
+                raise ConfigError(
+                    f"{path} line {line}: YAML anchors and aliases (&name, *name) are not accepted in "
+                    "config files (nested ones expand without bound)",
+                    "write the values out, or refer to another key with ${key}",
+                )
             tag = getattr(event, "tag", None)
             if tag and tag not in _PLAIN_TAGS:
-                raise ConfigError(f"{path} line {line}: the YAML tag {tag} is not accepted in config files",
-                                  "write a plain value (string, number, true/false, null, list or mapping)")
+                raise ConfigError(
+                    f"{path} line {line}: the YAML tag {tag} is not accepted in config files",
+                    "write a plain value (string, number, true/false, null, list or mapping)",
+                )
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where} is not valid YAML: {err.problem or err.context}",
-                          "correct the YAML there (indentation, quotes, ':' after each key)") from err
+        raise ConfigError(
+            f"{path}{where} is not valid YAML: {err.problem or err.context}",
+            "correct the YAML there (indentation, quotes, ':' after each key)",
+        ) from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}", "correct the YAML there") from err
 
@@ -84,7 +91,7 @@ def user_folders(overrides: Iterable[str]) -> list[Path]:
             for entry in value.strip().strip("[]").split(","):
                 entry = entry.strip().strip("'\"")
                 if entry.startswith("file://"):
-                    folders.append(Path(entry[len("file://"):]))
+                    folders.append(Path(entry[len("file://") :]))
     return folders
 
 
@@ -110,8 +117,9 @@ def folder_first(argv: list[str]) -> tuple[list[str], str | None]:
     if not folders:
         return argv, None
     if len(folders) > 1:
-        raise ConfigError(f"{len(folders)} config folders given ({', '.join(map(str, folders))})",
-                          "pass one --config-dir")
+        raise ConfigError(
+            f"{len(folders)} config folders given ({', '.join(map(str, folders))})", "pass one --config-dir"
+        )
     return rest, str(checked_folder(str(folders[0])))
 
 
@@ -146,8 +154,11 @@ def origins(choices: Mapping[str, str | None], search_path: Iterable[str]) -> di
             if scheme == "file" and (Path(where) / group / f"{option}.yaml").is_file():
                 found[f"{group}={option}"] = str(Path(where) / group / f"{option}.yaml")
                 break
-            if scheme == "pkg" and where == SHIPPED and resources.files(SHIPPED).joinpath(group, f"{option}.yaml") \
-                    .is_file():
+            if (
+                scheme == "pkg"
+                and where == SHIPPED
+                and resources.files(SHIPPED).joinpath(group, f"{option}.yaml").is_file()
+            ):
                 found[f"{group}={option}"] = "shipped"
                 break
     return found
@@ -159,6 +170,7 @@ GROUPS = ("model", "precision", "sharding", "wrap", "ac", "optim", "data", "clus
 
 def describe(found: Mapping[str, str]) -> str:
     """One line: ``configs: model=t5_tiny (DIR/model/t5_tiny.yaml), precision=fp32 (shipped), ...``."""
+
     def order(choice: str) -> int:
         group = choice.partition("=")[0]
         return GROUPS.index(group) if group in GROUPS else len(GROUPS)

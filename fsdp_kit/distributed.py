@@ -124,8 +124,13 @@ def session(runtime: Runtime, cfg: DistConfig, sharding: ShardingConfig) -> Iter
     started_here = not dist.is_initialized()
     if started_here:
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=runtime.rank, world_size=runtime.world_size, timeout=join,
-                                    device_id=runtime.device if backend == "nccl" else None)
+            dist.init_process_group(
+                backend,
+                rank=runtime.rank,
+                world_size=runtime.world_size,
+                timeout=join,
+                device_id=runtime.device if backend == "nccl" else None,
+            )
         else:  # a plain `python -m fsdp_kit.train`: a group of one, no rendezvous needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     try:
@@ -133,8 +138,9 @@ def session(runtime: Runtime, cfg: DistConfig, sharding: ShardingConfig) -> Iter
         mesh = init_device_mesh(runtime.device_type, shape, mesh_dim_names=names)
         if runtime.world_size > 1:
             _apply_timeout([*([dist.group.WORLD] if started_here else []), *mesh.get_all_groups()], timeout)
-        yield DistEnv(runtime.rank, runtime.world_size, runtime.local_rank, runtime.local_world_size,
-                      runtime.device, mesh)
+        yield DistEnv(
+            runtime.rank, runtime.world_size, runtime.local_rank, runtime.local_world_size, runtime.device, mesh
+        )
     finally:
         if started_here and dist.is_initialized():
             dist.destroy_process_group()

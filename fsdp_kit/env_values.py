@@ -98,15 +98,17 @@ def shell_text(value: str, key: str) -> str:
     text = _ENV_REFERENCE.sub(reference, value.raw)
     leftover = re.search(r"\$\{(?!\w+(?:-[^}]*)?\})[^}]*\}", text) or READS_ENV.search(text)
     if leftover:
-        raise ConfigError(f"{key}: {value.raw!r} reads the environment in a way a shell line cannot repeat "
-                          f"({leftover.group(0)})",
-                          f"use plain ${{oc.env:NAME}} references in {key}, or export the variable in the "
-                          "job's environment")
+        raise ConfigError(
+            f"{key}: {value.raw!r} reads the environment in a way a shell line cannot repeat ({leftover.group(0)})",
+            f"use plain ${{oc.env:NAME}} references in {key}, or export the variable in the job's environment",
+        )
     return text
 
 
 def refuse_in(value: Any, key: str, where: str) -> None:
     """A ``FromEnv`` value cannot go where no shell reads it (``where``, e.g. an #SBATCH line)."""
     if isinstance(value, FromEnv):
-        raise ConfigError(f"{key} reads the environment ({value.raw}), and {where} cannot: it would be written "
-                          "there resolved", f"write {key}'s value itself")
+        raise ConfigError(
+            f"{key} reads the environment ({value.raw}), and {where} cannot: it would be written there resolved",
+            f"write {key}'s value itself",
+        )

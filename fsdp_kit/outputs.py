@@ -24,11 +24,15 @@ def check_writable_folder(folder: Path, flag: str, error: type[FsdpKitError] = C
         raise error(f"{flag} {folder} is a file, not a folder", f"pass {flag} a folder path; nothing was written")
     base = nearest_existing(folder)
     if not base.is_dir():
-        raise error(f"{flag} {folder} would be inside {base}, which is a file",
-                    f"pass {flag} a folder path; nothing was written")
+        raise error(
+            f"{flag} {folder} would be inside {base}, which is a file",
+            f"pass {flag} a folder path; nothing was written",
+        )
     try:
         with tempfile.TemporaryFile(dir=base):  # the only reliable test (ACLs, read-only mounts, root)
             pass
     except OSError as err:
-        raise error(f"{flag} {folder}: {base} is not writable ({err.strerror})",
-                    f"pass {flag} a folder you can write; nothing was written") from err
+        raise error(
+            f"{flag} {folder}: {base} is not writable ({err.strerror})",
+            f"pass {flag} a folder you can write; nothing was written",
+        ) from err

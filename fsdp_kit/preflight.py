@@ -23,8 +23,13 @@ from fsdp_kit.policies.config import Precision
 from fsdp_kit.run_dir import check_unlocked
 
 
-def preflight(job: TrainConfig, world_size: int | None = None, device_type: str | None = None,
-              probe_device: bool = True, check_files: bool = True) -> TrainConfig:
+def preflight(
+    job: TrainConfig,
+    world_size: int | None = None,
+    device_type: str | None = None,
+    probe_device: bool = True,
+    check_files: bool = True,
+) -> TrainConfig:
     """Validate ``job`` for a run on ``world_size`` ranks of ``device_type``; raise one ConfigError/CheckpointError
     naming the problem and the fix.
 
@@ -59,8 +64,10 @@ def check_device(job: TrainConfig, device_type: str) -> None:
     import torch  # late: preflight runs before torch is imported
 
     if not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"precision={name} needs bf16, which {torch.cuda.get_device_name()} does not support",
-                          "use precision=fp16 (with its gradient scaler) or precision=fp32")
+        raise ConfigError(
+            f"precision={name} needs bf16, which {torch.cuda.get_device_name()} does not support",
+            "use precision=fp16 (with its gradient scaler) or precision=fp32",
+        )
 
 
 def check_packages(job: TrainConfig) -> None:
@@ -69,14 +76,17 @@ def check_packages(job: TrainConfig) -> None:
         try:
             import tensorboard  # noqa: F401
         except ImportError as err:
-            raise ConfigError("metrics.tensorboard=true needs the tensorboard package",
-                              "pip install 'fsdp_kit[tensorboard]' or set metrics.tensorboard=false") from err
+            raise ConfigError(
+                "metrics.tensorboard=true needs the tensorboard package",
+                "pip install 'fsdp_kit[tensorboard]' or set metrics.tensorboard=false",
+            ) from err
     if job.metrics.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError as err:
-            raise ConfigError("metrics.wandb=true needs the wandb package",
-                              "pip install 'fsdp_kit[wandb]' or set metrics.wandb=false") from err
+            raise ConfigError(
+                "metrics.wandb=true needs the wandb package", "pip install 'fsdp_kit[wandb]' or set metrics.wandb=false"
+            ) from err
 
 
 def check_resume(job: TrainConfig, world_size: int = 1) -> None:
@@ -84,9 +94,10 @@ def check_resume(job: TrainConfig, world_size: int = 1) -> None:
     root = Path(job.run_dir) / "checkpoints"
     existing = complete_checkpoints(root)
     if resume == "never" and existing:
-        raise ConfigError(f"{existing[-1].parent} already holds checkpoints and checkpoint.resume=never would "
-                          "overwrite them",
-                          "use checkpoint.resume=auto to continue, or a new run dir (hydra.run.dir=...)")
+        raise ConfigError(
+            f"{existing[-1].parent} already holds checkpoints and checkpoint.resume=never would overwrite them",
+            "use checkpoint.resume=auto to continue, or a new run dir (hydra.run.dir=...)",
+        )
     found = resume_source(resume, root)  # the run dir's own newest save wins over a path applied at a first start
     if found is not None:
         meta = read_marker(found.path)  # raises CheckpointError naming what is missing or corrupt
@@ -109,8 +120,10 @@ def check_run_dir(run_dir: Path) -> None:
     while not nearest.exists() and nearest != nearest.parent:
         nearest = nearest.parent
     if not nearest.is_dir():
-        raise ConfigError(f"{nearest} is a file, so the run dir {run_dir} cannot be created inside it",
-                          "use another run dir (hydra.run.dir=...)")
+        raise ConfigError(
+            f"{nearest} is a file, so the run dir {run_dir} cannot be created inside it",
+            "use another run dir (hydra.run.dir=...)",
+        )
     check_link(run_dir / "checkpoints")
     for folder in (nearest, run_dir / "checkpoints"):
         if folder.is_dir():
@@ -118,8 +131,10 @@ def check_run_dir(run_dir: Path) -> None:
                 with tempfile.TemporaryFile(dir=folder):  # the only reliable test (ACLs, read-only mounts)
                     pass
             except OSError as err:
-                raise ConfigError(f"{folder} is not writable ({err.strerror})",
-                                  "fix its permissions or use another run dir (hydra.run.dir=...)") from err
+                raise ConfigError(
+                    f"{folder} is not writable ({err.strerror})",
+                    "fix its permissions or use another run dir (hydra.run.dir=...)",
+                ) from err
     if os.environ.get("RANK", "0") == "0":  # other ranks would see rank 0's own lock
         check_unlocked(run_dir)
 
@@ -132,7 +147,12 @@ def check_link(folder: Path) -> None:
     try:
         folder.stat()
     except OSError as err:
-        what = "is a symlink loop" if err.errno == errno.ELOOP else \
-            f"is a symlink to {os.readlink(folder)}, which does not exist (storage not mounted on this node?)"
-        raise ConfigError(f"{folder} {what}, so no checkpoint could be saved",
-                          "mount the storage it points to, or replace the link with a folder") from err
+        what = (
+            "is a symlink loop"
+            if err.errno == errno.ELOOP
+            else f"is a symlink to {os.readlink(folder)}, which does not exist (storage not mounted on this node?)"
+        )
+        raise ConfigError(
+            f"{folder} {what}, so no checkpoint could be saved",
+            "mount the storage it points to, or replace the link with a folder",
+        ) from err

@@ -48,8 +48,9 @@ def _process_start_time(pid: int) -> datetime.datetime | None:
     """Wall-clock start of ``pid`` from /proc (Linux); None where /proc is not available."""
     try:
         ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
+        boot = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
     except (OSError, ValueError, IndexError, StopIteration):
         return None
     return datetime.datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
@@ -80,8 +81,12 @@ def _age(path: Path) -> float:
 
 
 def _lock_owner() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-            "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def _pid_alive(pid: int) -> bool:
@@ -117,10 +122,12 @@ def live_holder(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _locked_error(run_dir: Path, owner: dict[str, Any]) -> ConfigError:
-    return ConfigError(f"{run_dir} is in use by another run (pid {owner.get('pid')} on {owner.get('host')}, "
-                       f"started {owner.get('started')}); two writers would corrupt each other's checkpoints",
-                       "wait for it to finish or use another run dir (hydra.run.dir=...); if that run is dead, "
-                       f"delete {Path(run_dir) / LOCK_NAME}")
+    return ConfigError(
+        f"{run_dir} is in use by another run (pid {owner.get('pid')} on {owner.get('host')}, "
+        f"started {owner.get('started')}); two writers would corrupt each other's checkpoints",
+        "wait for it to finish or use another run dir (hydra.run.dir=...); if that run is dead, "
+        f"delete {Path(run_dir) / LOCK_NAME}",
+    )
 
 
 def check_unlocked(run_dir: Path) -> None:

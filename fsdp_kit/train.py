@@ -86,14 +86,25 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
         check_fits(config, job.data, job.trainer.max_new_tokens)
     model = build_model(job.model, device="meta", dtype=param_dtype(job.precision), config=config)
     check_policies(model, Policies.of(job))
-    identity = RunIdentity.of(model, config, job.model.name, recorded_name(job.data.tokenizer),
-                              training_settings(job.optim, job.trainer, job.precision.name))
+    identity = RunIdentity.of(
+        model,
+        config,
+        job.model.name,
+        recorded_name(job.data.tokenizer),
+        training_settings(job.optim, job.trainer, job.precision.name),
+    )
     dataset = build_data(job.data, config)
 
     with distributed.session(runtime, job.dist, job.sharding) as env:
         run_dir, lock = _agreed_run_dir(job.run_dir, env.world_size, env.is_main)
-        reporter = Reporter(run_dir, job.metrics, job.trainer.max_steps, enabled=env.is_main, console=console,
-                            config=to_dict(job) if job.metrics.wandb else None)
+        reporter = Reporter(
+            run_dir,
+            job.metrics,
+            job.trainer.max_steps,
+            enabled=env.is_main,
+            console=console,
+            config=to_dict(job) if job.metrics.wandb else None,
+        )
         batch_search = None
         try:
             applied = shard_and_materialize(model, job, env)
@@ -106,10 +117,22 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
                 job = replace(job, trainer=replace(job.trainer, batch_size=found.batch_size))
                 batch_search = found.record()
             grad_scaler = torch.amp.GradScaler(env.device_type, enabled=needs_grad_scaler(job.precision))
-            identity = replace(identity, training={**identity.training,  # the batch the search found, if any
-                                                   "trained": trained_settings(job, env.world_size)})
-            checkpoints = CheckpointManager(job.checkpoint, run_dir, env.rank, env.world_size, identity,
-                                            log=reporter.info, timeout_s=job.dist.timeout_s)
+            identity = replace(
+                identity,
+                training={
+                    **identity.training,  # the batch the search found, if any
+                    "trained": trained_settings(job, env.world_size),
+                },
+            )
+            checkpoints = CheckpointManager(
+                job.checkpoint,
+                run_dir,
+                env.rank,
+                env.world_size,
+                identity,
+                log=reporter.info,
+                timeout_s=job.dist.timeout_s,
+            )
             resumed = checkpoints.check_resume()  # refused before resolved_config.yaml is written
             if env.is_main:
                 _write_resolved_config(run_dir, to_yaml(job), resumed[1].get("step") if resumed else None)
@@ -118,11 +141,18 @@ def run(job: TrainConfig, console: Console | None = None, origins: dict[str, str
                 reporter.info(escape(describe(origins)))
             for line in dataset.report:  # every skipped row counted, by reason
                 reporter.info(line)
-            parts = TrainParts(model=model, optimizer=optimizer, schedule=schedule, data=dataset,
-                               flops=FlopCounter(job.model, config),
-                               tracker=Tracker(env.device, env.world_size, job.metrics.peak_tflops, env.rank),
-                               reporter=reporter, checkpoints=checkpoints, grad_scaler=grad_scaler,
-                               precision=precision_check(precision=job.precision, optim=job.optim, model=model))
+            parts = TrainParts(
+                model=model,
+                optimizer=optimizer,
+                schedule=schedule,
+                data=dataset,
+                flops=FlopCounter(job.model, config),
+                tracker=Tracker(env.device, env.world_size, job.metrics.peak_tflops, env.rank),
+                reporter=reporter,
+                checkpoints=checkpoints,
+                grad_scaler=grad_scaler,
+                precision=precision_check(precision=job.precision, optim=job.optim, model=model),
+            )
             trainer = Trainer(parts, job.trainer, env)
             result = trainer.fit()
             result.batch_search = batch_search
@@ -157,8 +187,16 @@ def _write_resolved_config(run_dir: Path, text: str, resumed_step: int | None) -
     path.write_text(text)
 
 
-def _announce(reporter: Reporter, job: TrainConfig, env: DistEnv, model: PreTrainedModel, num_params: int,
-              applied: Applied, run_dir: Path, chose_ac: bool = False) -> None:
+def _announce(
+    reporter: Reporter,
+    job: TrainConfig,
+    env: DistEnv,
+    model: PreTrainedModel,
+    num_params: int,
+    applied: Applied,
+    run_dir: Path,
+    chose_ac: bool = False,
+) -> None:
     """The run's header line: what is trained, where, and with which recipe."""
     ac = f"{job.ac.mode}{' (chosen by ac=auto)' if chose_ac else ''}"
     reporter.info(
@@ -167,7 +205,8 @@ def _announce(reporter: Reporter, job: TrainConfig, env: DistEnv, model: PreTrai
         f"sharding={job.sharding.strategy} wrap={job.wrap.policy} ({applied.fsdp_units} FSDP units"
         f"{f', {applied.fp32_units} kept fp32' if applied.fp32_units else ''}) "
         f"ac={ac} ({applied.checkpointed_layers} layers) compile={applied.compiled_layers} layers "
-        f"optim={job.optim.name} attention={model.config._attn_implementation} | run dir {run_dir}")
+        f"optim={job.optim.name} attention={model.config._attn_implementation} | run dir {run_dir}"
+    )
 
 
 def shard_and_materialize(model: PreTrainedModel, job: TrainConfig, env: DistEnv) -> Applied:

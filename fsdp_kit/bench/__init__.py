@@ -34,10 +34,22 @@ _MEASURED = ("batch_size", "tflops_per_gpu", "tokens_per_s", "real_tokens_per_s"
 
 def bench_overrides(steps: int) -> list[str]:
     """The bench's settings, before the user's overrides (which win)."""
-    return ["data=synthetic", "model.dropout=0.0", f"trainer.max_steps={steps}", "trainer.eval_every=0",
-            "trainer.eval_generate=false", "trainer.eval_batches=1", "checkpoint.at_end=false", "checkpoint.every=0",
-            "checkpoint.resume=never", "trainer.warmup_steps=0", f"trainer.log_every={max(steps // 3, 1)}",
-            "metrics.progress=false", "trainer.auto_batch=true", *BASE]
+    return [
+        "data=synthetic",
+        "model.dropout=0.0",
+        f"trainer.max_steps={steps}",
+        "trainer.eval_every=0",
+        "trainer.eval_generate=false",
+        "trainer.eval_batches=1",
+        "checkpoint.at_end=false",
+        "checkpoint.every=0",
+        "checkpoint.resume=never",
+        "trainer.warmup_steps=0",
+        f"trainer.log_every={max(steps // 3, 1)}",
+        "metrics.progress=false",
+        "trainer.auto_batch=true",
+        *BASE,
+    ]
 
 
 @dataclass
@@ -63,12 +75,18 @@ class LeverResult:
 
     def as_dict(self) -> dict[str, Any]:
         published = self.lever.published
-        return {"lever": self.lever.name, "what": self.lever.what, "off": dataclasses.asdict(self.off),
-                "on": dataclasses.asdict(self.on), "tflops_gain": self.gain("tflops_per_gpu"),
-                "tokens_per_s_gain": self.gain("tokens_per_s"),
-                "text_tokens_per_s_gain": self.gain("real_tokens_per_s"),
-                "published": dataclasses.asdict(published) if published else None,
-                "probe_factor": self.probe_factor, "probe_runs": list(self.lever.probe) if self.lever.probe else None}
+        return {
+            "lever": self.lever.name,
+            "what": self.lever.what,
+            "off": dataclasses.asdict(self.off),
+            "on": dataclasses.asdict(self.on),
+            "tflops_gain": self.gain("tflops_per_gpu"),
+            "tokens_per_s_gain": self.gain("tokens_per_s"),
+            "text_tokens_per_s_gain": self.gain("real_tokens_per_s"),
+            "published": dataclasses.asdict(published) if published else None,
+            "probe_factor": self.probe_factor,
+            "probe_runs": list(self.lever.probe) if self.lever.probe else None,
+        }
 
 
 def probe_factors(reference: Path | None) -> dict[str, float]:
@@ -83,20 +101,30 @@ def probe_factors(reference: Path | None) -> dict[str, float]:
         raise ConfigError(f"--reference {reference} is not JSON ({first_line(err)})", fix) from err
     runs = record.get("runs") if isinstance(record, dict) else None
     if not isinstance(runs, list) or not all(
-            isinstance(run, dict) and isinstance(run.get("label"), str) and isinstance(run.get("tflops"), (int, float))
-            for run in runs):
-        raise ConfigError(f"--reference {reference} is not a GPU probe record (a \"runs\" list of "
-                          "{\"label\", \"tflops\"} objects)", fix)
+        isinstance(run, dict) and isinstance(run.get("label"), str) and isinstance(run.get("tflops"), (int, float))
+        for run in runs
+    ):
+        raise ConfigError(
+            f'--reference {reference} is not a GPU probe record (a "runs" list of {{"label", "tflops"}} objects)', fix
+        )
     return {run["label"]: run["tflops"] for run in runs}
 
 
-def run_bench(levers: list[Lever], overrides: list[str], steps: int, reference: Path | None = None,
-              log: Callable[[str], None] = print,
-              done: Callable[[list[LeverResult]], object] | None = None) -> list[LeverResult]:
+def run_bench(
+    levers: list[Lever],
+    overrides: list[str],
+    steps: int,
+    reference: Path | None = None,
+    log: Callable[[str], None] = print,
+    done: Callable[[list[LeverResult]], object] | None = None,
+) -> list[LeverResult]:
     """Measure each lever off and on; ``overrides`` apply to every run (model=..., data lengths, ...).
     ``done`` gets the results so far after each lever."""
-    sides = {(lever.name, side): [*bench_overrides(steps), *overrides, *getattr(lever, side)]
-             for lever in levers for side in ("off", "on")}
+    sides = {
+        (lever.name, side): [*bench_overrides(steps), *overrides, *getattr(lever, side)]
+        for lever in levers
+        for side in ("off", "on")
+    }
     jobs = {key: compose_job(value) for key, value in sides.items()}  # all errors before the first run
     for job in jobs.values():
         job.validated()
@@ -115,16 +143,26 @@ def run_bench(levers: list[Lever], overrides: list[str], steps: int, reference: 
                 measured[identities[key]] = _measure(job, sides[key])
                 numbers = measured[identities[key]].numbers
                 error = measured[identities[key]].error
-                log(f"bench:   FAILED: {error}" if error else f"bench:   batch {numbers['batch_size']}, "
-                    f"{_fmt(numbers['tflops_per_gpu'])} TFLOPS, {_fmt(numbers['tokens_per_s'])} tokens/s")
+                log(
+                    f"bench:   FAILED: {error}"
+                    if error
+                    else f"bench:   batch {numbers['batch_size']}, "
+                    f"{_fmt(numbers['tflops_per_gpu'])} TFLOPS, {_fmt(numbers['tokens_per_s'])} tokens/s"
+                )
                 _release()
             off, on = (measured[identities[(lever.name, side)]] for side in ("off", "on"))
             factor = None
             if lever.probe and all(label in probe for label in lever.probe):
                 factor = probe[lever.probe[1]] / probe[lever.probe[0]]
             # a shared run's numbers, under this lever's own overrides
-            results.append(LeverResult(lever, dataclasses.replace(off, overrides=sides[(lever.name, "off")]),
-                                       dataclasses.replace(on, overrides=sides[(lever.name, "on")]), factor))
+            results.append(
+                LeverResult(
+                    lever,
+                    dataclasses.replace(off, overrides=sides[(lever.name, "off")]),
+                    dataclasses.replace(on, overrides=sides[(lever.name, "on")]),
+                    factor,
+                )
+            )
             if done is not None:
                 done(results)  # partial results survive a time limit that stops a later lever
     return results

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from fsdp_kit.errors import ConfigError
 
-FSDP_T5_TUTORIAL = ("PyTorch 'Advanced Model Training with FSDP' (HF T5; Wright, Shojanazeri et al.): "
-                    "'up to 4x speed up by using BFloat16'")
+FSDP_T5_TUTORIAL = (
+    "PyTorch 'Advanced Model Training with FSDP' (HF T5; Wright, Shojanazeri et al.): "
+    "'up to 4x speed up by using BFloat16'"
+)
 
 
 @dataclass(frozen=True)
@@ -39,36 +41,84 @@ class Lever:
 BASE = ("precision=bf16", "wrap=transformer", "ac=full", "trainer.compile=false")
 
 LEVERS: tuple[Lever, ...] = (
-    Lever("bf16", "bf16 mixed precision vs fp32", ("precision=fp32",), ("precision=bf16",),
-          Published(4.0, "up to", FSDP_T5_TUTORIAL)),
-    Lever("bf16_pure", "pure bf16 + AnyPrecision AdamW (Kahan) vs bf16 mixed + AdamW",
-          ("precision=bf16", "optim=adamw"),
-          ("precision=bf16_pure", "optim=anyprecision", "optim.use_kahan_summation=true"),
-          probe=("bf16 mixed, wrap, full AC", "pure bf16 + AdamW, wrap, full AC")),
-    Lever("ac", "full activation checkpointing vs none (at each one's largest batch)", ("ac=none",), ("ac=full",),
-          probe=("bf16 mixed, T5Block wrap, no AC", "bf16 mixed, wrap, full AC")),
-    Lever("wrap_transformer", "one FSDP unit per transformer block vs one for the whole model",
-          ("wrap=none",), ("wrap=transformer",)),
+    Lever(
+        "bf16",
+        "bf16 mixed precision vs fp32",
+        ("precision=fp32",),
+        ("precision=bf16",),
+        Published(4.0, "up to", FSDP_T5_TUTORIAL),
+    ),
+    Lever(
+        "bf16_pure",
+        "pure bf16 + AnyPrecision AdamW (Kahan) vs bf16 mixed + AdamW",
+        ("precision=bf16", "optim=adamw"),
+        ("precision=bf16_pure", "optim=anyprecision", "optim.use_kahan_summation=true"),
+        probe=("bf16 mixed, wrap, full AC", "pure bf16 + AdamW, wrap, full AC"),
+    ),
+    Lever(
+        "ac",
+        "full activation checkpointing vs none (at each one's largest batch)",
+        ("ac=none",),
+        ("ac=full",),
+        probe=("bf16 mixed, T5Block wrap, no AC", "bf16 mixed, wrap, full AC"),
+    ),
+    Lever(
+        "wrap_transformer",
+        "one FSDP unit per transformer block vs one for the whole model",
+        ("wrap=none",),
+        ("wrap=transformer",),
+    ),
     Lever("wrap_size", "size-based FSDP units vs one for the whole model", ("wrap=none",), ("wrap=size",)),
-    Lever("compile", "torch.compile of each block vs eager", ("trainer.compile=false",), ("trainer.compile=true",),
-          probe=("bf16 mixed, wrap, full AC", "bf16 mixed, wrap, full AC, blocks compiled")),
+    Lever(
+        "compile",
+        "torch.compile of each block vs eager",
+        ("trainer.compile=false",),
+        ("trainer.compile=true",),
+        probe=("bf16 mixed, wrap, full AC", "bf16 mixed, wrap, full AC, blocks compiled"),
+    ),
     Lever("selective_ac", "selective activation checkpointing vs full", ("ac=full",), ("ac=selective",)),
-    Lever("keep_last_unit", "last unit kept unsharded after forward vs resharded", ("sharding.reshard_last_unit=true",),
-          ("sharding.reshard_last_unit=false",)),
-    Lever("prefetch", "explicit all-gather prefetch of the next unit vs FSDP2's implicit", ("sharding.prefetch=0",),
-          ("sharding.prefetch=1",)),
-    Lever("optim_chunks", "AnyPrecision in 128M-element chunks vs 16M", ("precision=bf16_pure", "optim=anyprecision",
-          "optim.chunk_elements=16777216"), ("precision=bf16_pure", "optim=anyprecision",
-          "optim.chunk_elements=134217728")),
-    Lever("sdpa", "scaled_dot_product_attention vs eager attention", ("model.attn_implementation=eager",),
-          ("model.attn_implementation=sdpa",)),
-    Lever("grad_accum_no_sync", "one reduce-scatter per step vs one per micro-batch (grad_accum=4)",
-          ("trainer.grad_accum=4", "trainer.grad_accum_no_sync=false"),
-          ("trainer.grad_accum=4", "trainer.grad_accum_no_sync=true")),
-    Lever("packing", "several built-in pairs per row (data.packing) vs one pair per padded row; read the tokens of "
-          "text per second", ("data=builtin", "data.packing=false"), ("data=builtin", "data.packing=true")),
-    Lever("pinned_batches", "pinned host batches with non-blocking copies vs pageable", ("data.pin_memory=false",),
-          ("data.pin_memory=true",)),
+    Lever(
+        "keep_last_unit",
+        "last unit kept unsharded after forward vs resharded",
+        ("sharding.reshard_last_unit=true",),
+        ("sharding.reshard_last_unit=false",),
+    ),
+    Lever(
+        "prefetch",
+        "explicit all-gather prefetch of the next unit vs FSDP2's implicit",
+        ("sharding.prefetch=0",),
+        ("sharding.prefetch=1",),
+    ),
+    Lever(
+        "optim_chunks",
+        "AnyPrecision in 128M-element chunks vs 16M",
+        ("precision=bf16_pure", "optim=anyprecision", "optim.chunk_elements=16777216"),
+        ("precision=bf16_pure", "optim=anyprecision", "optim.chunk_elements=134217728"),
+    ),
+    Lever(
+        "sdpa",
+        "scaled_dot_product_attention vs eager attention",
+        ("model.attn_implementation=eager",),
+        ("model.attn_implementation=sdpa",),
+    ),
+    Lever(
+        "grad_accum_no_sync",
+        "one reduce-scatter per step vs one per micro-batch (grad_accum=4)",
+        ("trainer.grad_accum=4", "trainer.grad_accum_no_sync=false"),
+        ("trainer.grad_accum=4", "trainer.grad_accum_no_sync=true"),
+    ),
+    Lever(
+        "packing",
+        "several built-in pairs per row (data.packing) vs one pair per padded row; read the tokens of text per second",
+        ("data=builtin", "data.packing=false"),
+        ("data=builtin", "data.packing=true"),
+    ),
+    Lever(
+        "pinned_batches",
+        "pinned host batches with non-blocking copies vs pageable",
+        ("data.pin_memory=false",),
+        ("data.pin_memory=true",),
+    ),
 )
 
 

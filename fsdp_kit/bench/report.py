@@ -19,10 +19,17 @@ from fsdp_kit.metrics.peak import device_name
 
 def provenance(overrides: list[str], steps: int) -> dict[str, Any]:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return {"device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "command": " ".join(shlex.quote(a) for a in ["fsdp-kit", *sys.argv[1:]]),
-            "overrides": overrides, "steps": steps, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "command": " ".join(shlex.quote(a) for a in ["fsdp-kit", *sys.argv[1:]]),
+        "overrides": overrides,
+        "steps": steps,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -34,31 +41,43 @@ def _factor(value: float | None) -> str:
 
 
 def markdown(results: list[LeverResult], about: dict[str, Any]) -> str:
-    lines = [f"`fsdp-kit bench` on **{about['device']}** (torch {about['torch']}, transformers "
-             f"{about['transformers']}, {about['date']}); command `{about['command']}`.",
-             "Each side at its own largest batch (trainer.auto_batch); TFLOPS = counted model FLOPs / synchronized "
-             "step time per device. Published: the factor a publication states for the lever; probe: the ratio of our "
-             "H100 probe's runs (shared/DESIGN.md section 4).", "",
-             "| lever | off: batch / TFLOPS / tokens/s | on: batch / TFLOPS / tokens/s | gain (TFLOPS) | "
-             "gain (tokens/s) | gain (text tokens/s) | published | probe (H100) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`fsdp-kit bench` on **{about['device']}** (torch {about['torch']}, transformers "
+        f"{about['transformers']}, {about['date']}); command `{about['command']}`.",
+        "Each side at its own largest batch (trainer.auto_batch); TFLOPS = counted model FLOPs / synchronized "
+        "step time per device. Published: the factor a publication states for the lever; probe: the ratio of our "
+        "H100 probe's runs (shared/DESIGN.md section 4).",
+        "",
+        "| lever | off: batch / TFLOPS / tokens/s | on: batch / TFLOPS / tokens/s | gain (TFLOPS) | "
+        "gain (tokens/s) | gain (text tokens/s) | published | probe (H100) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         off, on = r.off.numbers, r.on.numbers
         if r.off.error or r.on.error:
-            failed = "; ".join(f"{side} failed: {run.error}" for side, run in (("off", r.off), ("on", r.on))
-                               if run.error)
+            failed = "; ".join(
+                f"{side} failed: {run.error}" for side, run in (("off", r.off), ("on", r.on)) if run.error
+            )
             lines.append(f"| {r.lever.name} | {failed} | | n/a | n/a | n/a | | {_factor(r.probe_factor)} |")
             continue
         published = r.lever.published
         cited = f"{published.qualifier} {published.factor:g}x" if published else "n/a"
-        lines.append(f"| {r.lever.name} | {off['batch_size']} / {_num(off['tflops_per_gpu'])} / "
-                     f"{_num(off['tokens_per_s'])} | {on['batch_size']} / {_num(on['tflops_per_gpu'])} / "
-                     f"{_num(on['tokens_per_s'])} | {_factor(r.gain('tflops_per_gpu'))} | "
-                     f"{_factor(r.gain('tokens_per_s'))} | {_factor(r.gain('real_tokens_per_s'))} | {cited} | "
-                     f"{_factor(r.probe_factor)} |")
+        lines.append(
+            f"| {r.lever.name} | {off['batch_size']} / {_num(off['tflops_per_gpu'])} / "
+            f"{_num(off['tokens_per_s'])} | {on['batch_size']} / {_num(on['tflops_per_gpu'])} / "
+            f"{_num(on['tokens_per_s'])} | {_factor(r.gain('tflops_per_gpu'))} | "
+            f"{_factor(r.gain('tokens_per_s'))} | {_factor(r.gain('real_tokens_per_s'))} | {cited} | "
+            f"{_factor(r.probe_factor)} |"
+        )
     sources = sorted({r.lever.published.source for r in results if r.lever.published})
     lines += ["", *(f"Published: {source}." for source in sources)]
-    lines += ["", *(f"- `{r.lever.name}`: {r.lever.what}; off `{' '.join(r.lever.off)}`, on "
-                    f"`{' '.join(r.lever.on)}`" for r in results)]
+    lines += [
+        "",
+        *(
+            f"- `{r.lever.name}`: {r.lever.what}; off `{' '.join(r.lever.off)}`, on `{' '.join(r.lever.on)}`"
+            for r in results
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -69,9 +88,11 @@ def chart(results: list[LeverResult], about: dict[str, Any], path: Path) -> None
     import matplotlib.pyplot as plt
 
     names = [r.lever.name for r in results]
-    series = {"measured here": [r.gain("tflops_per_gpu") for r in results],
-              "our H100 probe": [r.probe_factor for r in results],
-              "published": [r.lever.published.factor if r.lever.published else None for r in results]}
+    series = {
+        "measured here": [r.gain("tflops_per_gpu") for r in results],
+        "our H100 probe": [r.probe_factor for r in results],
+        "published": [r.lever.published.factor if r.lever.published else None for r in results],
+    }
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 3, 4))
     for i, (label, values) in enumerate(series.items()):
@@ -82,8 +103,11 @@ def chart(results: list[LeverResult], about: dict[str, Any], path: Path) -> None
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("TFLOPS gain, lever on / off")
-    ax.set_title(f"fsdp-kit bench on {about['device']} ({about['date'][:10]})"
-                 + (" - CPU run: says nothing about GPUs" if about["device"] == "cpu" else ""), fontsize=9)
+    ax.set_title(
+        f"fsdp-kit bench on {about['device']} ({about['date'][:10]})"
+        + (" - CPU run: says nothing about GPUs" if about["device"] == "cpu" else ""),
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -29,8 +29,13 @@ from fsdp_kit.models.build import keep_untied_head, tie_all_but_the_head
 from fsdp_kit.outputs import check_writable_folder, nearest_existing
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-              tokenizer: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    tokenizer: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write ``checkpoint`` as a HF folder at ``out_dir``; ``tokenizer`` replaces the one the checkpoint records;
     ``max_shard_size`` (bytes, or "500MB") bounds each safetensors file and so the memory export needs."""
     source, target = Path(checkpoint), Path(out_dir)
@@ -63,16 +68,20 @@ def _model_config(source: Path, meta: dict[str, Any]) -> Any:
     """The HF config the checkpoint recorded; a marker without one cannot be exported."""
     recorded = meta.get("hf_config")
     if not isinstance(recorded, dict) or not isinstance(recorded.get("model_type"), str):
-        raise CheckpointError(f"{source}/fsdp_kit.json records no model config (hf_config with a model_type)",
-                              "export a checkpoint written by fsdp_kit train")
+        raise CheckpointError(
+            f"{source}/fsdp_kit.json records no model config (hf_config with a model_type)",
+            "export a checkpoint written by fsdp_kit train",
+        )
     hf_config = dict(recorded)
     try:
         config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
         keep_untied_head(config, recorded)
         return config
     except (ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"{source}/fsdp_kit.json records a model config transformers cannot build "
-                              f"({first_line(err)})", "export with the transformers version that trained it") from err
+        raise CheckpointError(
+            f"{source}/fsdp_kit.json records a model config transformers cannot build ({first_line(err)})",
+            "export with the transformers version that trained it",
+        ) from err
 
 
 def _tokenizer(source: Path, meta: dict[str, Any], override: str | None) -> PreTrainedTokenizerBase:
@@ -84,9 +93,11 @@ def _tokenizer(source: Path, meta: dict[str, Any], override: str | None) -> PreT
         return build_tokenizer(name)
     except ConfigError as err:
         where = "--tokenizer" if override else f"the tokenizer {source} was trained with"
-        raise CheckpointError(f"{where} ({name!r}) cannot be loaded from {Path.cwd()}; nothing was written",
-                              "pass --tokenizer with that tokenizer's folder or hub name (a relative path recorded "
-                              "by an older fsdp_kit is relative to the folder training ran in)") from err
+        raise CheckpointError(
+            f"{where} ({name!r}) cannot be loaded from {Path.cwd()}; nothing was written",
+            "pass --tokenizer with that tokenizer's folder or hub name (a relative path recorded "
+            "by an older fsdp_kit is relative to the folder training ran in)",
+        ) from err
 
 
 def _write(target: Path, save: Any) -> None:
@@ -112,9 +123,10 @@ def _write(target: Path, save: Any) -> None:
                 break
         if isinstance(err, CheckpointError):  # the checkpoint could not be read: nothing about the disk
             raise
-        raise CheckpointError(f"writing {target} failed: {_why(err, target)}; nothing was left there",
-                              "free space (or raise the file-size limit, ulimit -f) and export again, or export "
-                              "to another disk") from err
+        raise CheckpointError(
+            f"writing {target} failed: {_why(err, target)}; nothing was left there",
+            "free space (or raise the file-size limit, ulimit -f) and export again, or export to another disk",
+        ) from err
 
 
 def _why(err: BaseException, target: Path) -> str:

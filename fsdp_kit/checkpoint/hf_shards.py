@@ -39,8 +39,10 @@ def shard_bytes(size: int | str) -> int:
     try:
         value = size if isinstance(size, int) else parse_size_to_int(size)
     except ValueError as err:
-        raise ConfigError(f"--max-shard-size {size!r} is not a size ({first_line(err)})",
-                          "write it as a number with a unit, e.g. 500MB or 2GB") from err
+        raise ConfigError(
+            f"--max-shard-size {size!r} is not a size ({first_line(err)})",
+            "write it as a number with a unit, e.g. 500MB or 2GB",
+        ) from err
     if value <= 0:
         raise ConfigError(f"--max-shard-size {size!r} is not positive", "write it as e.g. 500MB or 2GB")
     return value
@@ -67,8 +69,9 @@ def write_shards(source: Path, model: PreTrainedModel, folder: Path, max_shard_s
     """Copy ``model``'s tensors (meta, in the dtypes to write) from the DCP checkpoint ``source`` into
     safetensors shards in ``folder`` (plus the index where there are several), one shard in memory at a time."""
     wanted = saved_tensors(model)
-    split = split_torch_state_dict_into_shards(wanted, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        wanted, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
     for filename, names in split.filename_to_tensors.items():
         shard = {name: torch.empty(wanted[name].shape, dtype=wanted[name].dtype) for name in names}
         _load(source, shard)
@@ -76,8 +79,10 @@ def write_shards(source: Path, model: PreTrainedModel, folder: Path, max_shard_s
         del shard  # freed before the next shard is read
     if not split.is_sharded:
         return
-    index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
-             "weight_map": split.tensor_to_filename}
+    index = {
+        "metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+        "weight_map": split.tensor_to_filename,
+    }
     (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -88,8 +93,10 @@ def _load(source: Path, tensors: dict[str, torch.Tensor]) -> None:
             dcp.load({"model": tensors}, checkpoint_id=str(source), no_dist=True)
     except (Exception, CheckpointException) as err:  # DCP raises many types for damaged shards
         cause = _first_failure(err)
-        raise CheckpointError(f"reading the weights of {source} failed ({type(cause).__name__}: "
-                              f"{first_line(cause)})", "export another checkpoint") from err
+        raise CheckpointError(
+            f"reading the weights of {source} failed ({type(cause).__name__}: {first_line(cause)})",
+            "export another checkpoint",
+        ) from err
 
 
 def _first_failure(err: BaseException) -> BaseException:

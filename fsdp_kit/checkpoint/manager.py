@@ -69,10 +69,17 @@ class RunIdentity:
         return sum(int(torch.Size(shape).numel()) for shape in self.param_shapes.values())
 
     @classmethod
-    def of(cls, model: torch.nn.Module, config: PretrainedConfig, model_name: str, tokenizer: str,
-           training: dict[str, Any] | None = None) -> RunIdentity:
-        shapes = {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): list(param.shape)
-                  for name, param in model.named_parameters()}
+    def of(
+        cls,
+        model: torch.nn.Module,
+        config: PretrainedConfig,
+        model_name: str,
+        tokenizer: str,
+        training: dict[str, Any] | None = None,
+    ) -> RunIdentity:
+        shapes = {
+            name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): list(param.shape) for name, param in model.named_parameters()
+        }
         return cls(model_name, config.to_dict(), tokenizer, shapes, training or {})
 
 
@@ -101,15 +108,25 @@ def newest_verified(root: Path, exclude: Path) -> Path | None:
 def corrupt_error(source: Path, bad: list[str]) -> CheckpointError:
     good = newest_verified(source.parent, source)
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-    fix = (f"resume from {good}, the newest checkpoint that verifies (checkpoint.resume={good})" if good
-           else "no other checkpoint in that folder verifies; start a new run dir")
+    fix = (
+        f"resume from {good}, the newest checkpoint that verifies (checkpoint.resume={good})"
+        if good
+        else "no other checkpoint in that folder verifies; start a new run dir"
+    )
     return CheckpointError(f"{source} is corrupt: {bad[0]}{more}", fix)
 
 
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, run_dir: str | Path, rank: int, world_size: int,
-                 identity: RunIdentity, log: Callable[[str], None] | None = None,
-                 timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        run_dir: str | Path,
+        rank: int,
+        world_size: int,
+        identity: RunIdentity,
+        log: Callable[[str], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
         """``timeout_s``: the job's collective timeout (dist.timeout_s), for the gloo groups made here."""
         self.cfg, self.rank, self.world_size, self.identity = cfg, rank, world_size, identity
         self.root = Path(run_dir) / "checkpoints"
@@ -142,8 +159,9 @@ class CheckpointManager:
         if self.identity.training:
             saved = meta.get("training") or {}
             check_layout(source, saved, self.identity.training)
-            self._changes = check_trained(source, saved.get("trained"), self.identity.training.get("trained", {}),
-                                          self.cfg.allow_changes)
+            self._changes = check_trained(
+                source, saved.get("trained"), self.identity.training.get("trained", {}), self.cfg.allow_changes
+            )
         return source, meta
 
     def restore(self, state: TrainState) -> Path | None:
@@ -156,15 +174,19 @@ class CheckpointManager:
             payload = state.state_dict()
             dcp.load(payload, checkpoint_id=str(source))
         except (Exception, CheckpointException) as err:  # DCP raises many types for damaged shards
-            raise CheckpointError(f"loading {source} failed ({type(err).__name__}: {first_line(err)})",
-                                  "the shards are damaged or incomplete; resume from another checkpoint") from err
+            raise CheckpointError(
+                f"loading {source} failed ({type(err).__name__}: {first_line(err)})",
+                "the shards are damaged or incomplete; resume from another checkpoint",
+            ) from err
         state.load_state_dict(payload)
         try:
             load_rng(source / "rng" / f"rank_{self.rank}.pt")
         except Exception as err:  # torch.load raises many types for a damaged file
-            raise CheckpointError(f"the random-generator state {source / 'rng' / f'rank_{self.rank}.pt'} is "
-                                  f"unreadable ({type(err).__name__}: {first_line(err)})",
-                                  "resume from another checkpoint; this one is left as it is") from err
+            raise CheckpointError(
+                f"the random-generator state {source / 'rng' / f'rank_{self.rank}.pt'} is "
+                f"unreadable ({type(err).__name__}: {first_line(err)})",
+                "resume from another checkpoint; this one is left as it is",
+            ) from err
         if self.identity.training:
             changes = changed_settings(meta.get("training") or {}, self.identity.training)
             apply_settings(state.optimizer, state.schedule, self.identity.training)
@@ -179,7 +201,7 @@ class CheckpointManager:
     def _verify(self, source: Path, meta: dict[str, Any]) -> None:
         """Every rank checks a share of the files; all ranks agree on the outcome."""
         names = sorted(meta.get("checksums") or {})
-        bad = verify(source, meta, names[self.rank::self.world_size])
+        bad = verify(source, meta, names[self.rank :: self.world_size])
         if self.world_size > 1:
             gathered: list[Any] = [None] * self.world_size
             dist.all_gather_object(gathered, bad, group=self._cpu_group())
@@ -190,13 +212,17 @@ class CheckpointManager:
     def _check_identity(self, source: Path, meta: dict[str, Any]) -> None:
         saved = meta.get("param_shapes", {})
         ours = self.identity.param_shapes
-        mismatched = [f"{name}: saved {saved.get(name)} vs model {shape}"
-                      for name, shape in ours.items() if saved.get(name) != shape]
+        mismatched = [
+            f"{name}: saved {saved.get(name)} vs model {shape}"
+            for name, shape in ours.items()
+            if saved.get(name) != shape
+        ]
         if mismatched:
             raise CheckpointError(
                 f"{source} was saved from a different model ({meta.get('model_name')!r}); "
                 f"{len(mismatched)} parameters differ, e.g. {mismatched[0]}",
-                "use the same model preset/overrides as the saved run, or a new run dir")
+                "use the same model preset/overrides as the saved run, or a new run dir",
+            )
 
     # -- save --------------------------------------------------------------------------------------
     def maybe_save(self, state: TrainState, final: bool) -> None:
@@ -216,13 +242,22 @@ class CheckpointManager:
             (partial / "rng").mkdir(parents=True)
         self._barrier()
         save_rng(partial / "rng" / f"rank_{self.rank}.pt")
-        meta = {"step": state.step, "samples_seen": state.samples_seen, "world_size": self.world_size,
-                "reason": reason, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "fsdp_kit": __version__, "torch": torch.__version__,
-                "model_name": self.identity.model_name, "hf_config": self.identity.hf_config,
-                "tokenizer": self.identity.tokenizer, "param_shapes": self.identity.param_shapes,
-                "training": self.identity.training, "parent": self._parent_name(),
-                "resume_request": self._request}
+        meta = {
+            "step": state.step,
+            "samples_seen": state.samples_seen,
+            "world_size": self.world_size,
+            "reason": reason,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "fsdp_kit": __version__,
+            "torch": torch.__version__,
+            "model_name": self.identity.model_name,
+            "hf_config": self.identity.hf_config,
+            "tokenizer": self.identity.tokenizer,
+            "param_shapes": self.identity.param_shapes,
+            "training": self.identity.training,
+            "parent": self._parent_name(),
+            "resume_request": self._request,
+        }
         previous, self._parent = self._parent, final
         if self.cfg.async_save and reason != "preemption":
             future = dcp.async_save(state.state_dict(), checkpoint_id=str(partial), process_group=self._cpu_group())
@@ -251,11 +286,16 @@ class CheckpointManager:
         if self.rank == 0 and partial.exists():
             with suppress(OSError):  # a .partial folder is never read; the next save of this step replaces it
                 _remove(partial)
-        intact = (f"step {previous.name.removeprefix('step_')} is intact ({previous})"
-                  if previous is not None and (previous / MARKER).is_file() else "no earlier checkpoint was saved")
-        return CheckpointError(f"saving step {step} failed: {why}; {intact}",
-                               f"free space on {self.root} (or link checkpoints/ to larger storage) and run the same "
-                               "command again: it resumes from the newest intact checkpoint")
+        intact = (
+            f"step {previous.name.removeprefix('step_')} is intact ({previous})"
+            if previous is not None and (previous / MARKER).is_file()
+            else "no earlier checkpoint was saved"
+        )
+        return CheckpointError(
+            f"saving step {step} failed: {why}; {intact}",
+            f"free space on {self.root} (or link checkpoints/ to larger storage) and run the same "
+            "command again: it resumes from the newest intact checkpoint",
+        )
 
     def wait(self) -> None:
         """Finish the background work of the last save: an asynchronous write and its commit, pruning."""
@@ -266,9 +306,10 @@ class CheckpointManager:
             err, self._worker_error = self._worker_error, None
             if isinstance(err, CheckpointError):
                 raise err
-            raise CheckpointError(f"saving a checkpoint failed ({type(err).__name__}: {first_line(err)})",
-                                  "check free space and permissions of the run dir; earlier checkpoints are "
-                                  "untouched") from err
+            raise CheckpointError(
+                f"saving a checkpoint failed ({type(err).__name__}: {first_line(err)})",
+                "check free space and permissions of the run dir; earlier checkpoints are untouched",
+            ) from err
 
     def _commit(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
         # every rank's shards and RNG file are on disk (the gather is also the barrier)
@@ -296,8 +337,9 @@ class CheckpointManager:
             dist.all_gather_object(gathered, sums, group=self._cpu_group())
         if any(part is None for part in gathered):
             if self._worker_error is None:
-                self._worker_error = CheckpointError(f"another rank failed writing {partial}",
-                                                     "see that rank's log; earlier checkpoints are untouched")
+                self._worker_error = CheckpointError(
+                    f"another rank failed writing {partial}", "see that rank's log; earlier checkpoints are untouched"
+                )
             return
         if self.rank == 0:
             self._publish(partial, final, {**meta, "checksums": {k: v for part in gathered for k, v in part.items()}})
@@ -305,15 +347,21 @@ class CheckpointManager:
 
     def _publish(self, partial: Path, final: Path, meta: dict[str, Any]) -> None:
         """Rank 0: write the marker (with every file's checksum) and rename the folder into place."""
-        meta = {**meta, "checksum": ALGORITHM, "checksums": dict(sorted(meta["checksums"].items())),
-                "seq": next_seq(self.root)}
+        meta = {
+            **meta,
+            "checksum": ALGORITHM,
+            "checksums": dict(sorted(meta["checksums"].items())),
+            "seq": next_seq(self.root),
+        }
         marker = partial / MARKER
         marker.write_text(marker_text(meta))
         _fsync(marker)
         if final.exists():  # a step trained again after resuming from an older checkpoint, or a damaged folder
             aside = move_aside(final, "replaced")
-            self._log(f"step {meta['step']} was saved again: moved the earlier {final} aside to {aside.name} "
-                      "(delete it when no longer needed)")
+            self._log(
+                f"step {meta['step']} was saved again: moved the earlier {final} aside to {aside.name} "
+                "(delete it when no longer needed)"
+            )
         os.rename(partial, final)
         _fsync(self.root)
 
@@ -347,8 +395,10 @@ class CheckpointManager:
                 _remove(old)
             moved = [f"{path.name} -> {move_aside(path, 'abandoned').name}" for path in plan.abandon]
             if moved:
-                self._log(f"moved aside the checkpoints of a timeline this run left behind (it continues from "
-                          f"{self._restored}; resume=auto never picks them): {', '.join(moved)}")
+                self._log(
+                    f"moved aside the checkpoints of a timeline this run left behind (it continues from "
+                    f"{self._restored}; resume=auto never picks them): {', '.join(moved)}"
+                )
         except OSError as err:  # a full or read-only disk must not stop training; the user is told
             self._log(f"pruning old checkpoints failed ({first_line(err)}); they are kept")
 

@@ -83,4 +83,3 @@ class PreemptionFlag:
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
-

@@ -17,8 +17,13 @@ class TrainState:
     of either. Progress is counted in optimizer steps and in samples of the data stream, so a run can
     resume at a different world size."""
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, schedule: LRScheduler,
-                 grad_scaler: torch.amp.GradScaler | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        schedule: LRScheduler,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         self.model, self.optimizer, self.schedule, self.grad_scaler = model, optimizer, schedule, grad_scaler
         self.step = 0
         self.samples_seen = 0

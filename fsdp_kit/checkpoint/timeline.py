@@ -62,8 +62,15 @@ def scan(root: Path) -> tuple[list[Save], list[CheckpointError]]:
         step = int(meta["step"]) if "step" in meta else int(named.group(1) if named else -1)
         if isinstance(meta.get("seq"), int):
             parent = meta.get("parent")
-            saves.append(Save(path, step, (1, meta["seq"]), root / parent if parent and "/" not in parent
-                              else Path(parent) if parent else None, meta.get("resume_request")))
+            saves.append(
+                Save(
+                    path,
+                    step,
+                    (1, meta["seq"]),
+                    root / parent if parent and "/" not in parent else Path(parent) if parent else None,
+                    meta.get("resume_request"),
+                )
+            )
         else:  # before timelines: a linear history in step order
             saves.append(Save(path, step, (0, step), previous_legacy, None))
             previous_legacy = path
@@ -75,8 +82,10 @@ def newest(root: Path) -> Save | None:
     newest, and resuming from an older one would silently drop training)."""
     saves, unreadable = scan(root)
     if unreadable:
-        raise CheckpointError(f"{unreadable[-1].problem} (so which checkpoint of {root} is the newest is unknown)",
-                              f"move that checkpoint out of {root}, or pass checkpoint.resume=PATH")
+        raise CheckpointError(
+            f"{unreadable[-1].problem} (so which checkpoint of {root} is the newest is unknown)",
+            f"move that checkpoint out of {root}, or pass checkpoint.resume=PATH",
+        )
     return saves[-1] if saves else None
 
 
@@ -111,7 +120,7 @@ def prune_plan(root: Path, tip: Path, keep: int, protected: set[Path]) -> PruneP
     chain = lineage(saves, tip)
     on_chain = {save.path for save in chain}
     kept = {path.resolve() for path in protected}
-    remove = [save.path for save in chain[max(keep, 1):] if save.path.resolve() not in kept]
+    remove = [save.path for save in chain[max(keep, 1) :] if save.path.resolve() not in kept]
     abandon = [save.path for save in saves if save.path not in on_chain and save.path.resolve() not in kept]
     return PrunePlan(remove, abandon)
 
@@ -141,12 +150,20 @@ def resume_source(resume: str, root: Path) -> ResumeFrom | None:
         return None
     own = newest(root)
     if resume == "auto":
-        return ResumeFrom(own.path, f"resuming from {own.path}: the newest save of this run dir's current timeline",
-                          own.request) if own else None
+        return (
+            ResumeFrom(
+                own.path, f"resuming from {own.path}: the newest save of this run dir's current timeline", own.request
+            )
+            if own
+            else None
+        )
     if own is not None and own.request == requested(resume):
-        return ResumeFrom(own.path, f"resuming from {own.path}: this run dir's newest save, which continues "
-                          f"checkpoint.resume={resume} (an explicit path applies only on the run's first start)",
-                          own.request)
+        return ResumeFrom(
+            own.path,
+            f"resuming from {own.path}: this run dir's newest save, which continues "
+            f"checkpoint.resume={resume} (an explicit path applies only on the run's first start)",
+            own.request,
+        )
     return ResumeFrom(Path(resume), f"resuming from {resume} (checkpoint.resume)", requested(resume))
 
 

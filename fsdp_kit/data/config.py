@@ -64,8 +64,18 @@ class DataConfig:
 
     def check(self, prefix: str = "data.") -> None:
         """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
-        check_fields(self, prefix, {"max_source_len": ">0", "max_target_len": ">0", "num_examples": ">0",
-                                     "eval_examples": ">0", "num_workers": ">=0", "max_skipped_fraction": "[0,1]"})
+        check_fields(
+            self,
+            prefix,
+            {
+                "max_source_len": ">0",
+                "max_target_len": ">0",
+                "num_examples": ">0",
+                "eval_examples": ">0",
+                "num_workers": ">=0",
+                "max_skipped_fraction": "[0,1]",
+            },
+        )
 
 
 PACKABLE_MODEL_TYPES = ("t5", "mt5")
@@ -80,10 +90,14 @@ def check_packing(cfg: DataConfig, model_type: str, attn_implementation: str | N
     if not cfg.packing:
         return
     if model_type not in PACKABLE_MODEL_TYPES:
-        raise ConfigError(f"data.packing=true needs a T5-family encoder-decoder ({', '.join(PACKABLE_MODEL_TYPES)}); "
-                          f"this model is {model_type!r}, whose attention cannot keep packed pairs apart",
-                          "set data.packing=false for this model")
+        raise ConfigError(
+            f"data.packing=true needs a T5-family encoder-decoder ({', '.join(PACKABLE_MODEL_TYPES)}); "
+            f"this model is {model_type!r}, whose attention cannot keep packed pairs apart",
+            "set data.packing=false for this model",
+        )
     if attn_implementation not in PACKABLE_ATTENTION:
-        raise ConfigError(f"data.packing=true needs attention that takes 4-D masks (sdpa or eager), not "
-                          f"model.attn_implementation={attn_implementation}",
-                          "set model.attn_implementation=sdpa, or data.packing=false")
+        raise ConfigError(
+            f"data.packing=true needs attention that takes 4-D masks (sdpa or eager), not "
+            f"model.attn_implementation={attn_implementation}",
+            "set model.attn_implementation=sdpa, or data.packing=false",
+        )

@@ -31,8 +31,9 @@ class TextPairs(Dataset):
 
     def __getitem__(self, index: int) -> Example:
         source, target = self.pairs[index]
-        source_ids = self.tokenizer(self.cfg.source_prefix + source, truncation=True,
-                                    max_length=self.cfg.max_source_len)["input_ids"]
+        source_ids = self.tokenizer(
+            self.cfg.source_prefix + source, truncation=True, max_length=self.cfg.max_source_len
+        )["input_ids"]
         target_ids = self.tokenizer(target, truncation=True, max_length=self.cfg.max_target_len)["input_ids"]
         return {"source": source_ids, "target": target_ids}
 
@@ -86,8 +87,12 @@ class Collator:
         decoder_input_ids = torch.full_like(labels, self.pad_id)
         decoder_input_ids[:, 0] = self.decoder_start_id  # type: ignore[assignment]  # only seq2seq models get here
         decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, self.pad_id)
-        return {"input_ids": input_ids, "attention_mask": _mask([e["source"] for e in examples], src_len),
-                "decoder_input_ids": decoder_input_ids, "labels": labels}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": _mask([e["source"] for e in examples], src_len),
+            "decoder_input_ids": decoder_input_ids,
+            "labels": labels,
+        }
 
     def _causal(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         joined = [e["source"] + e["target"] for e in examples]
@@ -96,7 +101,6 @@ class Collator:
         input_ids = pad_rows(joined, length, self.pad_id)
         labels = pad_rows([[IGNORE_INDEX] * len(e["source"]) + e["target"] for e in examples], length, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": _mask(joined, length), "labels": labels}
-
 
     def prompts(self, examples: list[Example], device: torch.device) -> dict[str, torch.Tensor]:
         """Generation inputs: sources only (left-padded for decoder-only models, which continue them)."""
@@ -148,8 +152,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
     when the world size (hence the global batch) changed.
     """
 
-    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 start_sample: int = 0) -> None:
+    def __init__(
+        self, size: int, batch_size: int, rank: int, world_size: int, seed: int, start_sample: int = 0
+    ) -> None:
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.start_sample = seed, start_sample
         self.global_batch = batch_size * world_size
@@ -197,33 +202,54 @@ class DataBundle:
     report: list[str] = field(default_factory=list)
     """One line per split: rows read, kept and skipped by reason (empty for generated data)."""
 
-    def train_loader(self, batch_size: int, rank: int, world_size: int, start_sample: int = 0,
-                     pin_memory: bool = False) -> DataLoader:
+    def train_loader(
+        self, batch_size: int, rank: int, world_size: int, start_sample: int = 0, pin_memory: bool = False
+    ) -> DataLoader:
         dataset: Dataset[Any] = self.train
         collate: Callable[[list[Any]], dict[str, torch.Tensor]] = self.collate
-        sampler: Sampler[Any] = GlobalBatchSampler(len(self.train), batch_size, rank, world_size, self.cfg.seed,
-                                     start_sample=start_sample)
+        sampler: Sampler[Any] = GlobalBatchSampler(
+            len(self.train), batch_size, rank, world_size, self.cfg.seed, start_sample=start_sample
+        )
         if self.cfg.packing:
             from fsdp_kit.data import packing  # it builds on this module's sampler and collator
 
-            sampler = packing.PackedBatchSampler(self.train.lengths, (self.cfg.max_source_len, self.cfg.max_target_len),
-                                                 len(self.train), batch_size, rank, world_size, self.cfg.seed,
-                                                 start_sample=start_sample)
+            sampler = packing.PackedBatchSampler(
+                self.train.lengths,
+                (self.cfg.max_source_len, self.cfg.max_target_len),
+                len(self.train),
+                batch_size,
+                rank,
+                world_size,
+                self.cfg.seed,
+                start_sample=start_sample,
+            )
             dataset, collate = packing.PackedPairs(self.train), packing.PackedCollator(self.collate)
         # Its own generator: creating the loader must not draw from the global RNG that dropout uses, or a
         # resumed run (which creates it after restoring the RNG) would shift every dropout mask.
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                          num_workers=self.cfg.num_workers, pin_memory=pin_memory,
-                          persistent_workers=self.cfg.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.cfg.num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=self.cfg.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
 
     def eval_loader(self, batch_size: int, rank: int, world_size: int) -> DataLoader:
         sampler = EvalBatchSampler(len(self.eval), batch_size, rank, world_size)
         if len(sampler) == 0:
-            raise ConfigError(f"the held-out set has {len(self.eval)} examples, fewer than one global batch "
-                              f"({batch_size * world_size})", "raise data.eval_examples or lower trainer.batch_size")
-        return DataLoader(self.eval, batch_sampler=sampler, collate_fn=self.collate,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))
+            raise ConfigError(
+                f"the held-out set has {len(self.eval)} examples, fewer than one global batch "
+                f"({batch_size * world_size})",
+                "raise data.eval_examples or lower trainer.batch_size",
+            )
+        return DataLoader(
+            self.eval,
+            batch_sampler=sampler,
+            collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
 
 
 def build(cfg: DataConfig, model_config: PretrainedConfig) -> DataBundle:
@@ -232,19 +258,33 @@ def build(cfg: DataConfig, model_config: PretrainedConfig) -> DataBundle:
     tokenizer = build_tokenizer(cfg.tokenizer)
     vocab_size = model_config.vocab_size
     if len(tokenizer) > vocab_size:
-        raise ConfigError(f"the tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens but the model's vocabulary "
-                          f"has {vocab_size}", "use a model preset with a larger vocab_size or a matching tokenizer")
+        raise ConfigError(
+            f"the tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}",
+            "use a model preset with a larger vocab_size or a matching tokenizer",
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.pad_token_id
     if pad_id is None:
-        raise ConfigError(f"the tokenizer {cfg.tokenizer!r} has no pad token and the model config names none",
-                          "use a tokenizer with a pad token (T5's and ByT5's have one)")
-    collate = Collator(pad_id=pad_id, is_encoder_decoder=model_config.is_encoder_decoder,
-                       decoder_start_id=getattr(model_config, "decoder_start_token_id", None),
-                       fixed_lengths=(cfg.max_source_len, cfg.max_target_len) if cfg.pad_to_max_length else None)
+        raise ConfigError(
+            f"the tokenizer {cfg.tokenizer!r} has no pad token and the model config names none",
+            "use a tokenizer with a pad token (T5's and ByT5's have one)",
+        )
+    collate = Collator(
+        pad_id=pad_id,
+        is_encoder_decoder=model_config.is_encoder_decoder,
+        decoder_start_id=getattr(model_config, "decoder_start_token_id", None),
+        fixed_lengths=(cfg.max_source_len, cfg.max_target_len) if cfg.pad_to_max_length else None,
+    )
     if cfg.source == "synthetic":
         train = SyntheticTokens(cfg.num_examples, cfg, vocab_size, cfg.seed)
         evaluation = SyntheticTokens(cfg.eval_examples, cfg, vocab_size, cfg.seed + 1)
         return DataBundle(train, evaluation, None, collate, tokenizer, cfg)
     loaded = load_pairs(cfg)
-    return DataBundle(TextPairs(loaded.train, tokenizer, cfg), TextPairs(loaded.eval, tokenizer, cfg), loaded.eval,
-                      collate, tokenizer, cfg, loaded.report)
+    return DataBundle(
+        TextPairs(loaded.train, tokenizer, cfg),
+        TextPairs(loaded.eval, tokenizer, cfg),
+        loaded.eval,
+        collate,
+        tokenizer,
+        cfg,
+        loaded.report,
+    )

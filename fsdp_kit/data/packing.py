@@ -44,8 +44,17 @@ class PackedBatchSampler(GlobalBatchSampler):
     """Yields this rank's rows of each packed global batch; ``lengths(index)`` gives a pair's (source, target)
     token counts after truncation."""
 
-    def __init__(self, lengths: Callable[[int], tuple[int, int]], limits: tuple[int, int], size: int,
-                 batch_size: int, rank: int, world_size: int, seed: int, start_sample: int = 0) -> None:
+    def __init__(
+        self,
+        lengths: Callable[[int], tuple[int, int]],
+        limits: tuple[int, int],
+        size: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_sample: int = 0,
+    ) -> None:
         super().__init__(size, batch_size, rank, world_size, seed, start_sample)
         self.lengths, self.limits = lengths, limits
 
@@ -54,7 +63,7 @@ class PackedBatchSampler(GlobalBatchSampler):
         while True:
             rows, position_after = self._rows(position, self.global_batch)
             consumed = position_after - position
-            mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            mine = rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             yield [PackedRow(tuple(row), consumed) for row in mine]
             position = position_after
 
@@ -103,17 +112,19 @@ class PackedCollator:
         targets = [[t for e in examples for t in e["target"]] for examples, _ in rows]
         start_id = self.collate.decoder_start_id
         assert start_id is not None  # packing is refused for models without a decoder start token
-        starts = [[t for e in examples for t in [start_id, *e["target"][:-1]]]
-                  for examples, _ in rows]
+        starts = [[t for e in examples for t in [start_id, *e["target"][:-1]]] for examples, _ in rows]
         source_len = padded_length(max(map(len, sources)), fixed_source)
         target_len = padded_length(max(map(len, targets)), fixed_target)
         segment_ids = pad_rows([_segments(examples, "source") for examples, _ in rows], source_len, 0)
-        return {"input_ids": pad_rows(sources, source_len, self.collate.pad_id),
-                "attention_mask": (segment_ids > 0).long(), "segment_ids": segment_ids,
-                "decoder_input_ids": pad_rows(starts, target_len, self.collate.pad_id),
-                "decoder_segment_ids": pad_rows([_segments(examples, "target") for examples, _ in rows], target_len, 0),
-                "labels": pad_rows(targets, target_len, IGNORE_INDEX),
-                PAIRS_KEY: torch.tensor(rows[0][1])}
+        return {
+            "input_ids": pad_rows(sources, source_len, self.collate.pad_id),
+            "attention_mask": (segment_ids > 0).long(),
+            "segment_ids": segment_ids,
+            "decoder_input_ids": pad_rows(starts, target_len, self.collate.pad_id),
+            "decoder_segment_ids": pad_rows([_segments(examples, "target") for examples, _ in rows], target_len, 0),
+            "labels": pad_rows(targets, target_len, IGNORE_INDEX),
+            PAIRS_KEY: torch.tensor(rows[0][1]),
+        }
 
 
 def _segments(examples: list[Example], side: str) -> list[int]:
@@ -129,5 +140,8 @@ def take_stream_pairs(batch: dict[str, torch.Tensor]) -> int | None:
 def as_packed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An unpacked seq2seq batch as packed rows of one pair each: the packed forward (its 4-D masks included) at
     the same shapes, for the batch-size search."""
-    return {**batch, "segment_ids": batch["attention_mask"].long(),
-            "decoder_segment_ids": (batch["labels"] != IGNORE_INDEX).long()}
+    return {
+        **batch,
+        "segment_ids": batch["attention_mask"].long(),
+        "decoder_segment_ids": (batch["labels"] != IGNORE_INDEX).long(),
+    }

@@ -39,8 +39,13 @@ class SplitReport:
         count = sum(map(len, self.skipped.values()))
         text = f"data {self.split}: {self.read} rows read from {self.origin}, {self.kept} kept, {count} skipped"
         if count:
-            text += " (" + "; ".join(f"{reason}: {len(where)}, {_positions(self.unit, where)}"
-                                     for reason, where in self.skipped.items()) + ")"
+            text += (
+                " ("
+                + "; ".join(
+                    f"{reason}: {len(where)}, {_positions(self.unit, where)}" for reason, where in self.skipped.items()
+                )
+                + ")"
+            )
         return text
 
 
@@ -73,23 +78,27 @@ class Rows:
         boundary = self.positions[-eval_examples]
         reports = []
         for name, keep in (("train", lambda p: p < boundary), ("eval", lambda p: p >= boundary)):
-            skipped = {reason: mine for reason, where in self.skipped.items()
-                       if (mine := [p for p in where if keep(p)])}
+            skipped = {
+                reason: mine for reason, where in self.skipped.items() if (mine := [p for p in where if keep(p)])
+            }
             kept = len(self.pairs) - eval_examples if name == "train" else eval_examples
-            reports.append(SplitReport(name, self.origin, self.unit, kept + sum(map(len, skipped.values())), kept,
-                                       skipped))
+            reports.append(
+                SplitReport(name, self.origin, self.unit, kept + sum(map(len, skipped.values())), kept, skipped)
+            )
         return self.pairs[:-eval_examples], self.pairs[-eval_examples:], reports
 
     def check_skips(self, limit: float) -> None:
         count = self.read - len(self.pairs)
         if count > limit * self.read:
-            reasons = "; ".join(f"{reason}: {len(where)}, {_positions(self.unit, where)}"
-                                for reason, where in self.skipped.items())
+            reasons = "; ".join(
+                f"{reason}: {len(where)}, {_positions(self.unit, where)}" for reason, where in self.skipped.items()
+            )
             raise ConfigError(
                 f"{self.origin}: {count} of {self.read} rows would be skipped ({count / self.read:.1%}, more than "
                 f"data.max_skipped_fraction={limit}): {reasons}",
                 "fix those rows (source and target must be non-empty text; write numbers as JSON strings), "
-                "point data.source_column/data.target_column at text columns, or raise data.max_skipped_fraction")
+                "point data.source_column/data.target_column at text columns, or raise data.max_skipped_fraction",
+            )
 
 
 @dataclass
@@ -134,8 +143,10 @@ def check_source(cfg: DataConfig) -> None:
             raise ConfigError(f"data={cfg.source} needs a file", f"pass data.path=/path/to/file.{cfg.source}")
         path = Path(cfg.path)
         if not path.is_file():
-            raise ConfigError(f"data.path={cfg.path!r} does not exist or is not a file",
-                              "pass the path of an existing file (relative paths start where you launch)")
+            raise ConfigError(
+                f"data.path={cfg.path!r} does not exist or is not a file",
+                "pass the path of an existing file (relative paths start where you launch)",
+            )
         columns = _csv_header(path) if cfg.source == "csv" else _jsonl_columns(path)
         _check_columns(path, columns, cfg)
     if cfg.source == "hf":
@@ -160,12 +171,15 @@ def load_pairs(cfg: DataConfig) -> Loaded:
     else:
         rows = _read_hf(cfg)
     if rows.read == 0:
-        raise ConfigError(f"{rows.origin} has no rows", "use a file with a header and rows (csv) or one JSON "
-                          "object per line (jsonl)")
+        raise ConfigError(
+            f"{rows.origin} has no rows", "use a file with a header and rows (csv) or one JSON object per line (jsonl)"
+        )
     rows.check_skips(cfg.max_skipped_fraction)
     if len(rows.pairs) <= cfg.eval_examples:
-        raise ConfigError(f"{rows.origin} has {len(rows.pairs)} usable rows, not more than data.eval_examples="
-                          f"{cfg.eval_examples}", "lower data.eval_examples or use a larger file")
+        raise ConfigError(
+            f"{rows.origin} has {len(rows.pairs)} usable rows, not more than data.eval_examples={cfg.eval_examples}",
+            "lower data.eval_examples or use a larger file",
+        )
     train, evaluation, reports = rows.split(cfg.eval_examples)
     return Loaded(train, evaluation, [report.line() for report in reports])
 
@@ -175,7 +189,8 @@ def _check_columns(path: Path, columns: list[str], cfg: DataConfig) -> None:
     if missing:
         raise ConfigError(
             f"{path} has no column {', '.join(map(repr, missing))} (it has {', '.join(map(repr, columns))})",
-            "set data.source_column=... and data.target_column=... to two of its columns")
+            "set data.source_column=... and data.target_column=... to two of its columns",
+        )
 
 
 def _open(path: Path, newline: str | None = None) -> TextIO:
@@ -194,8 +209,10 @@ def _not_utf8(path: Path, err: UnicodeDecodeError) -> ConfigError:
                 break
         else:
             number, byte = 0, err.object[err.start]
-    return ConfigError(f"{path} is not UTF-8 text (line {number} holds the byte 0x{byte:02x})",
-                       f"save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > utf8.{path.suffix.lstrip('.')}")
+    return ConfigError(
+        f"{path} is not UTF-8 text (line {number} holds the byte 0x{byte:02x})",
+        f"save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > utf8.{path.suffix.lstrip('.')}",
+    )
 
 
 def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -214,8 +231,9 @@ def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
             problem = f"{path} line {start}: a quoted field opens here and never closes"
         else:
             problem = f"{path} line {start}: broken CSV quoting ({err})"
-        raise ConfigError(problem, "balance the quotes on that line (a quote inside a quoted field is "
-                                   "written twice: \"\")") from err
+        raise ConfigError(
+            problem, 'balance the quotes on that line (a quote inside a quoted field is written twice: "")'
+        ) from err
     except UnicodeDecodeError as err:
         raise _not_utf8(path, err) from err
 
@@ -227,8 +245,10 @@ def _csv_header(path: Path) -> list[str]:
     _, names = header
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ConfigError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once",
-                          "give every column its own name")
+        raise ConfigError(
+            f"{path}: the header names {', '.join(map(repr, repeated))} more than once",
+            "give every column its own name",
+        )
     return names
 
 
@@ -241,16 +261,22 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
                 if not line.strip():
                     continue
                 if first and line.lstrip().startswith("["):
-                    raise ConfigError(f"{path} holds a JSON array, not JSON Lines (one object per line)",
-                                      f"convert it, e.g. jq -c '.[]' {path} > {path.stem}.lines.jsonl")
+                    raise ConfigError(
+                        f"{path} holds a JSON array, not JSON Lines (one object per line)",
+                        f"convert it, e.g. jq -c '.[]' {path} > {path.stem}.lines.jsonl",
+                    )
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path} line {number} is not JSON ({err.msg}, column {err.colno})",
-                                      "write one JSON object per line (JSON Lines)") from err
+                    raise ConfigError(
+                        f"{path} line {number} is not JSON ({err.msg}, column {err.colno})",
+                        "write one JSON object per line (JSON Lines)",
+                    ) from err
                 if not isinstance(record, dict):
-                    raise ConfigError(f"{path} line {number} is a JSON {type(record).__name__}, not an object",
-                                      "write one JSON object per line (JSON Lines)")
+                    raise ConfigError(
+                        f"{path} line {number} is a JSON {type(record).__name__}, not an object",
+                        "write one JSON object per line (JSON Lines)",
+                    )
                 first = False
                 yield number, record
     except UnicodeDecodeError as err:
@@ -273,9 +299,10 @@ def _read_csv(path: Path, cfg: DataConfig) -> Rows:
     next(records)  # the header
     for number, record in records:
         if len(record) != len(names):
-            raise ConfigError(f"{path} line {number} has {len(record)} fields, the header has {len(names)}",
-                              "quote fields that hold a comma, and look for an unbalanced quote on or before "
-                              "that line")
+            raise ConfigError(
+                f"{path} line {number} has {len(record)} fields, the header has {len(names)}",
+                "quote fields that hold a comma, and look for an unbalanced quote on or before that line",
+            )
         rows.add(number, record[source], record[target], cfg)
     return rows
 
@@ -293,12 +320,16 @@ def _read_hf(cfg: DataConfig) -> Rows:
     try:
         table = datasets.load_dataset(cfg.hf_name, cfg.hf_config_name, split=cfg.hf_split)
     except Exception as err:  # datasets raises many types for network, name and split problems
-        raise ConfigError(f"data.hf_name={cfg.hf_name!r} could not be loaded ({type(err).__name__}: {err})",
-                          "check the name/split and network, or download it and use data=jsonl") from err
+        raise ConfigError(
+            f"data.hf_name={cfg.hf_name!r} could not be loaded ({type(err).__name__}: {err})",
+            "check the name/split and network, or download it and use data=jsonl",
+        ) from err
     for column in (cfg.source_column, cfg.target_column):
         if column not in table.column_names:
-            raise ConfigError(f"{cfg.hf_name} has no column {column!r} (it has {table.column_names})",
-                              "set data.source_column / data.target_column")
+            raise ConfigError(
+                f"{cfg.hf_name} has no column {column!r} (it has {table.column_names})",
+                "set data.source_column / data.target_column",
+            )
     rows = Rows(f"{cfg.hf_name}[{cfg.hf_split}]", "row")
     for index, (source, target) in enumerate(zip(table[cfg.source_column], table[cfg.target_column])):
         rows.add(index, source, target, cfg)

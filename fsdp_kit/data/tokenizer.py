@@ -15,8 +15,10 @@ def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"data.tokenizer={name!r} cannot be loaded ({first_line(err)})",
-                          "use data.tokenizer=byt5 (offline), a local tokenizer folder or a hub name") from err
+        raise ConfigError(
+            f"data.tokenizer={name!r} cannot be loaded ({first_line(err)})",
+            "use data.tokenizer=byt5 (offline), a local tokenizer folder or a hub name",
+        ) from err
 
 
 def recorded_name(name: str) -> str:

@@ -41,10 +41,21 @@ class ClusterConfig:
 
     def check(self, prefix: str = "cluster.") -> None:
         """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
-        check_fields(self, prefix, {
-            "nodes": ">0", "gpus_per_node": ">=0", "gpu_memory_gb": ">0", "peak_tflops": ">0", "intra_node_gbps": ">0",
-            "inter_node_gbps": ">0", "cpus_per_node": ">0", "peak_tflops_fp32": ">0", "memory_bandwidth_gb_s": ">0",
-        })
+        check_fields(
+            self,
+            prefix,
+            {
+                "nodes": ">0",
+                "gpus_per_node": ">=0",
+                "gpu_memory_gb": ">0",
+                "peak_tflops": ">0",
+                "intra_node_gbps": ">0",
+                "inter_node_gbps": ">0",
+                "cpus_per_node": ">0",
+                "peak_tflops_fp32": ">0",
+                "memory_bandwidth_gb_s": ">0",
+            },
+        )
 
 
 @dataclass
@@ -89,7 +100,15 @@ class SlurmConfig:
 
     def check(self, prefix: str = "slurm.") -> None:
         """Each setting finite and in its range (``prefix``: where this config sits in the job)."""
-        check_fields(self, prefix, {
-            "signal_before_s": ">=0", "max_requeues": ">=0", "max_restarts": ">=0", "procs_per_node": ">0",
-            "cpus_per_task": ">0", "rdzv_port": "port",
-        })
+        check_fields(
+            self,
+            prefix,
+            {
+                "signal_before_s": ">=0",
+                "max_requeues": ">=0",
+                "max_restarts": ">=0",
+                "procs_per_node": ">0",
+                "cpus_per_task": ">0",
+                "rdzv_port": "port",
+            },
+        )

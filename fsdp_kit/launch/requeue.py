@@ -18,6 +18,8 @@ def request_requeue() -> str:
         return f"requeued Slurm job {job_id}" if done.returncode == 0 else f"scontrol requeue failed: {done.stderr}"
     if os.environ.get("TORCHELASTIC_RUN_ID") and not os.environ.get("FSDP_KIT_TORCHRUN"):
         # Plain torchrun turns the trainers' exit code into 1 (SignalException / ChildFailedError).
-        return (f"exiting with {EXIT_REQUEUE}; plain torchrun exits 1 (the run dir's {PREEMPTED_MARKER} file marks the "
-                f"preemption), python -m fsdp_kit.launch.torchrun exits {EXIT_REQUEUE}")
+        return (
+            f"exiting with {EXIT_REQUEUE}; plain torchrun exits 1 (the run dir's {PREEMPTED_MARKER} file marks the "
+            f"preemption), python -m fsdp_kit.launch.torchrun exits {EXIT_REQUEUE}"
+        )
     return f"exiting with {EXIT_REQUEUE} so the launcher requeues the job"

@@ -30,13 +30,15 @@ _NCCL_ENV = """\
 export NCCL_SOCKET_IFNAME=^docker,lo,veth  # NCCL bootstrap over the host NIC, never docker/loopback/veth"""
 
 
-def render(job: TrainConfig, overrides: list[str], render_args: list[str] | None = None,
-           file_hint: str = "job.sbatch") -> str:
+def render(
+    job: TrainConfig, overrides: list[str], render_args: list[str] | None = None, file_hint: str = "job.sbatch"
+) -> str:
     """The sbatch script for ``job``; ``overrides`` are the Hydra overrides the job runs with, ``render_args``
     the ``fsdp-kit slurm`` arguments that made it (default: the overrides)."""
     values = {
-        "description": comment_text(f"train {written(job.model.name)} on {job.cluster.nodes} node(s) of "
-                                    f"{written(job.cluster.name)}"),
+        "description": comment_text(
+            f"train {written(job.model.name)} on {job.cluster.nodes} node(s) of {written(job.cluster.name)}"
+        ),
         "render_args": shell_command(render_args if render_args is not None else overrides),
         "file_hint": shell_word(file_hint),
         "directives": "\n".join(f"#SBATCH {d}" for d in directives(job)),
@@ -64,8 +66,10 @@ def fill(template: str, values: dict[str, str]) -> str:
     """Replace every ``{{name}}``; a placeholder without a value is an error, never an empty string."""
     missing = sorted({name for name in _PLACEHOLDER.findall(template) if values.get(name) is None})
     if missing:
-        raise ConfigError(f"the sbatch template variable(s) {', '.join(missing)} have no value",
-                          "set them in the config (see fsdp_kit/launch/sbatch.py)")
+        raise ConfigError(
+            f"the sbatch template variable(s) {', '.join(missing)} have no value",
+            "set them in the config (see fsdp_kit/launch/sbatch.py)",
+        )
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
@@ -82,8 +86,12 @@ def directives(job: TrainConfig) -> list[str]:
         lines.append(f"--partition={slurm.partition}")
     if slurm.account:
         lines.append(f"--account={slurm.account}")
-    lines += [f"--time={slurm.time}", f"--output={slurm.log_dir}/%x-%j.out", "--open-mode=append",
-              f"--signal=USR2@{slurm.signal_before_s}"]
+    lines += [
+        f"--time={slurm.time}",
+        f"--output={slurm.log_dir}/%x-%j.out",
+        "--open-mode=append",
+        f"--signal=USR2@{slurm.signal_before_s}",
+    ]
     if slurm.requeue:
         lines.append("--requeue")
     for key in ("job_name", "partition", "account", "time", "log_dir"):
@@ -91,8 +99,10 @@ def directives(job: TrainConfig) -> list[str]:
     for line in lines:
         check_plain(line, "the sbatch directive")
         if any(c.isspace() or c in "'\"$`\\;" for c in line):
-            raise ConfigError(f"the sbatch directive {line!r} contains spaces, quotes or shell characters",
-                              "use plain names and values for slurm.* and cluster.* settings")
+            raise ConfigError(
+                f"the sbatch directive {line!r} contains spaces, quotes or shell characters",
+                "use plain names and values for slurm.* and cluster.* settings",
+            )
     return lines
 
 
@@ -120,6 +130,9 @@ def _shell_pattern(pattern: str, **variables: str) -> str:
 def _network_env(job: TrainConfig) -> str:
     parts = [_EFA_ENV] if job.cluster.efa else []
     parts.append(_NCCL_ENV)
-    parts.append("export NCCL_DEBUG=INFO                    # while debugging hangs" if job.slurm.nccl_debug
-                 else "# export NCCL_DEBUG=INFO                  # uncomment while debugging hangs")
+    parts.append(
+        "export NCCL_DEBUG=INFO                    # while debugging hangs"
+        if job.slurm.nccl_debug
+        else "# export NCCL_DEBUG=INFO                  # uncomment while debugging hangs"
+    )
     return "\n".join(parts)

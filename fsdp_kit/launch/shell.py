@@ -42,12 +42,15 @@ def shell_command(argv: list[str]) -> str:
 
 def comment_text(value: str) -> str:
     """``value`` for a ``#`` comment line: control characters shown as escapes, so the comment cannot end early."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for ch in value)
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii") for ch in value
+    )
 
 
 def check_plain(value: str, what: str) -> None:
     """Reject control characters in a value that is written unquoted or on one line (an ``#SBATCH`` directive)."""
     if not value.isprintable():
-        raise ConfigError(f"{what} {value!r} contains a control character (newline, tab, ...)",
-                          "use plain names and values for Slurm settings")
+        raise ConfigError(
+            f"{what} {value!r} contains a control character (newline, tab, ...)",
+            "use plain names and values for Slurm settings",
+        )

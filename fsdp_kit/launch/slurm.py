@@ -11,8 +11,18 @@ from fsdp_kit.config import TrainConfig, compose_job
 from fsdp_kit.errors import ConfigError
 from fsdp_kit.preflight import preflight
 
-__all__ = ["RUN_DIR_NAME", "TORCHRUN_LOGS", "available_partitions", "check", "compose_job", "job_name",
-           "procs_per_node", "run_dir", "timeout_minutes", "world_size"]
+__all__ = [
+    "RUN_DIR_NAME",
+    "TORCHRUN_LOGS",
+    "available_partitions",
+    "check",
+    "compose_job",
+    "job_name",
+    "procs_per_node",
+    "run_dir",
+    "timeout_minutes",
+    "world_size",
+]
 
 
 # A Slurm job's run dir under slurm.output_root; the sbatch template is rendered from this pattern.
@@ -46,8 +56,10 @@ def available_partitions() -> list[str] | None:
     result = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()  # sinfo's last line is its fatal reason; one line for the user
-        raise ConfigError(f"sinfo failed ({lines[-1] if lines else f'exit {result.returncode}'})",
-                          "check that the Slurm controller is reachable (SLURM_CONF, munge)")
+        raise ConfigError(
+            f"sinfo failed ({lines[-1] if lines else f'exit {result.returncode}'})",
+            "check that the Slurm controller is reachable (SLURM_CONF, munge)",
+        )
     return sorted(set(result.stdout.split()))
 
 
@@ -64,16 +76,19 @@ def check(job: TrainConfig, local_checks: bool = True) -> None:
     if cluster.gpus_per_node and wanted > cluster.gpus_per_node:
         raise ConfigError(
             f"slurm.procs_per_node={wanted} asks for more GPUs per node than {cluster.instance_type or cluster.name} "
-            f"has ({cluster.gpus_per_node})", f"use slurm.procs_per_node<={cluster.gpus_per_node} or add nodes")
+            f"has ({cluster.gpus_per_node})",
+            f"use slurm.procs_per_node<={cluster.gpus_per_node} or add nodes",
+        )
     timeout_minutes(slurm.time)  # raises for what Slurm would refuse
     device_type = "cuda" if cluster.gpus_per_node else "cpu"
-    preflight(job, world_size=world_size(job), device_type=device_type, probe_device=False,
-              check_files=local_checks)
+    preflight(job, world_size=world_size(job), device_type=device_type, probe_device=False, check_files=local_checks)
     if local_checks and slurm.partition:
         partitions = available_partitions()
         if partitions is not None and slurm.partition not in partitions:
-            raise ConfigError(f"slurm.partition={slurm.partition!r} does not exist on this cluster",
-                              f"use one of {', '.join(partitions) or '(none found)'}")
+            raise ConfigError(
+                f"slurm.partition={slurm.partition!r} does not exist on this cluster",
+                f"use one of {', '.join(partitions) or '(none found)'}",
+            )
 
 
 def timeout_minutes(time_limit: str) -> int | None:
@@ -86,9 +101,10 @@ def timeout_minutes(time_limit: str) -> int | None:
     if value.upper() in ("UNLIMITED", "INFINITE"):
         return None
     if match is None:
-        raise ConfigError(f"slurm.time={time_limit!r} is not a Slurm time limit",
-                          "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED, e.g. "
-                          "slurm.time=04:00:00")
+        raise ConfigError(
+            f"slurm.time={time_limit!r} is not a Slurm time limit",
+            "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED, e.g. slurm.time=04:00:00",
+        )
     clock = [int(part) for part in match.group("clock").split(":")]
     if match.group("days") is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
         hours, minutes, seconds = [*clock, 0, 0][:3]

@@ -43,15 +43,21 @@ def submit(overrides: list[str], folder: str | None = None) -> tuple[submitit.Jo
     # would end the directives and run the rest of the value as shell).
     directives(job)
     slurm, cluster = job.slurm, job.cluster
-    executor = submitit.SlurmExecutor(folder=folder or str(Path(slurm.log_dir) / "%j"),
-                                      max_num_timeout=slurm.max_requeues if slurm.requeue else 0)
+    executor = submitit.SlurmExecutor(
+        folder=folder or str(Path(slurm.log_dir) / "%j"), max_num_timeout=slurm.max_requeues if slurm.requeue else 0
+    )
     minutes = timeout_minutes(slurm.time)
     executor.update_parameters(
-        job_name=job_name(job), nodes=cluster.nodes, ntasks_per_node=procs_per_node(job),
-        gpus_per_node=procs_per_node(job) if cluster.gpus_per_node else None, cpus_per_task=slurm.cpus_per_task,
-        time=minutes if minutes is not None else "UNLIMITED", signal_delay_s=slurm.signal_before_s,
+        job_name=job_name(job),
+        nodes=cluster.nodes,
+        ntasks_per_node=procs_per_node(job),
+        gpus_per_node=procs_per_node(job) if cluster.gpus_per_node else None,
+        cpus_per_task=slurm.cpus_per_task,
+        time=minutes if minutes is not None else "UNLIMITED",
+        signal_delay_s=slurm.signal_before_s,
         partition=slurm.partition,
-        account=slurm.account, exclusive=slurm.exclusive or None,
+        account=slurm.account,
+        exclusive=slurm.exclusive or None,
         additional_parameters={"requeue": True} if slurm.requeue else {},
     )
     return executor.submit(TrainJob(list(overrides))), job

@@ -38,8 +38,7 @@ def sweep_points(config: DictConfig) -> list[list[str]]:
     arguments = [f"{key}={value}" for key, value in params.items()]
     arguments += list(config.hydra.overrides.task)
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    return [point for batch in BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
-            for point in batch]
+    return [point for batch in BasicSweeper.split_arguments(parser.parse_overrides(arguments), None) for point in batch]
 
 
 def check_point(config: DictConfig, overrides: list[str]) -> None:
@@ -51,7 +50,8 @@ def check_point(config: DictConfig, overrides: list[str]) -> None:
     launcher = point.hydra.launcher
     # The launcher decides how many ranks a job has: one process (basic), or submitit's nodes x tasks.
     world_size = int(OmegaConf.select(launcher, "nodes", default=1) or 1) * int(
-        OmegaConf.select(launcher, "tasks_per_node", default=1) or 1)
+        OmegaConf.select(launcher, "tasks_per_node", default=1) or 1
+    )
     on_slurm = _on_slurm(launcher)
     gpus = OmegaConf.select(launcher, "gpus_per_node", default=None)
     # submitit writes the launcher's settings into an sbatch file: no value may end a line there.
@@ -63,16 +63,21 @@ def check_point(config: DictConfig, overrides: list[str]) -> None:
         del point["hydra"]
     job = TrainConfig.from_hydra(point)
     # On Slurm the job runs on other machines: do not ask this one's GPU (fsdp-kit submit checks the same way).
-    preflight(job, world_size=world_size, device_type=("cuda" if gpus else "cpu") if on_slurm else None,
-              probe_device=not on_slurm)
+    preflight(
+        job,
+        world_size=world_size,
+        device_type=("cuda" if gpus else "cpu") if on_slurm else None,
+        probe_device=not on_slurm,
+    )
 
 
 def _on_slurm(launcher: DictConfig) -> bool:
     return "slurm" in str(OmegaConf.select(launcher, "_target_", default="")).lower()
 
 
-_NO_SLURM_FIX = ("run the sweep where Slurm answers (a login node of the cluster), or without Slurm: "
-                 "hydra/launcher=local")
+_NO_SLURM_FIX = (
+    "run the sweep where Slurm answers (a login node of the cluster), or without Slurm: hydra/launcher=local"
+)
 
 
 def check_slurm_answers(partition: str | None = None) -> None:
@@ -81,19 +86,25 @@ def check_slurm_answers(partition: str | None = None) -> None:
     # submitit needs srun and sbatch; sinfo asks the controller, so that "no Slurm here" is known before submitting
     missing = [tool for tool in ("sbatch", "srun", "sinfo") if shutil.which(tool) is None]
     if missing:
-        raise ConfigError(f"hydra/launcher=slurm needs the Slurm client, and {' and '.join(missing)} "
-                          f"{'is' if len(missing) == 1 else 'are'} not on PATH: Slurm is not reachable from this "
-                          "machine", _NO_SLURM_FIX)
+        raise ConfigError(
+            f"hydra/launcher=slurm needs the Slurm client, and {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH: Slurm is not reachable from this "
+            "machine",
+            _NO_SLURM_FIX,
+        )
     try:
         partitions = available_partitions()
     except ConfigError as err:
         raise ConfigError(f"Slurm is not reachable from this machine: {err.problem}", _NO_SLURM_FIX) from err
     except subprocess.TimeoutExpired as err:
-        raise ConfigError(f"Slurm is not reachable from this machine: sinfo did not answer in {err.timeout:g} s",
-                          _NO_SLURM_FIX) from err
+        raise ConfigError(
+            f"Slurm is not reachable from this machine: sinfo did not answer in {err.timeout:g} s", _NO_SLURM_FIX
+        ) from err
     if partition and partitions is not None and partition not in partitions:
-        raise ConfigError(f"hydra.launcher.partition={partition!r} does not exist on this cluster",
-                          f"use one of {', '.join(partitions) or '(none found)'}")
+        raise ConfigError(
+            f"hydra.launcher.partition={partition!r} does not exist on this cluster",
+            f"use one of {', '.join(partitions) or '(none found)'}",
+        )
 
 
 def _strings(node: object, key: str) -> list[tuple[str, str]]:
@@ -127,8 +138,11 @@ class CheckSweep(Callback):
                     warnings.simplefilter("ignore")  # each job warns for itself when it runs
                     check_point(config, overrides)
             except FsdpKitError as err:
-                print(f"error: sweep point {number} of {len(points)} ({' '.join(overrides)}): {err} "
-                      "Nothing was launched.", file=sys.stderr)
+                print(
+                    f"error: sweep point {number} of {len(points)} ({' '.join(overrides)}): {err} "
+                    "Nothing was launched.",
+                    file=sys.stderr,
+                )
                 sys.exit(err.exit_code)
         if _on_slurm(config.hydra.launcher):  # after the points: a bad point is the user's to fix anywhere
             try:

@@ -102,8 +102,9 @@ def is_preemption(codes: list[int], causes: list[str], marker_left: bool = False
     exited EXIT_REQUEUE after a save, or rank 0 left the run dir's ``preempted`` marker during this attempt (it
     writes it after the save: a trainer that then crashes on its way out, e.g. SIGABRT in a process group's
     teardown, does not undo the save)."""
-    return marker_left or (all(code == EXIT_REQUEUE for code in codes) and not any(c.startswith("hung")
-                                                                                   for c in causes))
+    return marker_left or (
+        all(code == EXIT_REQUEUE for code in codes) and not any(c.startswith("hung") for c in causes)
+    )
 
 
 class Agent(LocalElasticAgent):
@@ -155,8 +156,10 @@ class Agent(LocalElasticAgent):
             after = "the job is requeued and resumes from that save"
         elif self._remaining_restarts > 0:
             done = spec.max_restarts - self._remaining_restarts
-            after = (f"restarting the workers of every node from the newest checkpoint (restart {done + 1} of "
-                     f"{spec.max_restarts})")
+            after = (
+                f"restarting the workers of every node from the newest checkpoint (restart {done + 1} of "
+                f"{spec.max_restarts})"
+            )
         elif any(f.exitcode == EXIT_REQUEUE for _, f in failures):
             after = f"no restarts left (slurm.max_restarts={spec.max_restarts}); the job is requeued"
         else:
@@ -165,11 +168,14 @@ class Agent(LocalElasticAgent):
         for (rank, failure), cause in zip(failures, causes):
             alike.setdefault(cause, []).append((rank, failure))
         for cause, ranks in alike.items():
-            outputs = [str(stderrs[f.local_rank]) for _, f in ranks
-                       if stderrs.get(f.local_rank) and f.exitcode != EXIT_REQUEUE]
+            outputs = [
+                str(stderrs[f.local_rank]) for _, f in ranks if stderrs.get(f.local_rank) and f.exitcode != EXIT_REQUEUE
+            ]
             where = f"; {'its' if len(ranks) == 1 else 'their'} output: {', '.join(outputs)}" if outputs else ""
-            who = (f"rank{'s' if len(ranks) > 1 else ''} {', '.join(str(rank) for rank, _ in ranks)} "
-                   f"(local {', '.join(str(f.local_rank) for _, f in ranks)})")
+            who = (
+                f"rank{'s' if len(ranks) > 1 else ''} {', '.join(str(rank) for rank, _ in ranks)} "
+                f"(local {', '.join(str(f.local_rank) for _, f in ranks)})"
+            )
             _say(f"{who} {cause}; {after}{where}")
         self._reported = True
 
@@ -192,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # torchrun has forwarded the signal and waited (up to its shutdown timeout, TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
         # for the trainers to save. Requeue either way: a preempted job resumes from its newest checkpoint.
-        print(f"fsdp_kit: torchrun got {err.sigval.name} and passed it to the trainers; exiting with "
-              f"{EXIT_REQUEUE} so the job is requeued", file=sys.stderr)
+        print(
+            f"fsdp_kit: torchrun got {err.sigval.name} and passed it to the trainers; exiting with "
+            f"{EXIT_REQUEUE} so the job is requeued",
+            file=sys.stderr,
+        )
         return EXIT_REQUEUE
     except ChildFailedError as err:
         # Each failure has had its line (Agent._report); the traceback is in the file it named.
@@ -204,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     except RendezvousError as err:
         # The rendezvous is hosted by the first node's agent: once that one stopped (it said why in its own line),
         # the others cannot rejoin. One line, not the agent's traceback.
-        _say(f"cannot rejoin the other nodes ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-             "stopping (the node that stopped first says why)")
+        _say(
+            f"cannot rejoin the other nodes ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "stopping (the node that stopped first says why)"
+        )
         return 1
     return 0
 

@@ -36,28 +36,44 @@ def encoder_decoder_flops(dims: EncoderDecoderDims, batch: int, source_len: int,
     enc_block = attn + dims.ff_mats * d * dims.d_ff
     xattn_kv = 2 * d * inner
     dec_block = 2 * attn + dims.ff_mats * d * dims.d_ff
-    dense = (dims.enc_layers * enc_block * batch * source_len
-             + dims.dec_layers * (dec_block - xattn_kv) * batch * target_len
-             + dims.dec_layers * xattn_kv * batch * source_len
-             + d * dims.vocab * batch * target_len)
-    attention = (dims.enc_layers * source_len**2
-                 + dims.dec_layers * (target_len**2 + source_len * target_len)) * inner * batch
+    dense = (
+        dims.enc_layers * enc_block * batch * source_len
+        + dims.dec_layers * (dec_block - xattn_kv) * batch * target_len
+        + dims.dec_layers * xattn_kv * batch * source_len
+        + d * dims.vocab * batch * target_len
+    )
+    attention = (
+        (dims.enc_layers * source_len**2 + dims.dec_layers * (target_len**2 + source_len * target_len)) * inner * batch
+    )
     return 6 * dense + 12 * attention
 
 
 def t5_closed_form_flops(config: PretrainedConfig, batch: int, source_len: int, target_len: int) -> int:
     """T5, T5 v1.1, mT5 and Flan-T5 (see DESIGN.md); the head counts the same tied or untied."""
-    dims = EncoderDecoderDims(config.d_model, config.num_heads * config.d_kv, config.d_ff,
-                              3 if config.is_gated_act else 2, config.num_layers, config.num_decoder_layers,
-                              config.vocab_size)
+    dims = EncoderDecoderDims(
+        config.d_model,
+        config.num_heads * config.d_kv,
+        config.d_ff,
+        3 if config.is_gated_act else 2,
+        config.num_layers,
+        config.num_decoder_layers,
+        config.vocab_size,
+    )
     return encoder_decoder_flops(dims, batch, source_len, target_len)
 
 
 def _bart_flops(config: PretrainedConfig, batch: int, source_len: int, target_len: int) -> int | None:
     if config.encoder_ffn_dim != config.decoder_ffn_dim:
         return None
-    dims = EncoderDecoderDims(config.d_model, config.d_model, config.encoder_ffn_dim, 2, config.encoder_layers,
-                              config.decoder_layers, config.vocab_size)
+    dims = EncoderDecoderDims(
+        config.d_model,
+        config.d_model,
+        config.encoder_ffn_dim,
+        2,
+        config.encoder_layers,
+        config.decoder_layers,
+        config.vocab_size,
+    )
     return encoder_decoder_flops(dims, batch, source_len, target_len)
 
 

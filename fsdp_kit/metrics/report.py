@@ -30,8 +30,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
 class Reporter:
     """Writes every record to ``<run_dir>/metrics.jsonl`` and shows it; a no-op where ``enabled`` is False."""
 
-    def __init__(self, run_dir: str | Path, cfg: MetricsConfig, total_steps: int, enabled: bool,
-                 console: Console | None = None, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: MetricsConfig,
+        total_steps: int,
+        enabled: bool,
+        console: Console | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         """``config``: the resolved job config (plain values), sent to Weights & Biases as the run's config."""
         self.enabled = enabled
         self.cfg = cfg
@@ -56,8 +63,14 @@ class Reporter:
     def __enter__(self) -> Reporter:
         if self.enabled and self.cfg.progress and self.console.is_terminal:
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[stats]}"), console=self.console, transient=False)
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[stats]}"),
+                console=self.console,
+                transient=False,
+            )
             self._progress.start()
             self._task = self._progress.add_task("train", total=self.total_steps, stats="")
         return self
@@ -100,9 +113,11 @@ class Reporter:
         if not self.enabled:
             return
         self._write(record)
-        line = (f"loss {_fmt(record['loss'], 4)} | lr {record['lr']:.2e} | {_fmt(record['tokens_per_s'], 0)} tok/s | "
-                f"{_fmt(record['tflops_per_gpu'], 2)} TFLOPS/GPU | MFU {_fmt_metric('mfu', record['mfu'])} | "
-                f"mem {_fmt(record['peak_mem_gb'], 2)} GB")
+        line = (
+            f"loss {_fmt(record['loss'], 4)} | lr {record['lr']:.2e} | {_fmt(record['tokens_per_s'], 0)} tok/s | "
+            f"{_fmt(record['tflops_per_gpu'], 2)} TFLOPS/GPU | MFU {_fmt_metric('mfu', record['mfu'])} | "
+            f"mem {_fmt(record['peak_mem_gb'], 2)} GB"
+        )
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], stats=line)
         elif self.cfg.progress:
@@ -133,8 +148,11 @@ class Reporter:
             handle.write(json.dumps(record) + "\n")
         if not scalars:
             return
-        values = {key: value for key, value in record.items()
-                  if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        values = {
+            key: value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
         if self._tensorboard is not None:
             for key, value in values.items():
                 self._tensorboard.add_scalar(key, value, record["step"])
@@ -150,8 +168,14 @@ def _start_wandb(run_dir: Path, cfg: MetricsConfig, config: dict[str, Any]) -> A
 
     run_id = "fsdp-kit-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
     (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or str(run_dir), id=run_id, resume="allow",
-                      dir=str(run_dir), config=config)
+    return wandb.init(
+        project=cfg.wandb_project,
+        name=cfg.wandb_name or str(run_dir),
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        config=config,
+    )
 
 
 # Rates and counts read best as whole numbers; a percentage sign only where there is a value.

@@ -42,8 +42,9 @@ class _Window:
 class Tracker:
     """Accumulates per-step numbers without host syncs; ``record()`` syncs once and reduces across ranks."""
 
-    def __init__(self, device: torch.device, world_size: int, peak_override: float | None = None,
-                 rank: int = 0) -> None:
+    def __init__(
+        self, device: torch.device, world_size: int, peak_override: float | None = None, rank: int = 0
+    ) -> None:
         self.device, self.world_size, self.rank = device, world_size, rank
         self.device_name = device_name(device)
         self.peak_tflops = peak_tflops(self.device_name, peak_override)
@@ -72,8 +73,9 @@ class Tracker:
     def local_work_ended(self) -> None:
         self.clock.local_work_ended()
 
-    def add_step(self, loss_sum: torch.Tensor, target_tokens: torch.Tensor, tokens: int,
-                 real_tokens: torch.Tensor, flops: int) -> None:
+    def add_step(
+        self, loss_sum: torch.Tensor, target_tokens: torch.Tensor, tokens: int, real_tokens: torch.Tensor, flops: int
+    ) -> None:
         """One optimizer step's local numbers (the tensors stay where they are, unread, until ``record``)."""
         w = self._window
         w.steps += 1
@@ -88,8 +90,13 @@ class Tracker:
         w = self._window
         synchronize(self.device)
         elapsed = time.perf_counter() - w.started
-        local = torch.stack([torch.stack(w.loss_sum).sum(), torch.stack(w.target_tokens).sum(),
-                             torch.stack(w.real_tokens).sum().to(w.loss_sum[0].device)]).double()
+        local = torch.stack(
+            [
+                torch.stack(w.loss_sum).sum(),
+                torch.stack(w.target_tokens).sum(),
+                torch.stack(w.real_tokens).sum().to(w.loss_sum[0].device),
+            ]
+        ).double()
         counts = torch.tensor([w.tokens, w.flops], dtype=torch.float64, device=local.device)
         step_times, local_times = self.clock.read()
         # Each rank fills its own slots of the per-rank table: the sum over ranks is the whole table, so the
@@ -137,12 +144,17 @@ class Tracker:
         allocated, reserved = peak_memory_gb(self.device)
         if not steps or seconds <= 0:  # nothing trained in this process (e.g. resumed at max_steps): no rates
             rates: dict[str, float | None] = dict.fromkeys(
-                ("tokens_per_s", "real_tokens_per_s", "tflops_per_gpu", "mfu", "step_time_s"))
+                ("tokens_per_s", "real_tokens_per_s", "tflops_per_gpu", "mfu", "step_time_s")
+            )
         else:
             tflops = sum(w[3] for w in windows) / seconds / self.world_size / 1e12
-            rates = {"tokens_per_s": sum(w[2] for w in windows) / seconds, "tflops_per_gpu": tflops,
-                     "real_tokens_per_s": sum(w[4] for w in windows) / seconds,
-                     "mfu": tflops / self.peak_tflops if self.peak_tflops else None, "step_time_s": seconds / steps}
+            rates = {
+                "tokens_per_s": sum(w[2] for w in windows) / seconds,
+                "tflops_per_gpu": tflops,
+                "real_tokens_per_s": sum(w[4] for w in windows) / seconds,
+                "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                "step_time_s": seconds / steps,
+            }
         return {
             "steps_measured": steps,
             "tokens_per_s": rates["tokens_per_s"],
@@ -208,8 +220,9 @@ class RankClock:
         if self._started is not None:  # the last step of the window ends now
             self._step_times.append(time.perf_counter() - self._started)
             self._started = None
-        local = [fetch + (start.elapsed_time(end) / 1e3 if self.cuda else end - start)
-                 for fetch, start, end in self._pending]
+        local = [
+            fetch + (start.elapsed_time(end) / 1e3 if self.cuda else end - start) for fetch, start, end in self._pending
+        ]
         step_times = self._step_times
         self._pending, self._step_times = [], []
         return step_times, local
@@ -222,12 +235,20 @@ def _quantile(values: list[float], q: float) -> float:
     return float(torch.tensor(values, dtype=torch.float64).quantile(q)) if values else float("nan")
 
 
-def _rank_slots(rank: int, world_size: int, step_times: list[float], local_times: list[float],
-                device: torch.device) -> torch.Tensor:
+def _rank_slots(
+    rank: int, world_size: int, step_times: list[float], local_times: list[float], device: torch.device
+) -> torch.Tensor:
     """A (stats x world) table, zero but for this rank's column."""
     table = torch.zeros(len(_RANK_STATS), world_size, dtype=torch.float64, device=device)
-    table[:, rank] = torch.tensor([_quantile(step_times, 0.5), _quantile(step_times, 0.9),
-                                   _quantile(local_times, 0.5), _quantile(local_times, 0.9)], dtype=torch.float64)
+    table[:, rank] = torch.tensor(
+        [
+            _quantile(step_times, 0.5),
+            _quantile(step_times, 0.9),
+            _quantile(local_times, 0.5),
+            _quantile(local_times, 0.9),
+        ],
+        dtype=torch.float64,
+    )
     return table.flatten()
 
 

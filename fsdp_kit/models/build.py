@@ -38,21 +38,25 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         except (OSError, ValueError) as err:
             raise ConfigError(
                 f"model.pretrained={cfg.pretrained!r} is no folder here and cannot be loaded from the hub "
-                f"({first_line(err)})" if not Path(cfg.pretrained).expanduser().exists() else
-                f"model.pretrained={cfg.pretrained!r} cannot be loaded ({first_line(err)})",
+                f"({first_line(err)})"
+                if not Path(cfg.pretrained).expanduser().exists()
+                else f"model.pretrained={cfg.pretrained!r} cannot be loaded ({first_line(err)})",
                 "pass a local folder holding config.json and weights, or a hub name reachable from this machine",
             ) from err
     else:
         if cfg.arch not in CONFIG_MAPPING:
-            raise ConfigError(f"model.arch={cfg.arch!r} is not a transformers model type",
-                              "use a HF model_type such as t5 or gpt2")
+            raise ConfigError(
+                f"model.arch={cfg.arch!r} is not a transformers model type", "use a HF model_type such as t5 or gpt2"
+            )
         config_class = CONFIG_MAPPING[cfg.arch]
         check_hf_config(config_class, cfg.hf_config)
         try:
             config = config_class(**cfg.hf_config)
         except (ValueError, TypeError) as err:  # the config class's own consistency checks
-            raise ConfigError(f"model.hf_config is not a valid {config_class.__name__} ({first_line(err)})",
-                              "fix the model.hf_config values") from err
+            raise ConfigError(
+                f"model.hf_config is not a valid {config_class.__name__} ({first_line(err)})",
+                "fix the model.hf_config values",
+            ) from err
     keep_untied_head(config, _asked_settings(cfg))
     if cfg.dropout is not None:
         for key, value in config.to_dict().items():
@@ -82,8 +86,7 @@ def tie_all_but_the_head(model: PreTrainedModel) -> None:
     if model.config.tie_word_embeddings or head is None:
         return
     head_name = next(name for name, module in model.named_modules() if module is head) + ".weight"
-    ties = {target: source for target, source in (type(model)._tied_weights_keys or {}).items()
-            if target != head_name}
+    ties = {target: source for target, source in (type(model)._tied_weights_keys or {}).items() if target != head_name}
     if ties:
         model.all_tied_weights_keys = ties  # what save_pretrained and tie_weights read
         model.tie_weights(recompute_mapping=False)
@@ -96,8 +99,12 @@ def _asked_settings(cfg: ModelConfig) -> dict[str, Any]:
     return PretrainedConfig.get_config_dict(cfg.pretrained)[0]
 
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # Settings of rotary/relative-position models: no learned position table, so no hard length limit.
 _ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct")
 
@@ -111,21 +118,32 @@ def check_hf_config(config_class: type[PretrainedConfig], values: dict[str, Any]
     for key, value in values.items():
         if key not in known and not key.endswith("_token_id"):
             close = difflib.get_close_matches(key, sorted(known), n=1)
-            raise ConfigError(f"model.hf_config.{key} is not a setting of {config_class.__name__}"
-                              + (f" (did you mean {close[0]}?)" if close else ""),
-                              f"fix the key's spelling or drop model.hf_config.{key}")
+            raise ConfigError(
+                f"model.hf_config.{key} is not a setting of {config_class.__name__}"
+                + (f" (did you mean {close[0]}?)" if close else ""),
+                f"fix the key's spelling or drop model.hf_config.{key}",
+            )
         was = getattr(default, key, None)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if key.endswith(_DROPOUT_SUFFIXES) and not 0 <= value < 1:
-            raise ConfigError(f"model.hf_config.{key}={value} must be in [0, 1)",
-                              f"pass model.hf_config.{key}=<a probability, e.g. 0.1>")
+            raise ConfigError(
+                f"model.hf_config.{key}={value} must be in [0, 1)",
+                f"pass model.hf_config.{key}=<a probability, e.g. 0.1>",
+            )
         # A size, count or scale whose default is positive (d_model, num_layers, layer_norm_epsilon, ...); a token
         # id is none of these (BART's pad id defaults to 1, and 0 is a valid id).
-        if not key.endswith((*_DROPOUT_SUFFIXES, "_token_id")) and isinstance(was, (int, float)) \
-                and not isinstance(was, bool) and was > 0 and value <= 0:
-            raise ConfigError(f"model.hf_config.{key}={value} must be > 0",
-                              f"pass model.hf_config.{key}=<a number > 0> (its default is {was})")
+        if (
+            not key.endswith((*_DROPOUT_SUFFIXES, "_token_id"))
+            and isinstance(was, (int, float))
+            and not isinstance(was, bool)
+            and was > 0
+            and value <= 0
+        ):
+            raise ConfigError(
+                f"model.hf_config.{key}={value} must be > 0",
+                f"pass model.hf_config.{key}=<a number > 0> (its default is {was})",
+            )
 
 
 def check_pretrained(name: str) -> None:
@@ -136,24 +154,30 @@ def check_pretrained(name: str) -> None:
     if not looks_local:
         return
     if not path.is_dir():
-        raise ConfigError(f"model.pretrained={name!r}: " + ("not a folder" if path.exists() else
-                                                             "the folder does not exist"),
-                          "pass a folder holding config.json and the weights (e.g. from save_pretrained), "
-                          "or a hub name such as google-t5/t5-small")
+        raise ConfigError(
+            f"model.pretrained={name!r}: " + ("not a folder" if path.exists() else "the folder does not exist"),
+            "pass a folder holding config.json and the weights (e.g. from save_pretrained), "
+            "or a hub name such as google-t5/t5-small",
+        )
     if not (path / "config.json").is_file():
-        raise ConfigError(f"model.pretrained={name!r} has no config.json",
-                          "pass the folder that save_pretrained wrote (config.json and the weights)")
+        raise ConfigError(
+            f"model.pretrained={name!r} has no config.json",
+            "pass the folder that save_pretrained wrote (config.json and the weights)",
+        )
     if not any((path / weights).is_file() for weights in _WEIGHT_FILES):
-        raise ConfigError(f"model.pretrained={name!r} holds no weights (none of {', '.join(_WEIGHT_FILES)})",
-                          "copy the weights beside config.json, or use a model preset (model=t5_small) to "
-                          "start from random weights")
+        raise ConfigError(
+            f"model.pretrained={name!r} holds no weights (none of {', '.join(_WEIGHT_FILES)})",
+            "copy the weights beside config.json, or use a model preset (model=t5_small) to start from random weights",
+        )
     for weights in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(weights), framework="pt") as handle:  # reads the header only
                 handle.keys()
         except Exception as err:  # safetensors raises its own error types for a corrupt header
-            raise ConfigError(f"model.pretrained: {weights} is not a readable safetensors file ({first_line(err)})",
-                              "copy the weights again (the file is truncated or corrupt)") from err
+            raise ConfigError(
+                f"model.pretrained: {weights} is not a readable safetensors file ({first_line(err)})",
+                "copy the weights again (the file is truncated or corrupt)",
+            ) from err
 
 
 def check_fits(config: PretrainedConfig, data: DataConfig, max_new_tokens: int | None) -> None:
@@ -166,17 +190,24 @@ def check_fits(config: PretrainedConfig, data: DataConfig, max_new_tokens: int |
     if config.is_encoder_decoder:
         longest, what = max(data.max_source_len, generated + 1), "data.max_source_len and the target length"
     else:  # one sequence: the source, then the target (or the generated tokens)
-        longest, what = data.max_source_len + generated, \
-            "data.max_source_len + max(data.max_target_len, trainer.max_new_tokens)"
+        longest, what = (
+            data.max_source_len + generated,
+            "data.max_source_len + max(data.max_target_len, trainer.max_new_tokens)",
+        )
     if longest > limit:
-        raise ConfigError(f"{what} = {longest} tokens, more than the model's {limit} positions "
-                          f"({config.model_type} max_position_embeddings)",
-                          f"lower data.max_source_len/data.max_target_len to fit {limit}, or use a model with "
-                          "more positions")
+        raise ConfigError(
+            f"{what} = {longest} tokens, more than the model's {limit} positions "
+            f"({config.model_type} max_position_embeddings)",
+            f"lower data.max_source_len/data.max_target_len to fit {limit}, or use a model with more positions",
+        )
 
 
-def build(cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32,
-          config: PretrainedConfig | None = None) -> PreTrainedModel:
+def build(
+    cfg: ModelConfig,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float32,
+    config: PretrainedConfig | None = None,
+) -> PreTrainedModel:
     """An untrained model of ``cfg``'s architecture, allocated on ``device`` (meta: no memory)."""
     config = config or hf_config(cfg)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
@@ -187,8 +218,10 @@ def build(cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dt
         except ValueError as err:
             if not extra:
                 raise
-            raise ConfigError(f"model.attn_implementation={cfg.attn_implementation}: {first_line(err, 120)}",
-                              "use sdpa, eager or flex_attention, or leave it null") from err
+            raise ConfigError(
+                f"model.attn_implementation={cfg.attn_implementation}: {first_line(err, 120)}",
+                "use sdpa, eager or flex_attention, or leave it null",
+            ) from err
     tie_all_but_the_head(model)
     return model
 
@@ -209,8 +242,10 @@ def layer_classes(model: nn.Module, names: list[str] | None) -> tuple[type[nn.Mo
     present = {type(module).__name__: type(module) for module in model.modules()}
     wanted = list(names) if names else list(getattr(model, "_no_split_modules", None) or [])
     if not wanted:
-        raise ConfigError(f"{type(model).__name__} declares no transformer layer class (_no_split_modules)",
-                          "name it with wrap.layer_cls=[ClassName] or use wrap=size")
+        raise ConfigError(
+            f"{type(model).__name__} declares no transformer layer class (_no_split_modules)",
+            "name it with wrap.layer_cls=[ClassName] or use wrap=size",
+        )
     missing = [name for name in wanted if name not in present]
     if missing:
         candidates = sorted(name for name in present if name.endswith(("Block", "Layer"))) or sorted(present)

@@ -43,13 +43,13 @@ def _load_pretrained(model: PreTrainedModel, cfg: ModelConfig, rank: int) -> Non
         assert cfg.pretrained is not None  # the caller loads only a pretrained model
         dtype = next(model.parameters()).dtype
         auto = AutoModelForSeq2SeqLM if model.config.is_encoder_decoder else AutoModelForCausalLM
-        source = auto.from_pretrained(cfg.pretrained, config=model.config, dtype=dtype,
-                                      trust_remote_code=cfg.trust_remote_code)
+        source = auto.from_pretrained(
+            cfg.pretrained, config=model.config, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        )
         tie_all_but_the_head(source)
         full_state = {name: tensor.to(dtype) for name, tensor in source.state_dict().items()}
         del source
-    set_model_state_dict(model, full_state,
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def _init_unsaved_buffers(model: PreTrainedModel) -> None:
@@ -93,8 +93,9 @@ def _post_order(module: nn.Module, stop_at: set[int]) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def _full_size_parameters(modules: list[nn.Module], device: torch.device) -> Iterator[list[tuple[nn.Parameter,
-                                                                                                  torch.Tensor]]]:
+def _full_size_parameters(
+    modules: list[nn.Module], device: torch.device
+) -> Iterator[list[tuple[nn.Parameter, torch.Tensor]]]:
     """Temporarily replace the modules' sharded parameters with full-size plain ones (tied ones stay tied);
     yields (sharded parameter, full tensor) pairs."""
     full: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}

@@ -24,6 +24,7 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
         logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
     if "decoder_input_ids" not in batch:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+    loss_sum = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss_sum, (labels != IGNORE_INDEX).sum()

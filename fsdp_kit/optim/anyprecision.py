@@ -72,8 +72,11 @@ class AnyPrecisionAdamW(Optimizer):
         if variance_dtype == torch.float16:
             # (1 - beta2) * g^2 rounds to 0 in float16 for |g| below ~5e-3 (beta2=0.999): the update is then
             # m / eps. Accepted for torchdistx compatibility; fsdp_kit's config refuses it.
-            warnings.warn("AnyPrecisionAdamW variance_dtype=float16: the second moment underflows for small "
-                          "gradients and those updates blow up; use bfloat16", stacklevel=2)
+            warnings.warn(
+                "AnyPrecisionAdamW variance_dtype=float16: the second moment underflows for small "
+                "gradients and those updates blow up; use bfloat16",
+                stacklevel=2,
+            )
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -117,8 +120,13 @@ class AnyPrecisionAdamW(Optimizer):
             torch._foreach_add_([s["step"] for s in states], 1.0)
             steps = [self._bump_host_step(p, s) for p, s in zip(params, states)]
             for chunk in _chunks(list(zip(params, states, steps)), self.chunk_elements):
-                self._update(group, [_local(p) for p, _, _ in chunk], [_local(_grad(p)) for p, _, _ in chunk],
-                             [s for _, s, _ in chunk], [t for _, _, t in chunk])
+                self._update(
+                    group,
+                    [_local(p) for p, _, _ in chunk],
+                    [_local(_grad(p)) for p, _, _ in chunk],
+                    [s for _, s, _ in chunk],
+                    [t for _, _, t in chunk],
+                )
         return loss
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -136,8 +144,9 @@ class AnyPrecisionAdamW(Optimizer):
         self._host_steps[param] = step + 1
         return step + 1
 
-    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
-                states: list[dict], steps: list[int]) -> None:
+    def _update(
+        self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], steps: list[int]
+    ) -> None:
         """One chunk: ``params`` and ``grads`` are local tensors (an FSDP2 shard's own elements)."""
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]

@@ -19,19 +19,34 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "anyprecision":
         return AnyPrecisionAdamW(
-            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay,
+            params,
+            lr=cfg.lr,
+            betas=(cfg.betas[0], cfg.betas[1]),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
             use_kahan_summation=cfg.use_kahan_summation,
             momentum_dtype=getattr(torch, cfg.momentum_dtype),
             variance_dtype=getattr(torch, cfg.variance_dtype),
             compensation_buffer_dtype=getattr(torch, cfg.compensation_buffer_dtype),
             chunk_elements=cfg.chunk_elements,
         )
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, fused=cfg.fused)
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=cfg.fused,
+    )
 
 
 def build_schedule(optimizer: Optimizer, cfg: TrainerConfig) -> LRScheduler:
     """Linear warmup, then cosine (to ``min_lr_ratio`` of the peak), linear (to 0) or constant."""
     kwargs = {"min_lr_rate": cfg.min_lr_ratio} if cfg.lr_schedule == "cosine" else None
-    return get_scheduler(_SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
-                         num_training_steps=cfg.max_steps, scheduler_specific_kwargs=kwargs)
+    return get_scheduler(
+        _SCHEDULES[cfg.lr_schedule],
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+        scheduler_specific_kwargs=kwargs,
+    )

@@ -51,9 +51,12 @@ class OptimConfig:
         this config sits in the job)."""
         check_fields(self, prefix, {"lr": ">0", "eps": ">0", "weight_decay": ">=0", "chunk_elements": ">0"})
         if self.name == OptimizerName.anyprecision and self.variance_dtype == StateDtype.float16:
-            raise ConfigError(f"{prefix}variance_dtype=float16: the second moment (~gradient^2) underflows float16 "
-                              "(gradients below about 5e-3 give 0) and the update m/eps blows up",
-                              f"use {prefix}variance_dtype=bfloat16 (same size, float32's range) or float32")
+            raise ConfigError(
+                f"{prefix}variance_dtype=float16: the second moment (~gradient^2) underflows float16 "
+                "(gradients below about 5e-3 give 0) and the update m/eps blows up",
+                f"use {prefix}variance_dtype=bfloat16 (same size, float32's range) or float32",
+            )
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"{prefix}betas={self.betas} must be two numbers in [0, 1)",
-                              f"pass e.g. {prefix}betas=[0.9,0.999]")
+            raise ConfigError(
+                f"{prefix}betas={self.betas} must be two numbers in [0, 1)", f"pass e.g. {prefix}betas=[0.9,0.999]"
+            )

@@ -32,8 +32,7 @@ from fsdp_kit.plan.work import StepWork, step_work
 from fsdp_kit.policies.config import ActivationCheckpointConfig, CheckpointMode, PrecisionConfig, WrapConfig
 from fsdp_kit.policies.precision import compute_dtype
 
-__all__ = ["Plan", "Traced", "choose_checkpointing", "make_plan", "resolve_auto_checkpointing", "traced",
-           "traced_work"]
+__all__ = ["Plan", "Traced", "choose_checkpointing", "make_plan", "resolve_auto_checkpointing", "traced", "traced_work"]
 
 MAX_BATCH = 4096
 
@@ -70,16 +69,21 @@ _WORK: dict[tuple, StepWork] = {}
 def _batch_shapes(data: DataConfig, encoder_decoder: bool, batch: int) -> dict[str, tuple[int, ...]]:
     src, tgt = data.max_source_len, data.max_target_len
     if encoder_decoder:
-        shapes: dict[str, tuple[int, ...]] = {"input_ids": (batch, src), "attention_mask": (batch, src),
-                                              "decoder_input_ids": (batch, tgt), "labels": (batch, tgt)}
+        shapes: dict[str, tuple[int, ...]] = {
+            "input_ids": (batch, src),
+            "attention_mask": (batch, src),
+            "decoder_input_ids": (batch, tgt),
+            "labels": (batch, tgt),
+        }
         if data.packing:  # a packed row is full: max_source_len tokens of text, and its 4-D masks are traced
             shapes.update(segment_ids=(batch, src), decoder_segment_ids=(batch, tgt))
         return shapes
     return {"input_ids": (batch, src + tgt), "attention_mask": (batch, src + tgt), "labels": (batch, src + tgt)}
 
 
-def _meta_model(*, model: ModelConfig, precision: PrecisionConfig,
-                wrap: WrapConfig) -> tuple[PreTrainedModel, tuple[type[nn.Module], ...]]:
+def _meta_model(
+    *, model: ModelConfig, precision: PrecisionConfig, wrap: WrapConfig
+) -> tuple[PreTrainedModel, tuple[type[nn.Module], ...]]:
     hf = hf_config(model)
     built = traceable(build_model(model, device="meta", dtype=compute_dtype(precision), config=hf))
     return built, layer_classes(built, wrap.layer_cls)
@@ -87,8 +91,14 @@ def _meta_model(*, model: ModelConfig, precision: PrecisionConfig,
 
 def _trace_key(*, model: ModelConfig, wrap: WrapConfig, data: DataConfig, precision: PrecisionConfig) -> tuple:
     """What a trace depends on: the model, its layer classes, the lengths and the compute dtype."""
-    return (repr(model), repr(wrap.layer_cls), data.max_source_len, data.max_target_len, compute_dtype(precision),
-            data.packing)
+    return (
+        repr(model),
+        repr(wrap.layer_cls),
+        data.max_source_len,
+        data.max_target_len,
+        compute_dtype(precision),
+        data.packing,
+    )
 
 
 def traced(job: TrainConfig) -> Traced:
@@ -119,8 +129,9 @@ def model_shape(job: TrainConfig) -> ModelShape:
     key = (repr(job.model), repr(job.wrap), job.sharding.reshard_last_unit)
     if key not in _SHAPES:
         model, layer_cls = _meta_model(model=job.model, precision=job.precision, wrap=job.wrap)
-        _SHAPES[key] = ModelShape.of(model, wrap=job.wrap, reshard_last_unit=job.sharding.reshard_last_unit,
-                                     layer_cls=layer_cls)
+        _SHAPES[key] = ModelShape.of(
+            model, wrap=job.wrap, reshard_last_unit=job.sharding.reshard_last_unit, layer_cls=layer_cls
+        )
     return _SHAPES[key]
 
 
@@ -141,14 +152,16 @@ def largest_batch(memory_at: Callable[[int], MemoryBreakdown], capacity: float) 
 def _world(cluster: ClusterConfig) -> tuple[int, float]:
     """The GPUs of ``cluster`` and the memory of one, in GB."""
     if not cluster.gpus_per_node or not cluster.gpu_memory_gb:
-        raise ConfigError(f"cluster={cluster.name} describes no GPUs to plan for",
-                          "pick a GPU preset: cluster=p4d|p4de|p5|h100|h200, or set cluster.gpus_per_node and "
-                          "cluster.gpu_memory_gb")
+        raise ConfigError(
+            f"cluster={cluster.name} describes no GPUs to plan for",
+            "pick a GPU preset: cluster=p4d|p4de|p5|h100|h200, or set cluster.gpus_per_node and cluster.gpu_memory_gb",
+        )
     return cluster.nodes * cluster.gpus_per_node, cluster.gpu_memory_gb
 
 
-def choose_checkpointing(job: TrainConfig, world_size: int, gpus_per_node: int,
-                         budget_bytes: float) -> tuple[ActivationCheckpointConfig, MemoryBreakdown]:
+def choose_checkpointing(
+    job: TrainConfig, world_size: int, gpus_per_node: int, budget_bytes: float
+) -> tuple[ActivationCheckpointConfig, MemoryBreakdown]:
     """The lightest AC mode (none < selective < every_n < full) whose planned peak at the job's batch fits
     ``budget_bytes``; full when none does (the caller says so)."""
     trace = traced(job)
@@ -168,8 +181,9 @@ def device_memory_bytes(device: torch.device) -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def resolve_auto_checkpointing(job: TrainConfig, world_size: int, gpus_per_node: int,
-                               device: torch.device) -> TrainConfig:
+def resolve_auto_checkpointing(
+    job: TrainConfig, world_size: int, gpus_per_node: int, device: torch.device
+) -> TrainConfig:
     """``job`` with ac=auto replaced by the mode the planner picks (unchanged for any other mode).
 
     The budget is ac.budget_gb, else cluster.gpu_memory_gb, else this device's memory."""
@@ -183,9 +197,12 @@ def resolve_auto_checkpointing(job: TrainConfig, world_size: int, gpus_per_node:
         budget = device_memory_bytes(device)
     chosen, memory = choose_checkpointing(job, world_size, gpus_per_node, budget)
     if memory.total > budget:  # choose_checkpointing leaves saying so to its caller
-        warnings.warn(f"ac=auto: no checkpointing mode fits {budget / GB:.2f} GB at trainer.batch_size="
-                      f"{job.trainer.batch_size} (ac=full is planned at {memory.total / GB:.2f} GB); using ac=full. "
-                      "Lower trainer.batch_size or shard across more GPUs", stacklevel=2)
+        warnings.warn(
+            f"ac=auto: no checkpointing mode fits {budget / GB:.2f} GB at trainer.batch_size="
+            f"{job.trainer.batch_size} (ac=full is planned at {memory.total / GB:.2f} GB); using ac=full. "
+            "Lower trainer.batch_size or shard across more GPUs",
+            stacklevel=2,
+        )
     return dataclasses.replace(job, ac=chosen)
 
 
@@ -202,7 +219,11 @@ def make_plan(job: TrainConfig, with_speed: bool = True) -> Plan:
     def memory(batch: int) -> MemoryBreakdown:
         return breakdown(job, shape, trace.activations, batch, world, cluster.gpus_per_node)
 
-    speed = (estimate_speed(job, shape, trace.flops_per_sample, job.trainer.batch_size, world, traced_work(job))
-             if cluster.peak_tflops and with_speed else None)
-    return Plan(job, world, gpu_memory_gb, shape, memory(job.trainer.batch_size),
-                largest_batch(memory, capacity), speed)
+    speed = (
+        estimate_speed(job, shape, trace.flops_per_sample, job.trainer.batch_size, world, traced_work(job))
+        if cluster.peak_tflops and with_speed
+        else None
+    )
+    return Plan(
+        job, world, gpu_memory_gb, shape, memory(job.trainer.batch_size), largest_batch(memory, capacity), speed
+    )

@@ -50,8 +50,11 @@ class ActivationProfile:
             kept.update(self.layer_inputs[index])
             if selective:
                 kept.update(self.selective_outputs[index])
-        return self.outside_layers + sum(kept.values()) + sum(
-            size for index, size in enumerate(self.per_layer) if index not in checkpointed)
+        return (
+            self.outside_layers
+            + sum(kept.values())
+            + sum(size for index, size in enumerate(self.per_layer) if index not in checkpointed)
+        )
 
     def shared_inputs(self) -> float:
         """Bytes of the tensors that several layers receive (T5's position bias, the encoder output for every
@@ -75,7 +78,8 @@ class ActivationProfile:
         if checkpointed:
             recomputed = max(
                 max(self.per_layer[i] - (sum(self.selective_outputs[i].values()) if selective else 0.0), 0.0)
-                for i in checkpointed)
+                for i in checkpointed
+            )
         return largest + recomputed + self.shared_inputs()
 
 
@@ -169,8 +173,9 @@ def _fake_parameters(model: nn.Module, mode: FakeTensorMode) -> None:
                 set_parameter(module, name, nn.Parameter(mode.from_tensor(param), requires_grad=param.requires_grad))
 
 
-def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes: dict[str, tuple[int, ...]],
-            samples: int) -> ActivationProfile:
+def profile(
+    model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes: dict[str, tuple[int, ...]], samples: int
+) -> ActivationProfile:
     """Trace one forward of ``model`` (built on meta in the compute dtype) on a batch of these shapes.
 
     The model's parameters are replaced by fake ones: pass a throwaway meta model."""
@@ -185,8 +190,7 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
         index = running[0] = order[id(module)]
         tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.is_floating_point()]
         alive.extend(tensors)  # storages are told apart by address: none may be freed and reused during the trace
-        inputs[index] = {hash(StorageWeakRef(t.untyped_storage())): t.untyped_storage().nbytes()
-                              for t in tensors}
+        inputs[index] = {hash(StorageWeakRef(t.untyped_storage())): t.untyped_storage().nbytes() for t in tensors}
 
     def leave(*_: object) -> None:
         running[0] = None
@@ -222,8 +226,10 @@ def profile(model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shap
             outside += size
         else:
             per_layer[layer] += size
+
     def per_sample(table: dict[int, dict[int, int]]) -> tuple[dict[int, float], ...]:
         return tuple({k: v / samples for k, v in table.get(i, {}).items()} for i in range(len(found)))
 
-    return ActivationProfile(outside / samples, tuple(x / samples for x in per_layer), per_sample(inputs),
-                             per_sample(recorder.outputs))
+    return ActivationProfile(
+        outside / samples, tuple(x / samples for x in per_layer), per_sample(inputs), per_sample(recorder.outputs)
+    )

@@ -36,9 +36,11 @@ class Calibration:
     """The measurements the values were fitted to (file and label)."""
 
     def describe(self) -> str:
-        return (f"{self.matmul_efficiency:.0%} of peak on matmuls (fp32 {self.fp32_matmul_efficiency:.0%}), "
-                f"{self.memory_efficiency:.0%} of HBM bandwidth, {1e6 * self.seconds_per_kernel:.0f} us per kernel; "
-                f"fitted to {len(self.fitted_on)} GPU runs")
+        return (
+            f"{self.matmul_efficiency:.0%} of peak on matmuls (fp32 {self.fp32_matmul_efficiency:.0%}), "
+            f"{self.memory_efficiency:.0%} of HBM bandwidth, {1e6 * self.seconds_per_kernel:.0f} us per kernel; "
+            f"fitted to {len(self.fitted_on)} GPU runs"
+        )
 
 
 def load(path: Path = CALIBRATION_FILE) -> Calibration:
@@ -108,7 +110,9 @@ def fit(observations: list[Observation], default: Calibration) -> Calibration:
 
 def predict(calibration: Calibration, observation: Observation) -> float:
     """Predicted seconds of ``observation``'s step."""
-    return (observation.bf16_matmul_s / calibration.matmul_efficiency
-            + observation.fp32_matmul_s / calibration.fp32_matmul_efficiency
-            + observation.memory_s / calibration.memory_efficiency
-            + observation.kernels * calibration.seconds_per_kernel)
+    return (
+        observation.bf16_matmul_s / calibration.matmul_efficiency
+        + observation.fp32_matmul_s / calibration.fp32_matmul_efficiency
+        + observation.memory_s / calibration.memory_efficiency
+        + observation.kernels * calibration.seconds_per_kernel
+    )

@@ -53,8 +53,9 @@ class ModelShape:
     sharding.reshard_last_unit, the last one: policies/apply.py keeps those unsharded); None: all of them."""
 
     @classmethod
-    def of(cls, model: nn.Module, *, wrap: WrapConfig, reshard_last_unit: bool,
-           layer_cls: tuple[type[nn.Module], ...]) -> ModelShape:
+    def of(
+        cls, model: nn.Module, *, wrap: WrapConfig, reshard_last_unit: bool, layer_cls: tuple[type[nn.Module], ...]
+    ) -> ModelShape:
         units = fsdp_units(model, wrap, layer_cls)
         unit_params = [sum(p.numel() for p in unit.parameters()) for unit in units]
         total = sum(p.numel() for p in model.parameters())
@@ -100,8 +101,11 @@ def precision_bytes(precision: PrecisionConfig) -> tuple[int, int, int]:
     """Bytes per element of (master parameters and gradients, compute copies, gradient reductions)."""
     compute = dtype_bytes(compute_dtype(precision))
     reduce_dtype = mixed_precision_policy(precision).reduce_dtype
-    return (dtype_bytes(param_dtype(precision)), compute,
-            dtype_bytes(reduce_dtype) if reduce_dtype is not None else compute)
+    return (
+        dtype_bytes(param_dtype(precision)),
+        compute,
+        dtype_bytes(reduce_dtype) if reduce_dtype is not None else compute,
+    )
 
 
 def optimizer_bytes_per_param(optim: OptimConfig, precision: PrecisionConfig) -> int:
@@ -120,8 +124,11 @@ def optimizer_temporaries(job: TrainConfig, shard_params: float) -> float:
     if job.optim.name == "anyprecision":
         # per chunk: gradients cast to the state dtypes (when they differ) and sqrt(v) in the variance dtype
         grad_bytes = dtype_bytes(param_dtype(job.precision))
-        casts = sum(_OPTIM_STATE_BYTES[d] for d in (job.optim.momentum_dtype, job.optim.variance_dtype)
-                    if _OPTIM_STATE_BYTES[d] != grad_bytes)
+        casts = sum(
+            _OPTIM_STATE_BYTES[d]
+            for d in (job.optim.momentum_dtype, job.optim.variance_dtype)
+            if _OPTIM_STATE_BYTES[d] != grad_bytes
+        )
         return min(CHUNK_NUMEL, shard_params) * (casts + _OPTIM_STATE_BYTES[job.optim.variance_dtype])
     if job.optim.fused:
         return 0.0
@@ -132,8 +139,9 @@ def checkpointed_layers(ac: ActivationCheckpointConfig, layer_count: int) -> set
     return set(checkpointed_indices(ac, layer_count))
 
 
-def breakdown(job: TrainConfig, shape: ModelShape, activations: ActivationProfile, batch: int, world_size: int,
-              gpus_per_node: int) -> MemoryBreakdown:
+def breakdown(
+    job: TrainConfig, shape: ModelShape, activations: ActivationProfile, batch: int, world_size: int, gpus_per_node: int
+) -> MemoryBreakdown:
     factor = shard_factor(job.sharding, world_size, gpus_per_node)
     pbytes, cbytes, rbytes = precision_bytes(job.precision)
     on_gpu = 0.0 if job.sharding.cpu_offload else 1.0
@@ -150,7 +158,8 @@ def breakdown(job: TrainConfig, shape: ModelShape, activations: ActivationProfil
         unsharded = shape.params * cbytes + shape.largest_unit * rbytes
     checkpointed = checkpointed_layers(job.ac, len(activations.per_layer))
     selective = job.ac.mode == CheckpointMode.selective
-    act = batch * (activations.saved(checkpointed, selective)
-                   + activations.backward_working_set(checkpointed, selective))
+    act = batch * (
+        activations.saved(checkpointed, selective) + activations.backward_working_set(checkpointed, selective)
+    )
     step = optimizer_temporaries(job, shape.params / factor)
     return MemoryBreakdown(params, grads, optimizer, unsharded, act, WORKSPACE_BYTES, step)

@@ -21,12 +21,23 @@ _GIB = 2**30
 
 def _from_probe(run: dict[str, Any]) -> dict[str, Any]:
     fields = dict(item.split("=", 1) for item in run.get("overrides", []) if "=" in item)
-    record = {"model": fields.get("model"), "precision": fields.get("precision", "fp32"),
-              "ac": fields.get("ac", "none"), "wrap": fields.get("wrap", "transformer"),
-              "optim": fields.get("optim", "adamw"), "compile": bool(run.get("compiled")),
-              "batch": run.get("batch"), "tflops": run.get("tflops"), "tokens_per_s": run.get("tokens_per_s"),
-              "device": run.get("cluster"), "source_len": 512, "target_len": 128, "label": run.get("label"),
-              "overrides": run.get("overrides", []), "cluster": run.get("cluster")}
+    record = {
+        "model": fields.get("model"),
+        "precision": fields.get("precision", "fp32"),
+        "ac": fields.get("ac", "none"),
+        "wrap": fields.get("wrap", "transformer"),
+        "optim": fields.get("optim", "adamw"),
+        "compile": bool(run.get("compiled")),
+        "batch": run.get("batch"),
+        "tflops": run.get("tflops"),
+        "tokens_per_s": run.get("tokens_per_s"),
+        "device": run.get("cluster"),
+        "source_len": 512,
+        "target_len": 128,
+        "label": run.get("label"),
+        "overrides": run.get("overrides", []),
+        "cluster": run.get("cluster"),
+    }
     if run.get("peak_gib") is not None:
         record["peak_mem_gb"] = run["peak_gib"] * _GIB / 1e9
     return record
@@ -61,7 +72,8 @@ def load_records(results: Path = RESULTS) -> list[dict[str, Any]]:
         for item in items:
             record = _normalize(item)
             if record is not None:
-                record["source"] = str(path.relative_to(results.parent.parent) if results.parent.parent in
-                                       path.parents else path)
+                record["source"] = str(
+                    path.relative_to(results.parent.parent) if results.parent.parent in path.parents else path
+                )
                 records.append(record)
     return records

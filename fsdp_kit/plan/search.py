@@ -43,8 +43,13 @@ class Candidate:
     def overrides(self) -> list[str]:
         """The Hydra overrides that select this recipe."""
         job = self.job
-        out = [f"precision={job.precision.name}", f"sharding={job.sharding.strategy}", f"wrap={job.wrap.policy}",
-               f"ac={job.ac.mode}", f"trainer.batch_size={self.batch}"]
+        out = [
+            f"precision={job.precision.name}",
+            f"sharding={job.sharding.strategy}",
+            f"wrap={job.wrap.policy}",
+            f"ac={job.ac.mode}",
+            f"trainer.batch_size={self.batch}",
+        ]
         if job.precision.name == Precision.bf16_pure:
             out.insert(1, "optim=anyprecision")
         if job.trainer.compile:
@@ -64,19 +69,35 @@ def _shardings(nodes: int) -> tuple[ShardingStrategy, ...]:
     return base + ((ShardingStrategy.hybrid_shard, ShardingStrategy.hybrid_shard_zero2) if nodes > 1 else ())
 
 
-VARIED = ("precision", "sharding", "sharding.strategy", "sharding.cpu_offload", "wrap", "wrap.policy", "ac", "ac.mode",
-          "trainer.compile", "trainer.batch_size", "data.max_source_len", "data.max_target_len")
+VARIED = (
+    "precision",
+    "sharding",
+    "sharding.strategy",
+    "sharding.cpu_offload",
+    "wrap",
+    "wrap.policy",
+    "ac",
+    "ac.mode",
+    "trainer.compile",
+    "trainer.batch_size",
+    "data.max_source_len",
+    "data.max_target_len",
+)
 """The settings a recipe of the search decides (with ``optim`` for bf16_pure): the user's overrides of them give
 way to the recipe's, in what is priced and in the printed command alike."""
 
 
 def kept(user_overrides: list[str], recipe_keys: AbstractSet[str] = frozenset()) -> list[str]:
     """The user's overrides that a recipe leaves standing: all but those of the settings it decides."""
+
     def key(item: str) -> str:
         return item.split("=", 1)[0].lstrip("+~").strip()
 
-    return [item for item in user_overrides if key(item) not in VARIED and key(item) not in recipe_keys
-            and not key(item).startswith("precision.")]
+    return [
+        item
+        for item in user_overrides
+        if key(item) not in VARIED and key(item) not in recipe_keys and not key(item).startswith("precision.")
+    ]
 
 
 def search(job: TrainConfig, overrides: Sequence[str] = ()) -> tuple[list[Candidate], int]:
@@ -93,15 +114,19 @@ def search(job: TrainConfig, overrides: Sequence[str] = ()) -> tuple[list[Candid
     found: list[Candidate] = []
     priced = 0
     for precision, strategy, wrap, ac, compiled, offload in itertools.product(
-            PRECISIONS, _shardings(cluster.nodes), WRAPS, AC_MODES, (False, True), (False, True)):
+        PRECISIONS, _shardings(cluster.nodes), WRAPS, AC_MODES, (False, True), (False, True)
+    ):
         if offload and strategy == ShardingStrategy.no_shard:
             continue  # nothing sharded to keep on the host
         recipe = dataclasses.replace(
-            job, precision=dataclasses.replace(job.precision, name=precision),
+            job,
+            precision=dataclasses.replace(job.precision, name=precision),
             optim=pure_optim if precision == Precision.bf16_pure else job.optim,
             sharding=dataclasses.replace(job.sharding, strategy=strategy, cpu_offload=offload),
-            wrap=dataclasses.replace(job.wrap, policy=wrap), ac=dataclasses.replace(job.ac, mode=ac),
-            trainer=dataclasses.replace(job.trainer, compile=compiled))
+            wrap=dataclasses.replace(job.wrap, policy=wrap),
+            ac=dataclasses.replace(job.ac, mode=ac),
+            trainer=dataclasses.replace(job.trainer, compile=compiled),
+        )
         try:
             recipe.validated(world, for_training=False)
         except ConfigError:
@@ -109,8 +134,9 @@ def search(job: TrainConfig, overrides: Sequence[str] = ()) -> tuple[list[Candid
         priced += 1
         trace, shape = traced(recipe), model_shape(recipe)
 
-        def memory(batch: int, recipe: TrainConfig = recipe, shape: ModelShape = shape,
-                   trace: Traced = trace) -> MemoryBreakdown:
+        def memory(
+            batch: int, recipe: TrainConfig = recipe, shape: ModelShape = shape, trace: Traced = trace
+        ) -> MemoryBreakdown:
             return breakdown(recipe, shape, trace.activations, batch, world, cluster.gpus_per_node)
 
         batch = largest_batch(memory, capacity)
@@ -122,7 +148,7 @@ def search(job: TrainConfig, overrides: Sequence[str] = ()) -> tuple[list[Candid
     found.sort(key=lambda c: (-c.tokens_per_s, c.memory.total))
     if found:  # ties with the fastest go to the larger batch, as in README's table (benchmarks/plan_table.py)
         tied = [c for c in found if c.tokens_per_s >= found[0].tokens_per_s * (1 - TIE)]
-        found[:len(tied)] = sorted(tied, key=lambda c: -c.batch)  # stable: equal batches keep their order
+        found[: len(tied)] = sorted(tied, key=lambda c: -c.batch)  # stable: equal batches keep their order
     return found, priced
 
 
@@ -131,8 +157,11 @@ def launch_command(best: Candidate, user_overrides: list[str], config_dir: str |
     ``fsdp-kit train`` on one GPU. The user's own overrides come first, minus those of the settings the recipe
     decides (``kept``), so that the command composes the recipe that was priced."""
     job = best.job
-    ours = [*best.overrides, f"data.max_source_len={job.data.max_source_len}",
-            f"data.max_target_len={job.data.max_target_len}"]
+    ours = [
+        *best.overrides,
+        f"data.max_source_len={job.data.max_source_len}",
+        f"data.max_target_len={job.data.max_target_len}",
+    ]
     theirs = kept(user_overrides, {item.split("=", 1)[0] for item in ours})
     folder = ["--config-dir", config_dir] if config_dir else []
     args = " ".join(shlex.quote(item) for item in [*folder, *theirs, *ours])

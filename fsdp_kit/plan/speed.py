@@ -61,14 +61,19 @@ class SpeedEstimate:
 def compile_speedup(job: TrainConfig, records: list[dict[str, Any]]) -> tuple[float, str]:
     """Median ratio of compiled to uncompiled TFLOPS over pairs on record that differ only in compile."""
     key = ("model", "precision", "ac", "batch", "device")
-    plain = {tuple(r.get(k) for k in key): float(r["tflops"]) for r in records if not r.get("compile")
-             and r.get("tflops")}
-    ratios = sorted(float(r["tflops"]) / plain[tuple(r.get(k) for k in key)] for r in records
-                    if r.get("compile") and r.get("tflops") and tuple(r.get(k) for k in key) in plain)
+    plain = {
+        tuple(r.get(k) for k in key): float(r["tflops"]) for r in records if not r.get("compile") and r.get("tflops")
+    }
+    ratios = sorted(
+        float(r["tflops"]) / plain[tuple(r.get(k) for k in key)]
+        for r in records
+        if r.get("compile") and r.get("tflops") and tuple(r.get(k) for k in key) in plain
+    )
     if not ratios:
         return 1.0, "compile speed-up: none on record, assumed 1x"
-    return ratios[len(ratios) // 2], f"compile speed-up {ratios[len(ratios) // 2]:.2f}x (median of {len(ratios)} " \
-                                     "measured pairs)"
+    return ratios[
+        len(ratios) // 2
+    ], f"compile speed-up {ratios[len(ratios) // 2]:.2f}x (median of {len(ratios)} measured pairs)"
 
 
 class _Holder(nn.Module):
@@ -92,8 +97,16 @@ def optimizer_traffic(job: TrainConfig) -> tuple[float, int]:
             traffic = (7.0 * dtype_bytes(dtype), 1)
         else:  # torch's multi-tensor AdamW, its default on GPU
             traffic = optimizer_bytes_per_element(
-                lambda params: torch.optim.AdamW(params, lr=optim.lr, betas=(optim.betas[0], optim.betas[1]),
-                                                 eps=optim.eps, weight_decay=optim.weight_decay, foreach=True), dtype)
+                lambda params: torch.optim.AdamW(
+                    params,
+                    lr=optim.lr,
+                    betas=(optim.betas[0], optim.betas[1]),
+                    eps=optim.eps,
+                    weight_decay=optim.weight_decay,
+                    foreach=True,
+                ),
+                dtype,
+            )
         _OPTIMIZER_TRAFFIC[key] = traffic
     return _OPTIMIZER_TRAFFIC[key]
 
@@ -130,8 +143,9 @@ def step_work(job: TrainConfig, shape: ModelShape, work: StepWork, batch: int, f
     total = work.at(batch, checkpointed, selective) + _fsdp_copies(job, shape, factor)
     total = total + _optimizer_work(job, shape.params / factor)
     if job.trainer.clip_grad_norm is not None:  # one norm over the gradients, one in-place scale
-        total = total + Work(memory_bytes=3 * dtype_bytes(param_dtype(job.precision)) * shape.params / factor,
-                             kernels=2)
+        total = total + Work(
+            memory_bytes=3 * dtype_bytes(param_dtype(job.precision)) * shape.params / factor, kernels=2
+        )
     return total
 
 
@@ -143,8 +157,15 @@ def _memory_bandwidth(job: TrainConfig) -> tuple[float, str]:
     return assumed, f"; HBM bandwidth assumed {assumed / 1e9:.0f} GB/s (set cluster.memory_bandwidth_gb_s)"
 
 
-def observation(job: TrainConfig, shape: ModelShape, work: StepWork, batch: int, world: int,
-                measured_s: float = 0.0, label: str = "") -> Observation:
+def observation(
+    job: TrainConfig,
+    shape: ModelShape,
+    work: StepWork,
+    batch: int,
+    world: int,
+    measured_s: float = 0.0,
+    label: str = "",
+) -> Observation:
     """The step's work as the terms of plan/calibration.py's time model."""
     cluster = job.cluster
     total = step_work(job, shape, work, batch, shard_factor(job.sharding, world, cluster.gpus_per_node))
@@ -168,8 +189,11 @@ def _bandwidth_gb_s(job: TrainConfig, group_spans_nodes: bool) -> tuple[float, l
     """The bus bandwidth of a collective, and what of it is assumed rather than given by the cluster preset."""
     cluster = job.cluster
     nvlink = cluster.intra_node_gbps or ASSUMED_INTRA_NODE_GB_S
-    assumed = [] if cluster.intra_node_gbps else [
-        f"GPU-to-GPU bandwidth in a node assumed {ASSUMED_INTRA_NODE_GB_S:g} GB/s (set cluster.intra_node_gbps)"]
+    assumed = (
+        []
+        if cluster.intra_node_gbps
+        else [f"GPU-to-GPU bandwidth in a node assumed {ASSUMED_INTRA_NODE_GB_S:g} GB/s (set cluster.intra_node_gbps)"]
+    )
     if not group_spans_nodes:
         return nvlink, assumed
     # A ring crossing nodes pushes the whole buffer through each node's network once (NCCL spreads its channels
@@ -180,9 +204,16 @@ def _bandwidth_gb_s(job: TrainConfig, group_spans_nodes: bool) -> tuple[float, l
     return min(nvlink, network), assumed
 
 
-def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, batch: int, world: int,
-                   work: StepWork, records: list[dict[str, Any]] | None = None,
-                   calibration: Calibration | None = None) -> SpeedEstimate:
+def estimate_speed(
+    job: TrainConfig,
+    shape: ModelShape,
+    flops_per_sample: int,
+    batch: int,
+    world: int,
+    work: StepWork,
+    records: list[dict[str, Any]] | None = None,
+    calibration: Calibration | None = None,
+) -> SpeedEstimate:
     cluster = job.cluster
     records = load_records() if records is None else records
     calibration = calibration or calibration_file.shipped()
@@ -211,5 +242,14 @@ def estimate_speed(job: TrainConfig, shape: ModelShape, flops_per_sample: int, b
         offload_s += optimizer_traffic(job)[0] * shard / (HOST_MEMORY_GB_S * 1e9)  # the optimizer step on the host
     overlapped = max(compute_s, comm_s) + offload_s
     tokens = batch * world * (job.data.max_source_len + job.data.max_target_len)
-    return SpeedEstimate(tflops, source, compute_s, (shard_traffic + replica_traffic) / 1e9, comm_s, overlapped,
-                         compute_s + comm_s + offload_s, tokens / overlapped, "; ".join(assumed))
+    return SpeedEstimate(
+        tflops,
+        source,
+        compute_s,
+        (shard_traffic + replica_traffic) / 1e9,
+        comm_s,
+        overlapped,
+        compute_s + comm_s + offload_s,
+        tokens / overlapped,
+        "; ".join(assumed),
+    )

@@ -38,10 +38,33 @@ from fsdp_kit.torch_private import (
 
 _aten = torch.ops.aten
 _MATMULS = frozenset({_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm})
-_ALLOCATIONS = frozenset({_aten.empty, _aten.empty_like, _aten.empty_strided, _aten.new_empty,
-                          _aten.new_empty_strided, _aten.lift_fresh, _aten.detach, _aten.alias})
-_WRITE_ONLY = frozenset({_aten.zeros, _aten.zeros_like, _aten.ones_like, _aten.full, _aten.full_like, _aten.fill_,
-                         _aten.zero_, _aten.new_zeros, _aten.new_full, _aten.new_ones, _aten.scalar_tensor})
+_ALLOCATIONS = frozenset(
+    {
+        _aten.empty,
+        _aten.empty_like,
+        _aten.empty_strided,
+        _aten.new_empty,
+        _aten.new_empty_strided,
+        _aten.lift_fresh,
+        _aten.detach,
+        _aten.alias,
+    }
+)
+_WRITE_ONLY = frozenset(
+    {
+        _aten.zeros,
+        _aten.zeros_like,
+        _aten.ones_like,
+        _aten.full,
+        _aten.full_like,
+        _aten.fill_,
+        _aten.zero_,
+        _aten.new_zeros,
+        _aten.new_full,
+        _aten.new_ones,
+        _aten.scalar_tensor,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -113,7 +136,7 @@ def op_bytes(func: OpOverload, args: tuple, kwargs: dict, out: object) -> int:
     outputs = _tensors(out)
     written, read = list(outputs), []
     schema_args = op_schema_arguments(func)
-    values = [*args, *(kwargs.get(arg.name) for arg in schema_args[len(args):])]
+    values = [*args, *(kwargs.get(arg.name) for arg in schema_args[len(args) :])]
     for arg, value in zip(schema_args, values, strict=False):
         tensors = _tensors(value)
         read += tensors
@@ -165,8 +188,9 @@ def _listening(pricer: _Pricer) -> Iterator[None]:
         activations.ATTENTION_LISTENERS.remove(pricer.attention)
 
 
-def _trace(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
-           batch_shapes: dict[str, tuple[int, ...]]) -> tuple[Work, list[Work]]:
+def _trace(
+    model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes: dict[str, tuple[int, ...]]
+) -> tuple[Work, list[Work]]:
     found = layers(model, layer_cls)
     pricer = _Pricer()
 
@@ -192,8 +216,9 @@ def _trace(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
     return sum(pricer.work.values(), Work()), [pricer.work.get(i, Work()) for i in range(len(found))]
 
 
-def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
-              batch_shapes: Callable[[int], dict[str, tuple[int, ...]]]) -> StepWork:
+def step_work(
+    model: nn.Module, layer_cls: tuple[type[nn.Module], ...], batch_shapes: Callable[[int], dict[str, tuple[int, ...]]]
+) -> StepWork:
     """Trace ``model`` (a throwaway meta model in the compute dtype) at batch 2 and 3; ``batch_shapes(batch)``
     gives the input shapes."""
     mode = fake_mode()
@@ -207,12 +232,17 @@ def step_work(model: nn.Module, layer_cls: tuple[type[nn.Module], ...],
         per_sample = three - two
         return FixedPlusPerSample(two - per_sample.scaled(2), per_sample)
 
-    return StepWork(through(two_total, three_total),
-                    tuple(through(a, b) for a, b in zip(two_layers, three_layers, strict=True)))
+    return StepWork(
+        through(two_total, three_total), tuple(through(a, b) for a, b in zip(two_layers, three_layers, strict=True))
+    )
 
 
-def optimizer_bytes_per_element(make_optimizer: Callable[[list[nn.Parameter]], Optimizer], dtype: torch.dtype,
-                                elements: int = 1 << 16, tensors: int = 4) -> tuple[float, int]:
+def optimizer_bytes_per_element(
+    make_optimizer: Callable[[list[nn.Parameter]], Optimizer],
+    dtype: torch.dtype,
+    elements: int = 1 << 16,
+    tensors: int = 4,
+) -> tuple[float, int]:
     """(bytes read and written per parameter element, multi-tensor kernels per call) of one optimizer step,
     traced on fake parameters of ``dtype`` (the step after the first, when the state exists)."""
     mode = fake_mode()

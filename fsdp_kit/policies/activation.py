@@ -20,11 +20,19 @@ from fsdp_kit.torch_private import CheckpointImpl, apply_activation_checkpointin
 
 _aten = torch.ops.aten
 SAVED_OPS: frozenset = frozenset(
-    getattr(_aten, name).default for name in (
-        "mm", "addmm", "bmm", "baddbmm",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    ) if hasattr(_aten, name))
+    getattr(_aten, name).default
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(_aten, name)
+)
 """What ac=selective keeps: the outputs of these ops (the planner counts the same outputs)."""
 
 
@@ -41,16 +49,19 @@ def checkpointed_indices(cfg: ActivationCheckpointConfig, layer_count: int) -> l
     """Which of ``layer_count`` layers (in module order) are checkpointed; the planner asks the same question.
     With mode=selective every layer is, and keeps its matmul outputs."""
     if cfg.mode == CheckpointMode.auto:
-        raise ConfigError("ac=auto was not resolved to a concrete mode before use",
-                          "resolve it with fsdp_kit.plan.choose_checkpointing (the trainer does this)")
+        raise ConfigError(
+            "ac=auto was not resolved to a concrete mode before use",
+            "resolve it with fsdp_kit.plan.choose_checkpointing (the trainer does this)",
+        )
     if cfg.mode == CheckpointMode.none:
         return []
     stride = cfg.every_n if cfg.mode == CheckpointMode.every_n else 1
     return list(range(0, layer_count, stride))
 
 
-def apply_checkpointing(model: nn.Module, cfg: ActivationCheckpointConfig,
-                        layer_cls: tuple[type[nn.Module], ...]) -> int:
+def apply_checkpointing(
+    model: nn.Module, cfg: ActivationCheckpointConfig, layer_cls: tuple[type[nn.Module], ...]
+) -> int:
     """Wrap the chosen layers in non-reentrant checkpoint wrappers; returns how many were wrapped."""
     layers = [module for module in model.modules() if isinstance(module, layer_cls)] if layer_cls else []
     chosen = {id(layers[index]) for index in checkpointed_indices(cfg, len(layers))}
@@ -61,8 +72,9 @@ def apply_checkpointing(model: nn.Module, cfg: ActivationCheckpointConfig,
     extra: dict[str, Any] = {"context_fn": selective_context} if cfg.mode == CheckpointMode.selective else {}
     apply_activation_checkpointing(
         model,
-        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                                                **extra),
+        checkpoint_wrapper_fn=functools.partial(
+            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **extra
+        ),
         check_fn=lambda module: id(module) in chosen,
     )
     return len(chosen)

@@ -54,8 +54,8 @@ def set_prefetch(units: list[nn.Module], depth: int) -> None:
         return
     sharded = [cast(FSDPModule, unit) for unit in units]
     for index, unit in enumerate(sharded):
-        unit.set_modules_to_forward_prefetch(sharded[index + 1:index + 1 + depth])
-        unit.set_modules_to_backward_prefetch(sharded[max(0, index - depth):index][::-1])
+        unit.set_modules_to_forward_prefetch(sharded[index + 1 : index + 1 + depth])
+        unit.set_modules_to_backward_prefetch(sharded[max(0, index - depth) : index][::-1])
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,11 @@ def keep_fp32_modules(model: nn.Module) -> list[nn.Module]:
     """The modules named by the model's ``_keep_in_fp32_modules``, matched per name component as transformers
     matches them, that hold parameters."""
     keep = keep_fp32_names(model)
-    return [module for name, module in model.named_modules()
-            if keep and clean_name(name).rsplit(".", 1)[-1] in keep and next(module.parameters(), None) is not None]
+    return [
+        module
+        for name, module in model.named_modules()
+        if keep and clean_name(name).rsplit(".", 1)[-1] in keep and next(module.parameters(), None) is not None
+    ]
 
 
 def reshard_all(model: nn.Module) -> None:

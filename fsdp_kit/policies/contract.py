@@ -56,8 +56,15 @@ class Row:
         return self.stored  # FSDP2 casts the reduced gradient to the sharded parameter's dtype
 
     def roles(self) -> dict[str, str | None]:
-        return {"stored": self.stored, "compute": self.compute, "reduce": self.reduce, "grad": self.grad,
-                "master": self.master, "checkpoint": self.stored, "export": self.stored}
+        return {
+            "stored": self.stored,
+            "compute": self.compute,
+            "reduce": self.reduce,
+            "grad": self.grad,
+            "master": self.master,
+            "checkpoint": self.stored,
+            "export": self.stored,
+        }
 
 
 # The contract. keep_fp32: the _keep_in_fp32_modules' own row (None: the same as the model's).
@@ -83,24 +90,47 @@ def expected(precision: Precision, optim: OptimConfig, keep_fp32: bool) -> dict[
     """The contract's rows for one run: {"model": roles, "keep_fp32": roles (if the model has such modules)}."""
     main, keep = CONTRACT[precision]
     rows = {"model": main} | ({KEEP_FP32: keep or main} if keep_fp32 else {})
-    return {group: {**row.roles(), **{f"optimizer.{k}": v for k, v in optimizer_states(optim, row.stored).items()}}
-            for group, row in rows.items()}
+    return {
+        group: {**row.roles(), **{f"optimizer.{k}": v for k, v in optimizer_states(optim, row.stored).items()}}
+        for group, row in rows.items()
+    }
 
 
 def markdown_table(optim_presets: Iterable[tuple[str, OptimConfig]]) -> str:
     """README's table: one line per preset (and per optimizer), one column per role."""
-    head = ["precision", "optim", "stored", "compute", "reduce", "grad", "optimizer states", "master",
-            "checkpoint", "export", "`_keep_in_fp32_modules` (T5 `wo`)"]
+    head = [
+        "precision",
+        "optim",
+        "stored",
+        "compute",
+        "reduce",
+        "grad",
+        "optimizer states",
+        "master",
+        "checkpoint",
+        "export",
+        "`_keep_in_fp32_modules` (T5 `wo`)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for precision, (main, keep) in CONTRACT.items():
         for label, optim in optim_presets:
             states = optimizer_states(optim, main.stored)
             roles = main.roles()
-            kept = "as the model" if keep is None else \
-                f"stored {keep.stored}, compute {keep.compute}, reduce {keep.reduce} (own FSDP unit)"
-            cells = [precision.value, label, *(roles[k] for k in ("stored", "compute", "reduce", "grad")),
-                     ", ".join(f"{k} {v}" for k, v in states.items()), roles["master"] or "none",
-                     roles["checkpoint"], roles["export"], kept]
+            kept = (
+                "as the model"
+                if keep is None
+                else f"stored {keep.stored}, compute {keep.compute}, reduce {keep.reduce} (own FSDP unit)"
+            )
+            cells = [
+                precision.value,
+                label,
+                *(roles[k] for k in ("stored", "compute", "reduce", "grad")),
+                ", ".join(f"{k} {v}" for k, v in states.items()),
+                roles["master"] or "none",
+                roles["checkpoint"],
+                roles["export"],
+                kept,
+            ]
             lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines)
 
@@ -141,8 +171,11 @@ class PrecisionProbe:
         self.names = {id(p): name for name, p in model.named_parameters()}
         self.seen: dict[str, dict[str, set[str]]] = {}
         self.done = False
-        self._handles = [module.register_forward_pre_hook(self._compute(name))
-                         for name, module in model.named_modules() if any(direct_parameters(module))]
+        self._handles = [
+            module.register_forward_pre_hook(self._compute(name))
+            for name, module in model.named_modules()
+            if any(direct_parameters(module))
+        ]
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
 
     def _add(self, name: str, role: str, dtype: str) -> None:
@@ -153,6 +186,7 @@ class PrecisionProbe:
             for name, param in direct_parameters(module):
                 if param is not None and param.is_floating_point():
                     self._add(f"{module_name}.{name}", "compute", _dtype(param))
+
         return hook
 
     def _after_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
@@ -180,8 +214,12 @@ class PrecisionProbe:
 
     def observed(self) -> dict[str, dict[str, str | None]]:
         """{group: {role: dtype}}; a role holding two dtypes in one group reads "float32+bfloat16"."""
-        return {group: {role: None if dtypes == {"None"} else "+".join(sorted(dtypes))
-                        for role, dtypes in sorted(roles.items())} for group, roles in sorted(self.seen.items())}
+        return {
+            group: {
+                role: None if dtypes == {"None"} else "+".join(sorted(dtypes)) for role, dtypes in sorted(roles.items())
+            }
+            for group, roles in sorted(self.seen.items())
+        }
 
 
 def reduce_dtypes(model: nn.Module) -> dict[int, str]:
@@ -212,15 +250,33 @@ def compare(want: dict[str, dict[str, str | None]], got: dict[str, dict[str, str
 
 
 def write_report(path: Path, precision: Precision, want: dict, got: dict, problems: list[str]) -> None:
-    path.write_text(json.dumps({"precision": precision.value, "expected": want, "observed": got,
-                                "matches": not problems, "differences": problems}, indent=2) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "precision": precision.value,
+                "expected": want,
+                "observed": got,
+                "matches": not problems,
+                "differences": problems,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 README_OPTIMIZERS = (
     ("adamw", OptimConfig()),
-    ("anyprecision", OptimConfig(name=OptimizerName.anyprecision, use_kahan_summation=True,
-                                 momentum_dtype=StateDtype.bfloat16, variance_dtype=StateDtype.bfloat16,
-                                 compensation_buffer_dtype=StateDtype.bfloat16)),
+    (
+        "anyprecision",
+        OptimConfig(
+            name=OptimizerName.anyprecision,
+            use_kahan_summation=True,
+            momentum_dtype=StateDtype.bfloat16,
+            variance_dtype=StateDtype.bfloat16,
+            compensation_buffer_dtype=StateDtype.bfloat16,
+        ),
+    ),
 )
 """The optimizers README's table shows: torch AdamW, and AnyPrecision as configs/optim/anyprecision.yaml sets it."""
 

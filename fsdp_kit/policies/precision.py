@@ -7,8 +7,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from fsdp_kit.policies.config import Precision, PrecisionConfig
 
-_COMPUTE_DTYPE = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16,
-                  Precision.bf16_pure: torch.bfloat16}
+_COMPUTE_DTYPE = {
+    Precision.fp32: torch.float32,
+    Precision.bf16: torch.bfloat16,
+    Precision.fp16: torch.float16,
+    Precision.bf16_pure: torch.bfloat16,
+}
 
 
 def param_dtype(cfg: PrecisionConfig) -> torch.dtype:

@@ -45,11 +45,15 @@ def check_shard_group(cfg: ShardingConfig, world_size: int) -> None:
     if size <= 0:
         raise ConfigError(f"sharding.shard_group_size={size} must be > 0", "pass a positive shard group size")
     if not ShardingStrategy(cfg.strategy).is_hybrid:
-        raise ConfigError(f"sharding.shard_group_size={size} only applies to hybrid strategies, not {cfg.strategy}",
-                          "drop sharding.shard_group_size or use sharding=hybrid_shard")
+        raise ConfigError(
+            f"sharding.shard_group_size={size} only applies to hybrid strategies, not {cfg.strategy}",
+            "drop sharding.shard_group_size or use sharding=hybrid_shard",
+        )
     if world_size % size:
-        raise ConfigError(f"world size {world_size} is not divisible by sharding.shard_group_size={size}",
-                          f"choose a shard_group_size that divides {world_size} (usually the GPUs per node)")
+        raise ConfigError(
+            f"world size {world_size} is not divisible by sharding.shard_group_size={size}",
+            f"choose a shard_group_size that divides {world_size} (usually the GPUs per node)",
+        )
 
 
 def mesh_layout(cfg: ShardingConfig, world_size: int, local_world_size: int) -> tuple[tuple[int, ...], tuple[str, ...]]:

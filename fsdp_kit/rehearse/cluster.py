@@ -57,10 +57,12 @@ class Allowed:
     def for_tests(cls) -> Allowed:
         """The test suite's rules: on CI (CI=true, as root) both; elsewhere only when asked through the environment."""
         ci = os.environ.get("CI") == "true"
-        return cls(edit_hosts=ci or os.environ.get("FSDP_KIT_EDIT_HOSTS") == "1",
-                   install=os.geteuid() == 0 and (ci or os.environ.get("FSDP_KIT_INSTALL_SLURM") == "1"),
-                   edit_hosts_how="run with CI=true or FSDP_KIT_EDIT_HOSTS=1 to let the tests add (and remove) them",
-                   install_how="run as root with CI=true or FSDP_KIT_INSTALL_SLURM=1 to let the tests install them")
+        return cls(
+            edit_hosts=ci or os.environ.get("FSDP_KIT_EDIT_HOSTS") == "1",
+            install=os.geteuid() == 0 and (ci or os.environ.get("FSDP_KIT_INSTALL_SLURM") == "1"),
+            edit_hosts_how="run with CI=true or FSDP_KIT_EDIT_HOSTS=1 to let the tests add (and remove) them",
+            install_how="run as root with CI=true or FSDP_KIT_INSTALL_SLURM=1 to let the tests install them",
+        )
 
 
 def any_free_port() -> int:
@@ -95,17 +97,23 @@ def refuse_real_slurm() -> None:
     """Raise Unavailable where this machine belongs to a real Slurm: the local cluster never runs beside one."""
     running = [name for name in ("slurmctld", "slurmd", "slurmdbd") if pid_of(name)]
     if running:
-        raise Unavailable(f"a Slurm is already running here ({', '.join(running)}); "
-                          "the local cluster never touches a real installation")
+        raise Unavailable(
+            f"a Slurm is already running here ({', '.join(running)}); "
+            "the local cluster never touches a real installation"
+        )
     if os.environ.get("SLURM_JOB_ID"):
-        raise Unavailable(f"running inside Slurm job {os.environ['SLURM_JOB_ID']} of a real cluster; "
-                          "the local cluster never starts a second Slurm on its nodes")
+        raise Unavailable(
+            f"running inside Slurm job {os.environ['SLURM_JOB_ID']} of a real cluster; "
+            "the local cluster never starts a second Slurm on its nodes"
+        )
     configured = [str(path) for path in REAL_CONFIGS if path.exists()]
     if os.environ.get("SLURM_CONF"):
         configured.insert(0, f"SLURM_CONF={os.environ['SLURM_CONF']}")
     if configured:
-        raise Unavailable(f"this machine is set up for a real Slurm ({', '.join(configured)}); "
-                          "the local cluster never touches a real installation")
+        raise Unavailable(
+            f"this machine is set up for a real Slurm ({', '.join(configured)}); "
+            "the local cluster never touches a real installation"
+        )
 
 
 MULTINODE_PARTITION = "nodes"
@@ -117,11 +125,18 @@ class SlurmClient:
     def __init__(self, conf: Path) -> None:
         self.conf = conf
 
-    def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
-            **kwargs: Any) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, check: bool = True, env: dict[str, str] | None = None, **kwargs: Any
+    ) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster; ``env`` adds to this process's environment."""
-        return subprocess.run(list(args), capture_output=True, text=True, check=check,
-                              env={**os.environ, **(env or {}), "SLURM_CONF": str(self.conf)}, **kwargs)
+        return subprocess.run(
+            list(args),
+            capture_output=True,
+            text=True,
+            check=check,
+            env={**os.environ, **(env or {}), "SLURM_CONF": str(self.conf)},
+            **kwargs,
+        )
 
     def job_state(self, job_id: str) -> str:
         result = self.run("scontrol", "show", "job", job_id, check=False)
@@ -147,8 +162,9 @@ class SlurmClient:
 
 
 class LocalSlurm(SlurmClient):
-    def __init__(self, root: Path, allowed: Allowed, nodes: int = 0,
-                 free_port: Callable[[], int] = any_free_port) -> None:
+    def __init__(
+        self, root: Path, allowed: Allowed, nodes: int = 0, free_port: Callable[[], int] = any_free_port
+    ) -> None:
         """``nodes``: how many namespaced nodes to add beside this machine's (where they can run); ``free_port``
         picks the daemons' ports (the tests hand out ports per pytest-xdist worker)."""
         super().__init__(root / "slurm.conf")
@@ -204,15 +220,27 @@ class LocalSlurm(SlurmClient):
         if not missing:
             return
         if not self.allowed.install or shutil.which("apt-get") is None:
-            raise Unavailable(f"{', '.join(missing)} not installed; install Debian's slurm-wlm and munge "
-                              f"({APT_INSTALL}), or {self.allowed.install_how}")
+            raise Unavailable(
+                f"{', '.join(missing)} not installed; install Debian's slurm-wlm and munge "
+                f"({APT_INSTALL}), or {self.allowed.install_how}"
+            )
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        result = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"],
-                                capture_output=True, text=True, env=env, timeout=600)
+        result = subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         if result.returncode != 0:
             subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
-            result = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm",
-                                     "munge"], capture_output=True, text=True, env=env, timeout=600)
+            result = subprocess.run(
+                ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=600,
+            )
         if result.returncode != 0:
             raise Unavailable(f"apt-get install slurm-wlm munge failed: {result.stderr[-500:]}")
 
@@ -251,12 +279,15 @@ class LocalSlurm(SlurmClient):
         cpus = max(4, os.cpu_count() or 1)
         # The namespaced nodes reach the controller on the bridge; this machine's node reaches it there too.
         controller = self.network.controller_address if self.network else "127.0.0.1"
-        nodes = "".join(f"NodeName={name} NodeAddr={address} NodeHostname={name} CPUs={cpus} RealMemory={memory} "
-                        "State=UNKNOWN\n" for name, (_, address) in (self.network.nodes.items() if self.network
-                                                                     else []))
+        nodes = "".join(
+            f"NodeName={name} NodeAddr={address} NodeHostname={name} CPUs={cpus} RealMemory={memory} State=UNKNOWN\n"
+            for name, (_, address) in (self.network.nodes.items() if self.network else [])
+        )
         if nodes:
-            nodes += (f"PartitionName={MULTINODE_PARTITION} Nodes={','.join(self.nodes)} PriorityTier=1 "
-                      "MaxTime=INFINITE State=UP\n")
+            nodes += (
+                f"PartitionName={MULTINODE_PARTITION} Nodes={','.join(self.nodes)} PriorityTier=1 "
+                "MaxTime=INFINITE State=UP\n"
+            )
         self.conf.write_text(f"""\
 ClusterName=fsdpkit-test
 SlurmctldHost={self.host}({controller})
@@ -267,12 +298,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=cred_expire=5
-StateSaveLocation={self.root / 'state'}
-SlurmdSpoolDir={self.root / 'spool' / '%n'}
-SlurmctldPidFile={self.root / 'slurmctld.pid'}
-SlurmdPidFile={self.root / 'slurmd.%n.pid'}
-SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}
-SlurmdLogFile={self.root / 'log' / 'slurmd.%n.log'}
+StateSaveLocation={self.root / "state"}
+SlurmdSpoolDir={self.root / "spool" / "%n"}
+SlurmctldPidFile={self.root / "slurmctld.pid"}
+SlurmdPidFile={self.root / "slurmd.%n.pid"}
+SlurmctldLogFile={self.root / "log" / "slurmctld.log"}
+SlurmdLogFile={self.root / "log" / "slurmd.%n.log"}
 TreeWidth=65533
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -30,24 +30,33 @@ def may_edit_hosts(flag: bool) -> bool:
 def check_can_start(nodes: int, edit_hosts: bool) -> None:
     """This machine can start a local cluster of ``nodes`` namespaced nodes (not started here)."""
     if os.geteuid() != 0:
-        raise ConfigError("fsdp-kit rehearse starts a local Slurm of namespaced nodes, which needs root",
-                          "run it as root (in a container or VM of your own), or pass --slurm-conf of a running "
-                          "local cluster")
+        raise ConfigError(
+            "fsdp-kit rehearse starts a local Slurm of namespaced nodes, which needs root",
+            "run it as root (in a container or VM of your own), or pass --slurm-conf of a running local cluster",
+        )
     missing = [tool for tool in NEEDED if shutil.which(tool) is None]
     if missing:
-        raise ConfigError(f"{', '.join(missing)} not installed (Debian's slurm-wlm and munge)",
-                          f"install them: {APT_INSTALL}")
+        raise ConfigError(
+            f"{', '.join(missing)} not installed (Debian's slurm-wlm and munge)", f"install them: {APT_INSTALL}"
+        )
     try:
         refuse_real_slurm()
     except Unavailable as why:
-        raise ConfigError(f"{why}", "rehearse on a machine of your own without Slurm, or pass --slurm-conf of a "
-                          "local rehearsal cluster") from None
-    blocked = why_not(may_edit_hosts(edit_hosts), f"pass {EDIT_HOSTS_FLAG} (or set {EDIT_HOSTS_ENV}=1) to let "
-                      "rehearse add them, and remove them when it ends")
+        raise ConfigError(
+            f"{why}",
+            "rehearse on a machine of your own without Slurm, or pass --slurm-conf of a local rehearsal cluster",
+        ) from None
+    blocked = why_not(
+        may_edit_hosts(edit_hosts),
+        f"pass {EDIT_HOSTS_FLAG} (or set {EDIT_HOSTS_ENV}=1) to let rehearse add them, and remove them when it ends",
+    )
     if blocked:
-        raise ConfigError(f"cannot make {nodes} namespaced nodes: {blocked.split('; ')[0]}",
-                          blocked.split("; ", 1)[1] if "; " in blocked else
-                          "install iproute2 and util-linux (ip, nsenter, unshare) and run as root")
+        raise ConfigError(
+            f"cannot make {nodes} namespaced nodes: {blocked.split('; ')[0]}",
+            blocked.split("; ", 1)[1]
+            if "; " in blocked
+            else "install iproute2 and util-linux (ip, nsenter, unshare) and run as root",
+        )
 
 
 def check_running_cluster(conf: Path, nodes: int) -> SlurmClient:
@@ -59,16 +68,21 @@ def check_running_cluster(conf: Path, nodes: int) -> SlurmClient:
     client = SlurmClient(conf.resolve())
     found = client.nodes_of(MULTINODE_PARTITION)
     if found is None:
-        raise ConfigError(f"the Slurm controller of --slurm-conf {conf} does not answer",
-                          "start that cluster, or leave --slurm-conf out to start one")
+        raise ConfigError(
+            f"the Slurm controller of --slurm-conf {conf} does not answer",
+            "start that cluster, or leave --slurm-conf out to start one",
+        )
     if len(found) < nodes:
-        raise ConfigError(f"--slurm-conf {conf}: partition {MULTINODE_PARTITION!r} has {len(found)} node(s), the job "
-                          f"wants {nodes}", "pass cluster.nodes=<n> within it, or leave --slurm-conf out")
+        raise ConfigError(
+            f"--slurm-conf {conf}: partition {MULTINODE_PARTITION!r} has {len(found)} node(s), the job wants {nodes}",
+            "pass cluster.nodes=<n> within it, or leave --slurm-conf out",
+        )
     return client
 
 
 def check_workdir(workdir: Path) -> None:
     """A new or empty folder: nothing of an earlier rehearsal is overwritten."""
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
-        raise ConfigError(f"--workdir {workdir} exists and is not empty",
-                          "pass a new folder (nothing already there is overwritten)")
+        raise ConfigError(
+            f"--workdir {workdir} exists and is not empty", "pass a new folder (nothing already there is overwritten)"
+        )

@@ -127,8 +127,15 @@ class NodeNetwork:
     def in_node(self, node: str, command: str) -> list[str]:
         """argv that runs shell ``command`` inside ``node``: its network namespace and a UTS namespace of its own
         (not `ip netns exec`, which remounts /sys: slurmd then finds no cgroup tree and refuses to start)."""
-        return ["nsenter", f"--net=/var/run/netns/{self.nodes[node][0]}", "unshare", "--uts", "sh", "-c",
-                f"hostname {node} && {command}"]
+        return [
+            "nsenter",
+            f"--net=/var/run/netns/{self.nodes[node][0]}",
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            f"hostname {node} && {command}",
+        ]
 
     def kill_leftovers(self) -> None:
         """SIGKILL what still runs in our namespaces (job steps of a cancelled job): they are processes we made."""

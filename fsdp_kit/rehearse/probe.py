@@ -24,8 +24,11 @@ def mesh_of(model: Any) -> dict[str, Any] | None:
     for param in model.parameters():
         mesh = getattr(param, "device_mesh", None)
         if mesh is not None:
-            return {"ranks": mesh.mesh.tolist(), "dims": list(mesh.mesh_dim_names or ()),
-                    "placements": [str(p) for p in param.placements]}
+            return {
+                "ranks": mesh.mesh.tolist(),
+                "dims": list(mesh.mesh_dim_names or ()),
+                "placements": [str(p) for p in param.placements],
+            }
     return None
 
 
@@ -38,9 +41,13 @@ def install() -> None:
 
     rank = int(os.environ["RANK"])
     path = Path(folder) / f"rank{rank}.jsonl"
-    where = {"node": socket.gethostname(), "rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
-             "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
-             "requeue": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+    where = {
+        "node": socket.gethostname(),
+        "rank": rank,
+        "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+        "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        "requeue": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+    }
     original = Trainer._train_step
     started = {"layout": False}
 
@@ -51,8 +58,15 @@ def install() -> None:
     def timed_train_step(self, micro_batches):
         if not started["layout"]:
             started["layout"] = True
-            write({"kind": "layout", "world_size": self.env.world_size, "first_step": self.state.step + 1,
-                   "rendezvous": os.environ.get("MASTER_ADDR"), "mesh": mesh_of(self.model)})
+            write(
+                {
+                    "kind": "layout",
+                    "world_size": self.env.world_size,
+                    "first_step": self.state.step + 1,
+                    "rendezvous": os.environ.get("MASTER_ADDR"),
+                    "mesh": mesh_of(self.model),
+                }
+            )
         begin = time.perf_counter()
         result = original(self, micro_batches)
         write({"kind": "step", "step": self.state.step + 1, "seconds": time.perf_counter() - begin})

@@ -53,8 +53,11 @@ def rendezvous(outcome: Outcome, attempts: dict) -> Row:
     ok = len(nodes) == outcome.plan.nodes and len(first) == world and all(r["world_size"] == world for r in first)
     hosts = "; ".join(f"{node}: rank {', '.join(map(str, ranks))}" for node, ranks in nodes.items())
     endpoint = first[0]["rendezvous"] if first else "?"
-    return Row("rendezvous", ok, f"{len(first)} of {world} ranks on {len(nodes)} nodes (c10d, store at {endpoint}): "
-                                 f"{hosts or 'none joined'}")
+    return Row(
+        "rendezvous",
+        ok,
+        f"{len(first)} of {world} ranks on {len(nodes)} nodes (c10d, store at {endpoint}): {hosts or 'none joined'}",
+    )
 
 
 def shard_groups(attempts: dict) -> Row:
@@ -70,10 +73,15 @@ def shard_groups(attempts: dict) -> Row:
 
     groups = "; ".join(on(group) for group in ranks)
     replicas = [list(column) for column in zip(*ranks)] if len(ranks) > 1 else []
-    text = (f"mesh {tuple(mesh['dims'])}, placements {', '.join(mesh['placements'])}. Shard groups (rank i of a group "
-            f"holds shard i of every parameter): {groups}")
-    text += (f". Replicas (the same shard, gradients all-reduced): {'; '.join(on(r) for r in replicas)}" if replicas
-             else ". Nothing replicated")
+    text = (
+        f"mesh {tuple(mesh['dims'])}, placements {', '.join(mesh['placements'])}. Shard groups (rank i of a group "
+        f"holds shard i of every parameter): {groups}"
+    )
+    text += (
+        f". Replicas (the same shard, gradients all-reduced): {'; '.join(on(r) for r in replicas)}"
+        if replicas
+        else ". Nothing replicated"
+    )
     return Row("shard groups", len(meshes) == 1, text + ("" if len(meshes) == 1 else " (ranks disagree!)"))
 
 
@@ -89,9 +97,14 @@ def lost_rank(outcome: Outcome, attempts: dict) -> tuple[Row, Row]:
     resumed_at = rejoined[0]["first_step"] if rejoined else None
     world = outcome.plan.nodes * outcome.plan.procs_per_node
     lost = Row("lost rank", bool(said), said[0] if said else f"no line in {outcome.log} names rank {outcome.lost_rank}")
-    restart = Row("restart", len(rejoined) == world,
-                  f"all {len(rejoined)} ranks restarted in place (torchrun restart {restarted[0][1]}) and resumed at "
-                  f"step {resumed_at}" if rejoined else "no rank restarted")
+    restart = Row(
+        "restart",
+        len(rejoined) == world,
+        f"all {len(rejoined)} ranks restarted in place (torchrun restart {restarted[0][1]}) and resumed at "
+        f"step {resumed_at}"
+        if rejoined
+        else "no rank restarted",
+    )
     return lost, restart
 
 
@@ -108,12 +121,20 @@ def preemption(outcome: Outcome, attempts: dict) -> tuple[Row, Row]:
     if preempted:
         step = preempted[0]["step"]
         writers = len(list((outcome.run_dir / "checkpoints" / f"step_{step}").glob("__*.distcp")))
-        save = (f"SIGUSR2 after step {outcome.preempted_after}: the world of {preempted[0]['world_size']} saved step "
-                f"{step} ({writers} ranks wrote shards); {said[0] if said else 'no requeue line in the log'}")
+        save = (
+            f"SIGUSR2 after step {outcome.preempted_after}: the world of {preempted[0]['world_size']} saved step "
+            f"{step} ({writers} ranks wrote shards); {said[0] if said else 'no requeue line in the log'}"
+        )
     else:
         save = "no preemption save" + ("" if outcome.preempted_after else " (the job ended before the signal)")
-    requeue = (f"requeued {requeued[0][0]} time(s); all {len(back)} ranks resumed at step {back[0]['first_step']} in "
-               f"the same run dir {outcome.run_dir.name}") if back else "the job was not requeued"
+    requeue = (
+        (
+            f"requeued {requeued[0][0]} time(s); all {len(back)} ranks resumed at step {back[0]['first_step']} in "
+            f"the same run dir {outcome.run_dir.name}"
+        )
+        if back
+        else "the job was not requeued"
+    )
     return Row("preemption", bool(preempted and said), save), Row("requeue", bool(back), requeue)
 
 
@@ -128,10 +149,13 @@ def losses(outcome: Outcome) -> Row:
     saved = ", ".join(f"{m['step']} ({m.get('reason', '?')})" for m in _saves(outcome))
     if worst is None:
         return Row("checkpoint, resume", False, f"no step ran twice (checkpoints: {saved})")
-    return Row("checkpoint, resume", complete and worst <= LOSS_TOLERANCE,
-               f"checkpoints at steps {saved}; steps {', '.join(map(str, sorted(again)))} ran before the lost rank "
-               f"and again after resuming: largest loss difference {worst:.1e} (<= {LOSS_TOLERANCE:g} to pass); "
-               f"steps 1-{STEPS} {'all' if complete else 'NOT all'} trained")
+    return Row(
+        "checkpoint, resume",
+        complete and worst <= LOSS_TOLERANCE,
+        f"checkpoints at steps {saved}; steps {', '.join(map(str, sorted(again)))} ran before the lost rank "
+        f"and again after resuming: largest loss difference {worst:.1e} (<= {LOSS_TOLERANCE:g} to pass); "
+        f"steps 1-{STEPS} {'all' if complete else 'NOT all'} trained",
+    )
 
 
 def step_times(records: list[dict[str, Any]]) -> Row:
@@ -148,9 +172,15 @@ def step_times(records: list[dict[str, Any]]) -> Row:
 def findings(outcome: Outcome) -> list[Row]:
     records = _probe(outcome)
     attempts = _attempts(records)
-    rows = [Row("job", outcome.state == "COMPLETED", f"Slurm job {outcome.job_id} {outcome.state}"),
-            rendezvous(outcome, attempts), shard_groups(attempts), *lost_rank(outcome, attempts),
-            *preemption(outcome, attempts), losses(outcome), step_times(records)]
+    rows = [
+        Row("job", outcome.state == "COMPLETED", f"Slurm job {outcome.job_id} {outcome.state}"),
+        rendezvous(outcome, attempts),
+        shard_groups(attempts),
+        *lost_rank(outcome, attempts),
+        *preemption(outcome, attempts),
+        losses(outcome),
+        step_times(records),
+    ]
     return rows
 
 
@@ -162,8 +192,11 @@ def show(outcome: Outcome, rows: list[Row], console: Console | None = None) -> N
     for change in outcome.plan.changes:
         scaled.add_row(*change)
     console.print(scaled)
-    table = Table(title=f"Rehearsal: {outcome.plan.nodes} nodes x {outcome.plan.procs_per_node} process(es), "
-                        f"Slurm job {outcome.job_id}", title_justify="left")
+    table = Table(
+        title=f"Rehearsal: {outcome.plan.nodes} nodes x {outcome.plan.procs_per_node} process(es), "
+        f"Slurm job {outcome.job_id}",
+        title_justify="left",
+    )
     table.add_column("check")
     table.add_column("", width=4)
     table.add_column("what happened")

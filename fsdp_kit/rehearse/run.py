@@ -71,10 +71,17 @@ class Outcome:
 def _scaled(job: TrainConfig, overrides: list[str], options: Options) -> tuple[Rehearsal, list[str], TrainConfig]:
     plan = scale_down(job, Machine.here())
     work = options.workdir.resolve()
-    local = [f"slurm.partition={MULTINODE_PARTITION}", "slurm.exclusive=false", "slurm.time=00:30:00",
-             "slurm.account=null", "slurm.cpus_per_task=null", f"slurm.rdzv_port={any_free_port()}",
-             f"slurm.setup='export PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={INJECT}'",
-             f"slurm.output_root={work / 'runs'}", f"slurm.log_dir={work / 'logs'}"]
+    local = [
+        f"slurm.partition={MULTINODE_PARTITION}",
+        "slurm.exclusive=false",
+        "slurm.time=00:30:00",
+        "slurm.account=null",
+        "slurm.cpus_per_task=null",
+        f"slurm.rdzv_port={any_free_port()}",
+        f"slurm.setup='export PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={INJECT}'",
+        f"slurm.output_root={work / 'runs'}",
+        f"slurm.log_dir={work / 'logs'}",
+    ]
     scaled_overrides = [*overrides, *plan.overrides, *local]
     scaled = compose_job(scaled_overrides)
     check(scaled, local_checks=False)
@@ -98,21 +105,29 @@ def rehearse(job: TrainConfig, overrides: list[str], options: Options) -> Outcom
     (work / "logs").mkdir()
     started = None
     if client is None:
-        started = LocalSlurm(work / "slurm", Allowed(
-            edit_hosts=may_edit_hosts(options.edit_hosts), install=False,
-            edit_hosts_how=f"pass {EDIT_HOSTS_FLAG} (or set {EDIT_HOSTS_ENV}=1)",
-            install_how="install them"), nodes=plan.nodes)
+        started = LocalSlurm(
+            work / "slurm",
+            Allowed(
+                edit_hosts=may_edit_hosts(options.edit_hosts),
+                install=False,
+                edit_hosts_how=f"pass {EDIT_HOSTS_FLAG} (or set {EDIT_HOSTS_ENV}=1)",
+                install_how="install them",
+            ),
+            nodes=plan.nodes,
+        )
         _say(f"starting a local Slurm of {plan.nodes} namespaced nodes in {started.root}")
         try:
             started.start()
         except Unavailable as why:
             started.stop()
-            raise RehearsalError(f"the local Slurm did not start: {why}", f"see its logs in {started.root / 'log'}") \
-                from None
+            raise RehearsalError(
+                f"the local Slurm did not start: {why}", f"see its logs in {started.root / 'log'}"
+            ) from None
         if started.multinode_skip or len(started.nodes) < plan.nodes:
             started.stop()
-            raise RehearsalError(f"the local Slurm has no {plan.nodes} nodes: {started.multinode_skip}",
-                                 "see the reason above")
+            raise RehearsalError(
+                f"the local Slurm has no {plan.nodes} nodes: {started.multinode_skip}", "see the reason above"
+            )
         client = started
     try:
         return _submit_and_break(client, scaled, plan, work, cluster_sbatch, rehearsal_sbatch)
@@ -121,23 +136,24 @@ def rehearse(job: TrainConfig, overrides: list[str], options: Options) -> Outcom
             started.stop()
 
 
-def _submit_and_break(client: SlurmClient, scaled: TrainConfig, plan: Rehearsal, work: Path, cluster_sbatch: Path,
-                      rehearsal_sbatch: Path) -> Outcome:
+def _submit_and_break(
+    client: SlurmClient, scaled: TrainConfig, plan: Rehearsal, work: Path, cluster_sbatch: Path, rehearsal_sbatch: Path
+) -> Outcome:
     probe = work / "probe"
     probe.mkdir()
     lost_rank = plan.nodes * plan.procs_per_node - 1  # on the last node, never the rendezvous host (unless 1 node)
-    env = {FAULT_ENV: fault_spec("kill", lost_rank, LOST_AT_STEP, str(work / "lost-rank.fired")),
-           PROBE_ENV: str(probe)}
+    env = {FAULT_ENV: fault_spec("kill", lost_rank, LOST_AT_STEP, str(work / "lost-rank.fired")), PROBE_ENV: str(probe)}
     submitted = client.run("sbatch", "--parsable", str(rehearsal_sbatch), env=env)
     job_id = submitted.stdout.strip().split(";")[0]
     where = run_dir(scaled, job_id)
     log = work / "logs" / f"{job_name(scaled)}-{job_id}.out"
-    _say(f"submitted job {job_id}: {plan.nodes} node(s) x {plan.procs_per_node} process(es); rank {lost_rank} is "
-         f"killed at step {LOST_AT_STEP}, the job preempted after step {PREEMPT_AFTER_STEP}; log {log}")
+    _say(
+        f"submitted job {job_id}: {plan.nodes} node(s) x {plan.procs_per_node} process(es); rank {lost_rank} is "
+        f"killed at step {LOST_AT_STEP}, the job preempted after step {PREEMPT_AFTER_STEP}; log {log}"
+    )
     preempted_after = _preempt_once_past(client, job_id, where, work / "lost-rank.fired")
     state = client.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=JOB_TIMEOUT_S)
-    return Outcome(plan, job_id, state, where, log, probe, lost_rank, preempted_after, cluster_sbatch,
-                   rehearsal_sbatch)
+    return Outcome(plan, job_id, state, where, log, probe, lost_rank, preempted_after, cluster_sbatch, rehearsal_sbatch)
 
 
 def _preempt_once_past(client: SlurmClient, job_id: str, where: Path, fired: Path) -> int | None:

@@ -78,17 +78,27 @@ def tiny_preset(arch: str) -> dict:
             preset = yaml.safe_load(entry.read_text())
             if preset.get("arch") == arch:
                 return preset["hf_config"]
-    known = sorted(yaml.safe_load(entry.read_text()).get("arch") for entry in presets.iterdir()
-                   if entry.name.endswith("_tiny.yaml"))
-    raise ConfigError(f"model.arch={arch!r} has no tiny preset to rehearse with",
-                      f"rehearse a model of a family with one ({', '.join(known)}), or add model/{arch}_tiny.yaml")
+    known = sorted(
+        yaml.safe_load(entry.read_text()).get("arch")
+        for entry in presets.iterdir()
+        if entry.name.endswith("_tiny.yaml")
+    )
+    raise ConfigError(
+        f"model.arch={arch!r} has no tiny preset to rehearse with",
+        f"rehearse a model of a family with one ({', '.join(known)}), or add model/{arch}_tiny.yaml",
+    )
 
 
 def _dimensions(tiny: dict) -> dict[str, int]:
     """The tiny preset's sizes: its integer settings, except the vocabulary and token ids (the family's own)."""
-    return {key: value for key, value in tiny.items()
-            if isinstance(value, int) and not isinstance(value, bool) and key != "vocab_size"
-            and not key.endswith("_token_id")}
+    return {
+        key: value
+        for key, value in tiny.items()
+        if isinstance(value, int)
+        and not isinstance(value, bool)
+        and key != "vocab_size"
+        and not key.endswith("_token_id")
+    }
 
 
 def processes_per_node(wanted: int, nodes: int, machine: Machine) -> tuple[int, str]:
@@ -98,8 +108,9 @@ def processes_per_node(wanted: int, nodes: int, machine: Machine) -> tuple[int, 
     cap = max(1, min(by_cpu, by_memory))
     if wanted <= cap:
         return wanted, f"{wanted} as on the cluster"
-    return cap, (f"capped: this machine holds {cap} per node ({machine.cpus} CPUs, {machine.memory_gb:.0f} GB for "
-                 f"{nodes} nodes)")
+    return cap, (
+        f"capped: this machine holds {cap} per node ({machine.cpus} CPUs, {machine.memory_gb:.0f} GB for {nodes} nodes)"
+    )
 
 
 def scale_down(job: TrainConfig, machine: Machine) -> Rehearsal:
@@ -131,10 +142,14 @@ def _model(job: TrainConfig, plan: Rehearsal) -> None:
     sizes = _dimensions(tiny) if job.model.hf_config else tiny  # pretrained: its config is on the hub, not here
     for key, value in sizes.items():
         plan.set(f"model.hf_config.{key}", value)
-    shape = ", ".join(f"{k} {job.model.hf_config.get(k, '?')}->{v}" for k, v in _dimensions(tiny).items()
-                      if job.model.hf_config.get(k) != v)
-    plan.changes.append(("model", f"{job.model.name} ({job.model.arch})",
-                         f"tiny {job.model.arch}: {shape or 'same shape'}"))
+    shape = ", ".join(
+        f"{k} {job.model.hf_config.get(k, '?')}->{v}"
+        for k, v in _dimensions(tiny).items()
+        if job.model.hf_config.get(k) != v
+    )
+    plan.changes.append(
+        ("model", f"{job.model.name} ({job.model.arch})", f"tiny {job.model.arch}: {shape or 'same shape'}")
+    )
     if job.model.pretrained:
         plan.set("model.pretrained", None, job.model.pretrained, "null: random init of the tiny shape")
 
@@ -146,8 +161,12 @@ def _data(job: TrainConfig, plan: Rehearsal, global_batch: int) -> None:
     plan.set("data.path", None)
     plan.set("data.tokenizer", "byt5")  # needs no download
     plan.set("data.pad_to_max_length", True)
-    plan.set("data.max_source_len", source_len, f"{data.max_source_len}/{data.max_target_len} tokens",
-             f"{source_len}/{target_len}")
+    plan.set(
+        "data.max_source_len",
+        source_len,
+        f"{data.max_source_len}/{data.max_target_len} tokens",
+        f"{source_len}/{target_len}",
+    )
     plan.set("data.max_target_len", target_len)
     plan.set("data.num_examples", global_batch * (STEPS + 1))
     plan.set("data.eval_examples", global_batch)
@@ -155,9 +174,13 @@ def _data(job: TrainConfig, plan: Rehearsal, global_batch: int) -> None:
 
 
 def _trainer(job: TrainConfig, plan: Rehearsal) -> None:
-    plan.set("trainer.max_steps", STEPS, job.trainer.max_steps,
-             f"{STEPS}: a checkpoint every {SAVE_EVERY}, a rank lost at step {LOST_AT_STEP}, a preemption after "
-             f"step {PREEMPT_AFTER_STEP}")
+    plan.set(
+        "trainer.max_steps",
+        STEPS,
+        job.trainer.max_steps,
+        f"{STEPS}: a checkpoint every {SAVE_EVERY}, a rank lost at step {LOST_AT_STEP}, a preemption after "
+        f"step {PREEMPT_AFTER_STEP}",
+    )
     plan.set("checkpoint.every", SAVE_EVERY)
     plan.set("checkpoint.keep", STEPS)
     plan.set("checkpoint.resume", "auto")

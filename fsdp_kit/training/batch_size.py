@@ -58,14 +58,23 @@ class BatchSearch:
 
     def record(self) -> dict[str, object]:
         """The metrics.jsonl line."""
-        return {"step": 0, "event": "auto_batch", "batch_size": self.batch_size, "start": self.start,
-                "start_source": self.start_source, "upper_bound": self.upper_bound,
-                "probes": [list(p) for p in self.probes], "seconds": self.seconds}
+        return {
+            "step": 0,
+            "event": "auto_batch",
+            "batch_size": self.batch_size,
+            "start": self.start,
+            "start_source": self.start_source,
+            "upper_bound": self.upper_bound,
+            "probes": [list(p) for p in self.probes],
+            "seconds": self.seconds,
+        }
 
     def message(self) -> str:
         tried = ", ".join(f"{b}{'' if ok else ' (out of memory)'}" for b, ok in self.probes)
-        return (f"trainer.auto_batch: batch {self.batch_size} per rank (started at {self.start} from "
-                f"{self.start_source}, bound {self.upper_bound}; tried {tried}; {self.seconds:.1f} s)")
+        return (
+            f"trainer.auto_batch: batch {self.batch_size} per rank (started at {self.start} from "
+            f"{self.start_source}, bound {self.upper_bound}; tried {tried}; {self.seconds:.1f} s)"
+        )
 
 
 def upper_bound(auto_batch_max: int, eval_examples: int, world_size: int) -> int:
@@ -73,9 +82,17 @@ def upper_bound(auto_batch_max: int, eval_examples: int, world_size: int) -> int
     return max(1, min(auto_batch_max, eval_examples // world_size))
 
 
-def search_batch_size(model: nn.Module, optimizer: Optimizer, data: DataBundle, device: torch.device,
-                      world_size: int, start: int, bound: int, start_source: str = "trainer.batch_size",
-                      probe: Callable[[int], None] | None = None) -> BatchSearch:
+def search_batch_size(
+    model: nn.Module,
+    optimizer: Optimizer,
+    data: DataBundle,
+    device: torch.device,
+    world_size: int,
+    start: int,
+    bound: int,
+    start_source: str = "trainer.batch_size",
+    probe: Callable[[int], None] | None = None,
+) -> BatchSearch:
     """The largest batch in [1, bound] whose forward/backward fits on every rank, starting the search at ``start``.
 
     ``probe`` replaces the forward/backward of one batch (tests); it raises ``torch.OutOfMemoryError`` when the
@@ -109,9 +126,11 @@ def search_batch_size(model: nn.Module, optimizer: Optimizer, data: DataBundle, 
         _free(model, device)
     result.batch_size, result.seconds = fits_max, time.perf_counter() - began
     if fits_max == 0:
-        raise ConfigError("trainer.auto_batch: not even batch 1 fits in this device's memory",
-                          "use ac=full, shard over more devices, precision=bf16_pure with optim=anyprecision, "
-                          "sharding.cpu_offload=true, or shorter data.max_source_len/max_target_len")
+        raise ConfigError(
+            "trainer.auto_batch: not even batch 1 fits in this device's memory",
+            "use ac=full, shard over more devices, precision=bf16_pure with optim=anyprecision, "
+            "sharding.cpu_offload=true, or shorter data.max_source_len/max_target_len",
+        )
     return result
 
 
@@ -247,14 +266,19 @@ def planner_start(job: TrainConfig, env: DistEnv) -> tuple[int, str]:
     if env.device_type != "cuda":
         return job.trainer.batch_size, "trainer.batch_size (no GPU memory to plan for)"
     memory_gb = torch.cuda.get_device_properties(env.device).total_memory / GB
-    cluster = dataclasses.replace(job.cluster, nodes=max(env.world_size // env.local_world_size, 1),
-                                  gpus_per_node=env.local_world_size, gpu_memory_gb=memory_gb)
+    cluster = dataclasses.replace(
+        job.cluster,
+        nodes=max(env.world_size // env.local_world_size, 1),
+        gpus_per_node=env.local_world_size,
+        gpu_memory_gb=memory_gb,
+    )
     plan = make_plan(dataclasses.replace(job, cluster=cluster))
     return max(plan.max_batch, 1), f"the planner ({memory_gb:.0f} GB per GPU)"
 
 
-def find_batch_size(job: TrainConfig, model: nn.Module, optimizer: Optimizer, data: DataBundle,
-                    env: DistEnv) -> BatchSearch:
+def find_batch_size(
+    job: TrainConfig, model: nn.Module, optimizer: Optimizer, data: DataBundle, env: DistEnv
+) -> BatchSearch:
     """Run the search for ``job`` (trainer.auto_batch=true) on this rank; the batch found is the result's
     ``batch_size`` (``job`` is not changed)."""
     start, source = planner_start(job, env)

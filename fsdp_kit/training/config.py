@@ -88,17 +88,35 @@ class TrainerConfig:
     def check(self, prefix: str = "trainer.") -> None:
         """Each setting finite and in its range, and the profile window within the run (``prefix``: where this
         config sits in the job)."""
-        check_fields(self, prefix, {
-            "batch_size": ">0", "grad_accum": ">0", "max_steps": ">0", "log_every": ">0", "eval_batches": ">0",
-            "warmup_steps": ">=0", "eval_every": ">=0", "min_lr_ratio": "[0,1]", "clip_grad_norm": ">0",
-            "max_new_tokens": ">0", "profile_wait": ">=0", "profile_warmup": ">=0", "profile_active": ">0",
-            "hang_timeout_s": ">=0", "hang_factor": ">=1", "max_nonfinite_steps": ">=0", "auto_batch_max": ">0",
-        }, off_hints=_OFF_HINTS)
+        check_fields(
+            self,
+            prefix,
+            {
+                "batch_size": ">0",
+                "grad_accum": ">0",
+                "max_steps": ">0",
+                "log_every": ">0",
+                "eval_batches": ">0",
+                "warmup_steps": ">=0",
+                "eval_every": ">=0",
+                "min_lr_ratio": "[0,1]",
+                "clip_grad_norm": ">0",
+                "max_new_tokens": ">0",
+                "profile_wait": ">=0",
+                "profile_warmup": ">=0",
+                "profile_active": ">0",
+                "hang_timeout_s": ">=0",
+                "hang_factor": ">=1",
+                "max_nonfinite_steps": ">=0",
+                "auto_batch_max": ">0",
+            },
+            off_hints=_OFF_HINTS,
+        )
         window = self.profile_wait + self.profile_warmup + self.profile_active
         if self.profile and window > self.max_steps:
             raise ConfigError(
                 f"{prefix}profile: the window (profile_wait={self.profile_wait} + profile_warmup="
                 f"{self.profile_warmup} + profile_active={self.profile_active} = {window} steps) is longer than "
                 f"{prefix}max_steps={self.max_steps}, so no trace would be written",
-                f"lower {prefix}profile_wait/profile_active or raise {prefix}max_steps")
-
+                f"lower {prefix}profile_wait/profile_active or raise {prefix}max_steps",
+            )

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 
 class Evaluator:
-    def __init__(self, model: nn.Module, data: DataBundle, cfg: TrainerConfig, env: DistEnv,
-                 reporter: Reporter) -> None:
+    def __init__(
+        self, model: nn.Module, data: DataBundle, cfg: TrainerConfig, env: DistEnv, reporter: Reporter
+    ) -> None:
         self.model, self.data, self.cfg, self.env, self.reporter = model, data, cfg, env, reporter
         self._generate_registered = False
 
@@ -62,10 +63,14 @@ class Evaluator:
             indices = mine or [0]  # keep collectives in step; the stand-in is not counted
             prompts = self.data.collate.prompts([self.data.eval[i] for i in indices], self.env.device)
             output: torch.Tensor = cast(Any, self.model).generate(  # HF's generate: loosely typed
-                **prompts, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                synced_gpus=self.env.world_size > 1)
+                **prompts,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                synced_gpus=self.env.world_size > 1,
+            )
             if not cast("PreTrainedModel", self.model).config.is_encoder_decoder:
-                output = output[:, prompts["input_ids"].shape[1]:]
+                output = output[:, prompts["input_ids"].shape[1] :]
             texts = self.data.tokenizer.batch_decode(output, skip_special_tokens=True)
             for i, text in zip(mine, texts):
                 hits[0] += float(text.strip() == self.trained_target(i))

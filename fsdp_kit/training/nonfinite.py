@@ -23,13 +23,19 @@ _NONE = 2**62  # "found nothing" in the ranks' all-reduce of the earliest positi
 
 
 def _nonfinite(value: Any) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-               for t in tree_leaves(value))
+    return any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        for t in tree_leaves(value)
+    )
 
 
-def locate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
-           loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor], world_size: int) -> str | None:
-    """"forward output of NAME" / "gradient of NAME's output" for the first non-finite module, else None.
+def locate(
+    model: nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    world_size: int,
+) -> str | None:
+    """ "forward output of NAME" / "gradient of NAME's output" for the first non-finite module, else None.
 
     ``loss_of(batch)`` runs the forward and returns the scalar the step backpropagates."""
     names = {id(module): clean_name(name) for name, module in model.named_modules() if name}
@@ -54,6 +60,7 @@ def locate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
             backward_order.append(name)
             if first["backward"] == _NONE and not bool(torch.isfinite(grad).all()):
                 first["backward"] = len(backward_order) - 1
+
         return hook
 
     handles = [module.register_forward_hook(on_output) for module in model.modules() if id(module) in names]
@@ -68,8 +75,11 @@ def locate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
             found = _agree(first, world_size, loss.device)
             if found is not None:
                 kind, position = found
-                return f"forward output of {order[position]}" if kind == "forward" \
+                return (
+                    f"forward output of {order[position]}"
+                    if kind == "forward"
                     else f"gradient of {backward_order[position]}'s output"
+                )
     finally:
         for handle in handles:
             handle.remove()

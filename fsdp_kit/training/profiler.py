@@ -25,8 +25,7 @@ _MEMORY_HISTORY_ENTRIES = 200_000
 class StepProfiler:
     """Context manager around the loop; ``step()`` at every step boundary advances the profiler's schedule."""
 
-    def __init__(self, cfg: TrainerConfig, run_dir: str | Path, rank: int, device_type: str,
-                 info: Any = print) -> None:
+    def __init__(self, cfg: TrainerConfig, run_dir: str | Path, rank: int, device_type: str, info: Any = print) -> None:
         self.enabled = cfg.profile
         self.cfg, self.rank, self.device_type, self._info = cfg, rank, device_type, info
         self.out = Path(run_dir) / PROFILE_DIR
@@ -44,13 +43,17 @@ class StepProfiler:
             return
         cfg, left = self.cfg, max_steps - first_step
         skipped = cfg.profile_wait + cfg.profile_warmup
-        window = (f"trainer.profile_wait={cfg.profile_wait} + profile_warmup={cfg.profile_warmup} + "
-                  f"profile_active={cfg.profile_active} steps")
+        window = (
+            f"trainer.profile_wait={cfg.profile_wait} + profile_warmup={cfg.profile_warmup} + "
+            f"profile_active={cfg.profile_active} steps"
+        )
         if left <= skipped:  # not one active step: the profiler would never hand over a trace
             self.enabled = False
-            self._info(f"profile: no trace will be written: this run has {left} step(s) left (resumed at step "
-                       f"{first_step} of {max_steps}), fewer than the window needs ({window}); lower profile_wait/"
-                       "profile_warmup or raise trainer.max_steps")
+            self._info(
+                f"profile: no trace will be written: this run has {left} step(s) left (resumed at step "
+                f"{first_step} of {max_steps}), fewer than the window needs ({window}); lower profile_wait/"
+                "profile_warmup or raise trainer.max_steps"
+            )
             return
         start, end = first_step + skipped + 1, min(first_step + self._window_end(), max_steps)
         cut = f" (the run ends inside the window of {window})" if end - start + 1 < cfg.profile_active else ""
@@ -63,13 +66,18 @@ class StepProfiler:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device_type == "cuda" else [])
         self._profiler = profile(
             activities=activities,
-            schedule=schedule(wait=self.cfg.profile_wait, warmup=self.cfg.profile_warmup,
-                              active=self.cfg.profile_active, repeat=1),
-            on_trace_ready=self._write_trace, record_shapes=True, profile_memory=True)
+            schedule=schedule(
+                wait=self.cfg.profile_wait, warmup=self.cfg.profile_warmup, active=self.cfg.profile_active, repeat=1
+            ),
+            on_trace_ready=self._write_trace,
+            record_shapes=True,
+            profile_memory=True,
+        )
         self._profiler.__enter__()
         if self.device_type != "cuda":
-            self._info(f"profile: CUDA memory snapshot skipped (it needs a CUDA device; this run is on "
-                       f"{self.device_type})")
+            self._info(
+                f"profile: CUDA memory snapshot skipped (it needs a CUDA device; this run is on {self.device_type})"
+            )
         elif self.cfg.profile_wait == 0:
             self._start_memory_history()
         return self

@@ -104,14 +104,22 @@ class Trainer:
         result = FitResult(batch_size=self.cfg.batch_size)
         self.checkpoints.restore(self.state)
         if self.state.step >= self.cfg.max_steps:
-            self.reporter.info(f"already trained to step {self.state.step} (trainer.max_steps={self.cfg.max_steps}): "
-                               "nothing left to train")
+            self.reporter.info(
+                f"already trained to step {self.state.step} (trainer.max_steps={self.cfg.max_steps}): "
+                "nothing left to train"
+            )
         if self.state.step == 0 and self.cfg.eval_every:
             # the starting point learning is judged against
             result.evals.append(self.evaluator.evaluate(0, generate=False))
-        batches = iter(self.data.train_loader(self.cfg.batch_size, self.env.rank, self.env.world_size,
-                                              start_sample=self.state.samples_seen,
-                                              pin_memory=self.data.cfg.pin_memory and self.env.device_type == "cuda"))
+        batches = iter(
+            self.data.train_loader(
+                self.cfg.batch_size,
+                self.env.rank,
+                self.env.world_size,
+                start_sample=self.state.samples_seen,
+                pin_memory=self.data.cfg.pin_memory and self.env.device_type == "cuda",
+            )
+        )
         if self.precision_check is not None:
             self._probe = PrecisionProbe(self.model, self.optimizer)
         self.tracker.start_window()
@@ -126,8 +134,11 @@ class Trainer:
                 if self._probe is not None and self._probe.done:
                     self._check_precision()
                 self.state.step += 1
-                self.state.samples_seen += (sum(pairs or 0 for pairs in packed) if packed[0] is not None
-                                            else self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size)
+                self.state.samples_seen += (
+                    sum(pairs or 0 for pairs in packed)
+                    if packed[0] is not None
+                    else self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size
+                )
                 step = self.state.step
                 if self.nonfinite_streak:
                     self._nonfinite(step)
@@ -150,8 +161,11 @@ class Trainer:
         if self._probe is not None:  # no optimizer step happened (e.g. the gradient scaler skipped them all)
             self._probe.remove()
         result.evals.append(self.evaluator.evaluate(self.state.step, generate=self.cfg.eval_generate))
-        result.summary = {**self.tracker.summary(), "final_step": self.state.step,
-                          **{k: v for k, v in result.evals[-1].items() if k != "step"}}
+        result.summary = {
+            **self.tracker.summary(),
+            "final_step": self.state.step,
+            **{k: v for k, v in result.evals[-1].items() if k != "step"},
+        }
         self.reporter.summary(result.summary)
         return result
 
@@ -184,10 +198,14 @@ class Trainer:
         if self.cfg.clip_grad_norm is not None:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
         elif self.cfg.max_nonfinite_steps:  # the guard needs the norm even without clipping
-            self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
-                                                             if p.grad is not None])
-        loss_finite, norm_finite = (self._finite(loss_total, self._grad_norm)
-                                    if self.cfg.max_nonfinite_steps and self._grad_norm is not None else (True, True))
+            self._grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            )
+        loss_finite, norm_finite = (
+            self._finite(loss_total, self._grad_norm)
+            if self.cfg.max_nonfinite_steps and self._grad_norm is not None
+            else (True, True)
+        )
         # An enabled scaler already skips steps whose scaled gradients overflowed (and lowers its scale): that is
         # its normal work, not a blow-up. Then only a non-finite loss counts.
         norm_finite = norm_finite or self.grad_scaler.is_enabled()
@@ -225,22 +243,27 @@ class Trainer:
         self.nonfinite_total += 1
         limit = self.cfg.max_nonfinite_steps
         origin = f"; first non-finite: {self.nonfinite_origin}" if self.nonfinite_origin else ""
-        self.reporter.warning(f"step {step}: non-finite loss or gradient norm, the optimizer step was skipped "
-                              f"({self.nonfinite_streak} in a row of at most {limit}, {self.nonfinite_total} in all)"
-                              f"{origin}")
+        self.reporter.warning(
+            f"step {step}: non-finite loss or gradient norm, the optimizer step was skipped "
+            f"({self.nonfinite_streak} in a row of at most {limit}, {self.nonfinite_total} in all)"
+            f"{origin}"
+        )
         if self.nonfinite_streak >= limit:
             self.checkpoints.wait()  # the last finite checkpoint is committed and kept
             raise TrainingDivergedError(
                 f"training diverged: {self.nonfinite_streak} steps in a row up to step {step} had a non-finite "
                 f"loss or gradient norm (trainer.max_nonfinite_steps={limit}); no checkpoint was saved from them",
                 "lower optim.lr or raise trainer.warmup_steps (with trainer.clip_grad_norm set), then resume from "
-                "the last checkpoint")
+                "the last checkpoint",
+            )
 
     def _micro_loss(self, global_tokens: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
         """The loss one micro-batch backpropagates in ``_train_step`` (for the non-finite locator)."""
+
         def loss_of(batch: Batch) -> torch.Tensor:
             loss_sum, _ = token_loss(self.model, batch)
             return loss_sum * self.env.world_size / global_tokens
+
         return loss_of
 
     def _check_precision(self) -> None:
@@ -250,11 +273,18 @@ class Trainer:
         observed, self._probe = self._probe.observed(), None
         problems = compare(self.precision_check.expected, observed)
         if self.env.is_main:
-            write_report(self.reporter.run_dir / "precision.json", self.precision_check.precision,
-                         self.precision_check.expected, observed, problems)
+            write_report(
+                self.reporter.run_dir / "precision.json",
+                self.precision_check.precision,
+                self.precision_check.expected,
+                observed,
+                problems,
+            )
         if problems:
-            self.reporter.warning(f"precision={self.precision_check.precision.value} differs from its contract "
-                                  f"(see precision.json): {'; '.join(problems)}")
+            self.reporter.warning(
+                f"precision={self.precision_check.precision.value} differs from its contract "
+                f"(see precision.json): {'; '.join(problems)}"
+            )
 
     def _log(self, step: int) -> dict[str, Any]:
         record = self.tracker.record(step, lr=float(self.schedule.get_last_lr()[0]))

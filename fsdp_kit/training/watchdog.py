@@ -87,12 +87,17 @@ class HangWatchdog:
                 self._fire(time.monotonic() - started, limit)
 
     def _fire(self, elapsed: float, limit: float) -> None:
-        rule = (f"max(trainer.hang_timeout_s={self.timeout_s:g}, trainer.hang_factor={self.factor:g} x median step "
-                f"{statistics.median(self._recent):.3g}s)" if self._recent else
-                f"trainer.hang_factor={self.factor:g} x trainer.hang_timeout_s={self.timeout_s:g} for a first step")
-        header = (f"fsdp_kit hang watchdog: rank {self.rank} has been in step {self._step} for {elapsed:.1f}s, over "
-                  f"its limit {limit:.1f}s ({rule}). The Python stacks of every thread follow; exiting with "
-                  f"{EXIT_REQUEUE} so the job is requeued and resumes from its last checkpoint.\n")
+        rule = (
+            f"max(trainer.hang_timeout_s={self.timeout_s:g}, trainer.hang_factor={self.factor:g} x median step "
+            f"{statistics.median(self._recent):.3g}s)"
+            if self._recent
+            else f"trainer.hang_factor={self.factor:g} x trainer.hang_timeout_s={self.timeout_s:g} for a first step"
+        )
+        header = (
+            f"fsdp_kit hang watchdog: rank {self.rank} has been in step {self._step} for {elapsed:.1f}s, over "
+            f"its limit {limit:.1f}s ({rule}). The Python stacks of every thread follow; exiting with "
+            f"{EXIT_REQUEUE} so the job is requeued and resumes from its last checkpoint.\n"
+        )
         _dump(header, sys.stderr)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
