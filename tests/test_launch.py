@@ -253,12 +253,12 @@ def _timed_out_groups(cfg) -> list[str]:
     import torch.distributed as dist
 
     from fsdp_kit import distributed
-    from fsdp_kit.checkpoint import Manager, RunIdentity
+    from fsdp_kit.checkpoint.manager import CheckpointManager, RunIdentity
 
     failed = []
     with distributed.session(distributed.detect(), cfg.dist, cfg.sharding) as env:
-        manager = Manager(cfg.checkpoint, cfg.run_dir, env.rank, env.world_size, RunIdentity("m", {}, "t", {}),
-                          timeout_s=cfg.dist.timeout_s)
+        manager = CheckpointManager(cfg.checkpoint, cfg.run_dir, env.rank, env.world_size,
+                                    RunIdentity("m", {}, "t", {}), timeout_s=cfg.dist.timeout_s)
         groups = {"replica": env.mesh.get_group("replicate"), "preemption": manager.flag._group,
                   "checkpoint": manager._cpu_group(), "default": dist.group.WORLD}  # formed with a longer timeout
         for name, group in groups.items():
