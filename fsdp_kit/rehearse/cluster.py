@@ -225,22 +225,20 @@ class LocalSlurm(SlurmClient):
                 f"({APT_INSTALL}), or {self.allowed.install_how}"
             )
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        result = subprocess.run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-        if result.returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
-            result = subprocess.run(
+
+        def install() -> subprocess.CompletedProcess:
+            return subprocess.run(
                 ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"],
                 capture_output=True,
                 text=True,
                 env=env,
                 timeout=600,
             )
+
+        result = install()
+        if result.returncode != 0:  # a stale package index: refresh it once
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+            result = install()
         if result.returncode != 0:
             raise Unavailable(f"apt-get install slurm-wlm munge failed: {result.stderr[-500:]}")
 
