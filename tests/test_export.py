@@ -129,9 +129,10 @@ def test_export_memory_is_bounded_by_a_shard_not_by_the_model(scaled_checkpoint,
     growth, model_bytes = run_ranks(_peak_growth, 1, scaled_checkpoint, tmp_path / "hf", "2MB")[0]
     assert model_bytes > 100e6
     assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 10
-    # one-copy export: the whole model and more (140 MB measured); streamed: a 2 MB shard, the largest tensor (4 MB)
-    # and what the allocator keeps of freed shards (~30 MB measured)
-    assert growth < model_bytes / 2, f"memory rose by {growth / 1e6:.0f} MB exporting {model_bytes / 1e6:.0f} MB"
+    # one-copy export: the whole model and more (140-158 MB measured); streamed: a 2 MB shard, the largest tensor
+    # (4 MB), the tokenizer and what the allocator keeps of freed shards (30 MB measured, 66 MB once on a fresh clone
+    # under load): below 3/4 of the model, which the one-copy export cannot be
+    assert growth < model_bytes * 3 / 4, f"memory rose by {growth / 1e6:.0f} MB exporting {model_bytes / 1e6:.0f} MB"
 
 
 def _marker_and_index_only(checkpoint: Path, folder: Path, drop: tuple[str, ...]) -> Path:
